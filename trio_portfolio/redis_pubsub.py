@@ -1,0 +1,213 @@
+"""Redis pub/sub on Trio: one subscriber connection that heals itself.
+
+Theory of operation
+===================
+
+A RESP2 connection in subscribed mode can issue nothing but (un)subscribe
+and PING, so pub/sub gets a connection of its own, separate from the
+multiplexed command connections of :mod:`trio_portfolio.redis_io`.
+
+The *wanted* set of channels is the source of truth.  :meth:`PubSub.subscribe`
+and :meth:`PubSub.unsubscribe` only change that set and wake the **syncer**
+task, which sends whatever SUBSCRIBE/UNSUBSCRIBE commands make the server's
+set match.  The **reader** task parses replies: confirmations update the
+*confirmed* set (``subscribe`` waits for its channels to be confirmed),
+messages go into a bounded channel for the consumer, and PONGs prove the
+connection alive.  A **heartbeat** PINGs every ``heartbeat`` seconds and
+closes a connection that has said nothing for three periods, so a half-open
+TCP connection is noticed.
+
+When the connection breaks, the run loop reconnects with capped exponential
+backoff and the syncer resubscribes every wanted channel: callers never need
+to resubscribe.  Messages published while disconnected are lost; pub/sub is
+used in this project only for prompt notification, never as the record
+(Redis keys are), so a lost message delays a reaction but loses no state.
+
+Backpressure: the message buffer is bounded; when the consumer falls behind,
+new messages are dropped and counted in ``dropped`` rather than growing
+memory without bound.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+from redis.exceptions import InvalidResponse
+
+from trio_portfolio.redis_io import (
+    ConnectionParams,
+    StoreUnavailable,
+    encode_command,
+    open_connection,
+)
+from trio_portfolio.services import open_service_nursery
+
+__all__ = ["Message", "PubSub", "open_pubsub"]
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class Message:
+    """One published message."""
+
+    channel: str
+    data: str
+
+
+class PubSub:
+    """A self-healing subscriber; create with :func:`open_pubsub`."""
+
+    def __init__(self, params: ConnectionParams, *, buffer: int, heartbeat: float) -> None:
+        self.params = params
+        self._heartbeat = heartbeat
+        self._wanted: set[str] = set()
+        self._sent: set[str] = set()
+        self._confirmed: set[str] = set()
+        self._wakeup = trio.Event()
+        self._confirmations = trio.Event()
+        self._send, self.messages = trio.open_memory_channel[Message](buffer)
+        self.connected = False
+        self._last_heard = 0.0
+        self.dropped = 0
+        self.reconnects = 0
+
+    async def subscribe(self, *channels: str, timeout: float = 5.0) -> None:
+        """Subscribe to ``channels`` and wait until Redis confirms them.
+
+        The subscription stands even if this raises: it is made (again) as
+        soon as Redis is reachable.  Raises :class:`StoreUnavailable` when
+        the confirmation does not come within ``timeout`` seconds.
+        """
+        self._wanted.update(channels)
+        self._wakeup.set()
+        with trio.move_on_after(timeout):
+            while not self._confirmed.issuperset(channels):
+                await self._confirmations.wait()
+            return
+        raise StoreUnavailable(f"Redis did not confirm the subscription within {timeout:g} s")
+
+    def unsubscribe(self, *channels: str) -> None:
+        """Stop receiving ``channels`` (the syncer tells Redis; nothing to wait for)."""
+        self._wanted.difference_update(channels)
+        self._wakeup.set()
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self.messages.__aiter__()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a subscriber connection up for as long as this task lives."""
+        task_status.started()
+        backoff = 0.05
+        while True:
+            try:
+                stream, parser = await open_connection(self.params)
+            except StoreUnavailable as exc:
+                log.warning("pub/sub cannot connect, retrying in %.2fs: %s", backoff, exc)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.05
+            self.reconnects += 1
+            try:
+                await self._serve(stream, parser)
+            finally:
+                self.connected = False
+                self._sent.clear()
+                self._confirmed.clear()
+                self._signal_confirmations()
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(stream)
+            await trio.sleep(backoff)
+
+    async def _serve(self, stream: trio.abc.Stream, parser: Any) -> None:
+        """Run reader, syncer and heartbeat until the connection fails."""
+        self.connected = True
+        self._last_heard = trio.current_time()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader, stream, parser, nursery.cancel_scope)
+                nursery.start_soon(self._syncer, stream)
+                nursery.start_soon(self._heartbeat_loop, stream, nursery.cancel_scope)
+        except* (
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            InvalidResponse,
+        ) as group:
+            log.warning("pub/sub connection lost: %s", group.exceptions[0])
+
+    async def _syncer(self, stream: trio.abc.Stream) -> None:
+        while True:
+            self._wakeup = trio.Event()
+            add = sorted(self._wanted - self._sent)
+            remove = sorted(self._sent - self._wanted)
+            payload = b""
+            if add:
+                payload += encode_command(("SUBSCRIBE", *add))
+            if remove:
+                payload += encode_command(("UNSUBSCRIBE", *remove))
+            if payload:
+                self._sent.update(add)
+                self._sent.difference_update(remove)
+                await stream.send_all(payload)
+            await self._wakeup.wait()
+
+    async def _heartbeat_loop(self, stream: trio.abc.Stream, scope: trio.CancelScope) -> None:
+        while True:
+            await trio.sleep(self._heartbeat)
+            if trio.current_time() - self._last_heard > 3 * self._heartbeat:
+                log.warning(
+                    "pub/sub connection silent for %.1fs, reconnecting", 3 * self._heartbeat
+                )
+                scope.cancel()
+                return
+            await stream.send_all(encode_command(("PING",)))
+
+    async def _reader(self, stream: trio.abc.Stream, parser: Any, scope: trio.CancelScope) -> None:
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                log.warning("Redis closed the pub/sub connection")
+                scope.cancel()
+                return
+            self._last_heard = trio.current_time()
+            parser.feed(data)
+            while (reply := parser.gets()) is not False:
+                self._handle(reply)
+
+    def _handle(self, reply: Any) -> None:
+        if not isinstance(reply, list) or not reply:
+            return
+        kind = reply[0]
+        if kind == "message" and len(reply) == 3:
+            try:
+                self._send.send_nowait(Message(channel=reply[1], data=reply[2]))
+            except trio.WouldBlock:
+                self.dropped += 1
+        elif kind == "subscribe":
+            self._confirmed.add(reply[1])
+            self._signal_confirmations()
+        elif kind == "unsubscribe":
+            self._confirmed.discard(reply[1])
+            self._signal_confirmations()
+
+    def _signal_confirmations(self) -> None:
+        self._confirmations.set()
+        self._confirmations = trio.Event()
+
+
+@asynccontextmanager
+async def open_pubsub(
+    url: str, *, buffer: int = 1024, heartbeat: float = 5.0
+) -> AsyncIterator[PubSub]:
+    """A :class:`PubSub` whose connection lives in a nursery owned by this block."""
+    pubsub = PubSub(ConnectionParams.from_url(url), buffer=buffer, heartbeat=heartbeat)
+    async with open_service_nursery() as nursery:
+        await nursery.start(pubsub.run)
+        yield pubsub
