@@ -56,6 +56,7 @@ import trio
 from redis._parsers.base import BaseParser
 from redis._parsers.encoders import Encoder
 from redis.connection import PythonRespSerializer, parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, InvalidResponse, NoScriptError, ResponseError
 
 from trio_portfolio.services import open_service_nursery
@@ -112,6 +113,18 @@ def new_reply_reader() -> Any:
         encoding="utf-8",
         errors="strict",
     )
+
+
+def _as_exception(reply: Exception) -> Exception:
+    """The exception to raise for an error reply.
+
+    redis-py files a few error replies (``LOADING``, ``WRONGPASS``...) under
+    its *connection* errors: for us they mean the store is not usable, so
+    they become :class:`StoreUnavailable`; the rest stay :data:`ReplyError`.
+    """
+    if isinstance(reply, RedisConnectionError):
+        return StoreUnavailable(f"Redis cannot serve requests: {reply}")
+    return reply
 
 
 class Script:
@@ -215,7 +228,7 @@ async def open_connection(params: ConnectionParams) -> tuple[trio.abc.Stream, An
                         raise StoreUnavailable("Redis closed the connection during the handshake")
                     parser.feed(data)
                     reply = parser.gets()
-                if isinstance(reply, ResponseError):
+                if isinstance(reply, Exception):
                     raise StoreUnavailable(f"Redis refused {command[0]!s}: {reply}")
     except BaseException as exc:
         with trio.CancelScope(shield=True):
@@ -426,8 +439,8 @@ class RedisClient:
     async def execute(self, *args: CommandArg, timeout: float | None = None) -> Any:
         """Run one command and return its reply; raise an error reply as :data:`ReplyError`."""
         (reply,) = await self._call(encode_command(args), 1, timeout)
-        if isinstance(reply, ResponseError):
-            raise reply
+        if isinstance(reply, Exception):
+            raise _as_exception(reply)
         return reply
 
     async def ping(self, *, timeout: float | None = None) -> None:
@@ -501,6 +514,9 @@ class RedisClient:
         return replies
 
     async def _call(self, payload: bytes, expected: int, timeout: float | None) -> list[Any]:
+        # A call whose scope is already cancelled must not even be queued:
+        # the writer could otherwise send it before the caller is woken.
+        await trio.lowlevel.checkpoint_if_cancelled()
         seconds = self.timeout if timeout is None else timeout
         connection: _Connection | None = None
         try:

@@ -1,0 +1,83 @@
+"""Command line: ``trio-portfolio serve | demo | config``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from trio_portfolio.config import (
+    ConfigError,
+    Settings,
+    add_setting_flags,
+    load_settings,
+    settings_as_text,
+)
+from trio_portfolio.observability import configure_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trio-portfolio",
+        description="Real-time portfolio analysis over WebSockets, on Trio and Redis.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="run the server",
+        description="Run the WebSocket server on ws://HOST:PORT/ws/{session_id}. Without "
+        "--redis-url it starts its own redis-server, keeping data in --data-dir. "
+        "SIGINT/SIGTERM shut it down gracefully.",
+    )
+    add_setting_flags(serve)
+    demo = commands.add_parser(
+        "demo",
+        help="replay the original demo against a running server",
+        description="Connect (v2), analyze AAPL, switch to GOOGL after two results, and print "
+        "every frame. Exits 1 if an AAPL result arrives after the first GOOGL frame.",
+    )
+    demo.add_argument(
+        "url", nargs="?", help="ws://HOST:PORT/ws/SESSION (default: a new session on :8000)"
+    )
+    demo.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds")
+    config = commands.add_parser(
+        "config",
+        help="print the effective configuration",
+        description="Print the configuration serve would use (defaults < file < env < flags), "
+        "secrets masked.",
+    )
+    add_setting_flags(config)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    try:
+        return load_settings(args, os.environ, None)
+    except ConfigError as exc:
+        sys.exit(f"trio-portfolio: configuration error: {exc}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "config":
+        print(settings_as_text(_settings(args)), end="")
+    elif args.command == "demo":
+        from trio_portfolio.demo import run_demo
+
+        try:
+            sys.exit(trio.run(lambda: run_demo(args.url, timeout=args.timeout)))
+        except (OSError, trio.TooSlowError) as exc:
+            sys.exit(f"trio-portfolio demo: {exc or 'timed out'}")
+    else:
+        settings = _settings(args)
+        configure_logging(settings.log_level.value, settings.log_format.value)
+        from trio_portfolio.server import serve
+
+        trio.run(serve, settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,597 @@
+"""Settings: one frozen value, loaded from defaults < TOML file < env < flags.
+
+Theory of operation
+-------------------
+Every setting is one field of :class:`Settings`, declared once with its
+default and, in its metadata, its help text and rule (:func:`_rule`).  Its
+command-line flag (``--redis-url``) and environment variable
+(``PORTFOLIO_REDIS_URL``) are derived from the field name, so nothing is
+listed twice and a new field gets both for free.
+
+:func:`load_settings` merges the sources by precedence, then converts each
+winning raw value with :data:`_converter`, whose structure hooks accept both
+text (env, flags) and native TOML values (numbers, arrays, tables), and
+checks it against the field's rule.  A failure is a :class:`ConfigError`
+naming the setting *as the user wrote it* and where it came from::
+
+    PORTFOLIO_PORT: expected an integer 0-65535, got 'abc'
+    --metric-delay-seconds: expected MIN,MAX seconds with 0 <= MIN <= MAX, got '5,2'
+    portfolio.toml: port: expected an integer 0-65535, got 70000
+
+The same rules run when a ``Settings`` is constructed, so one built in
+code is as valid as a loaded one.  ``redis_url`` may carry a password: the repr,
+:func:`settings_as_dict` and :func:`settings_as_text` mask it.
+
+Pure: no trio, no redis, no I/O other than reading the named TOML file.
+"""
+
+import argparse
+import enum
+import math
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+import cattrs
+
+from trio_portfolio.models import DEFAULT_HOLDINGS
+from trio_portfolio.protocol import ProtocolError, normalise_holdings
+
+ENV_PREFIX = "PORTFOLIO_"
+CONFIG_ENV = "PORTFOLIO_CONFIG"
+REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+_MASK = "***"
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names it and its source."""
+
+
+class RedisLayout(enum.StrEnum):
+    """How sessions are stored: RedisJSON documents, hashes, or probe."""
+
+    AUTO = "auto"
+    JSON = "json"
+    HASH = "hash"
+
+
+class LogLevel(enum.StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class LogFormat(enum.StrEnum):
+    """``auto`` is text on a terminal, JSON lines otherwise."""
+
+    AUTO = "auto"
+    JSON = "json"
+    TEXT = "text"
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password (userinfo or ``?password=``) replaced by ``***``.
+
+    Follows redis-py's reading of a URL: in ``redis://user@host`` the
+    userinfo is a user name, not a secret, and is kept.  Everything else is
+    left byte for byte as written.
+    """
+    if "://" not in url:  # not a URL; "user:pass@host" would still be a secret
+        return f"{_MASK}@{url.rpartition('@')[2]}" if "@" in url else url
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # unparseable: no telling where a password would be
+        return url.partition("://")[0] + "://" + _MASK
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    netloc = parts.netloc
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:{_MASK}@{hostport}"
+    query = re.sub(r"(^|&)password=[^&]*", rf"\1password={_MASK}", parts.query)
+    masked = f"{parts.scheme}://{netloc}{parts.path}"
+    masked += f"?{query}" if "?" in url else ""
+    masked += f"#{parts.fragment}" if "#" in url else ""
+    return masked
+
+
+@attrs.frozen
+class _Rule:
+    """How one setting is described and checked, kept in the field metadata."""
+
+    help: str
+    expect: str  # completes "expected ..., got ..."
+    check: Callable[[Any], bool]
+    metavar: str
+
+
+def _rule(help: str, expect: str, check: Callable[[Any], bool], metavar: str) -> dict[str, _Rule]:
+    """Field metadata: the setting's help text and the rule its value obeys."""
+    return {"rule": _Rule(help=help, expect=expect, check=check, metavar=metavar)}
+
+
+def _positive(value: float) -> bool:
+    return value > 0
+
+
+def _non_negative(value: float) -> bool:
+    return value >= 0
+
+
+def _valid_port(value: int) -> bool:
+    return 0 <= value <= 65535
+
+
+def _valid_redis_url(value: str | None) -> bool:
+    if value is None:
+        return True
+    try:
+        urlsplit(value)
+    except ValueError:
+        return False
+    return value.startswith(REDIS_URL_SCHEMES)
+
+
+def _valid_holdings(value: dict[str, float]) -> bool:
+    try:
+        return normalise_holdings(value) == value
+    except ProtocolError:
+        return False
+
+
+def _valid_delay(value: tuple[float, float]) -> bool:
+    return 0 <= value[0] <= value[1]
+
+
+def _valid_key_prefix(value: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9_.:\-]{1,64}", value) is not None
+
+
+def _anything(value: object) -> bool:
+    return True
+
+
+def _member_of(cls: type[enum.Enum]) -> Callable[[object], bool]:
+    """A check that a value is a member of ``cls``, not just its string."""
+    return lambda value: isinstance(value, cls)
+
+
+def _mask_repr(value: str | None) -> str:
+    return repr(value if value is None else mask_url(value))
+
+
+_POSITIVE_INT = "an integer > 0"
+_POSITIVE_NUMBER = "a number > 0"
+
+
+@attrs.frozen
+class Settings:
+    """The effective configuration of one server process.
+
+    Each field's metadata holds its :class:`_Rule`; construction checks
+    every rule and raises :class:`ConfigError` naming the field.
+    """
+
+    host: str = attrs.field(
+        default="127.0.0.1",
+        metadata=_rule("interface to listen on", "a host name", bool, "HOST"),
+    )
+    port: int = attrs.field(
+        default=8000,
+        metadata=_rule("TCP port; 0 picks a free one", "an integer 0-65535", _valid_port, "PORT"),
+    )
+    redis_url: str | None = attrs.field(
+        default=None,
+        repr=_mask_repr,
+        metadata=_rule(
+            "Redis to use; unset starts the embedded Redis",
+            "a URL starting with redis://, rediss:// or unix://",
+            _valid_redis_url,
+            "URL",
+        ),
+    )
+    redis_layout: RedisLayout = attrs.field(
+        default=RedisLayout.AUTO,
+        metadata=_rule(
+            "session layout; auto probes for RedisJSON",
+            "one of auto, json, hash",
+            _member_of(RedisLayout),
+            "auto|json|hash",
+        ),
+    )
+    redis_timeout_seconds: float = attrs.field(
+        default=5.0,
+        metadata=_rule("timeout of one Redis round trip", _POSITIVE_NUMBER, _positive, "SECONDS"),
+    )
+    data_dir: Path = attrs.field(
+        default=Path("data"),
+        metadata=_rule("persistence directory of the embedded Redis", "a path", _anything, "DIR"),
+    )
+    session_ttl_seconds: int = attrs.field(
+        default=86400,
+        metadata=_rule(
+            "a session expires after this long without client activity",
+            _POSITIVE_INT,
+            _positive,
+            "SECONDS",
+        ),
+    )
+    market_update_interval_seconds: float = attrs.field(
+        default=30.0,
+        metadata=_rule("time between market revaluations", _POSITIVE_NUMBER, _positive, "SECONDS"),
+    )
+    metric_delay_seconds: tuple[float, float] = attrs.field(
+        default=(2.0, 5.0),
+        metadata=_rule(
+            "simulated compute time per metric, drawn from MIN-MAX (0,0 for benchmarks)",
+            "MIN,MAX seconds with 0 <= MIN <= MAX",
+            _valid_delay,
+            "MIN,MAX",
+        ),
+    )
+    log_level: LogLevel = attrs.field(
+        default=LogLevel.INFO,
+        metadata=_rule(
+            "log threshold", "one of debug, info, warning, error", _member_of(LogLevel), "LEVEL"
+        ),
+    )
+    log_format: LogFormat = attrs.field(
+        default=LogFormat.AUTO,
+        metadata=_rule(
+            "log format; auto is text on a terminal, JSON lines otherwise",
+            "one of auto, json, text",
+            _member_of(LogFormat),
+            "auto|json|text",
+        ),
+    )
+    default_holdings: dict[str, float] = attrs.field(
+        factory=lambda: dict(DEFAULT_HOLDINGS),
+        metadata=_rule(
+            "holdings of a new session",
+            "TICKER:QUANTITY,... with 1-100 positive quantities",
+            _valid_holdings,
+            "TICKER:QTY,...",
+        ),
+    )
+    results_limit: int = attrs.field(
+        default=500,
+        metadata=_rule("newest analysis results kept per session", _POSITIVE_INT, _positive, "N"),
+    )
+    key_prefix: str = attrs.field(
+        default="portfolio",
+        metadata=_rule(
+            "namespace of every Redis key",
+            "1-64 of A-Z a-z 0-9 _ . : -",
+            _valid_key_prefix,
+            "PREFIX",
+        ),
+    )
+    market_seed: int = attrs.field(
+        default=0, metadata=_rule("seed of the simulated market", "an integer", _anything, "N")
+    )
+    max_message_bytes: int = attrs.field(
+        default=65536,
+        metadata=_rule(
+            "largest client frame; a larger one closes with 1009", _POSITIVE_INT, _positive, "BYTES"
+        ),
+    )
+    outbox_size: int = attrs.field(
+        default=64,
+        metadata=_rule("frames buffered per connection", _POSITIVE_INT, _positive, "N"),
+    )
+    max_connections: int = attrs.field(
+        default=10000,
+        metadata=_rule("concurrent WebSocket connections", _POSITIVE_INT, _positive, "N"),
+    )
+    messages_per_second: float = attrs.field(
+        default=20.0,
+        metadata=_rule(
+            "sustained client frames per second per connection", _POSITIVE_NUMBER, _positive, "RATE"
+        ),
+    )
+    message_burst: int = attrs.field(
+        default=40,
+        metadata=_rule(
+            "client frames allowed in a burst above the rate", _POSITIVE_INT, _positive, "N"
+        ),
+    )
+    shutdown_timeout_seconds: float = attrs.field(
+        default=4.0,
+        metadata=_rule(
+            "grace period for connections at shutdown", "a number >= 0", _non_negative, "SECONDS"
+        ),
+    )
+
+    def __attrs_post_init__(self) -> None:
+        for field in attrs.fields(type(self)):
+            rule: _Rule = field.metadata["rule"]
+            value = getattr(self, field.name)
+            if not rule.check(value):
+                shown = _mask_repr(value) if field.name == "redis_url" else repr(value)
+                raise ConfigError(f"{field.name}: expected {rule.expect}, got {shown}")
+
+
+_FIELDS: dict[str, "attrs.Attribute[Any]"] = {f.name: f for f in attrs.fields(Settings)}
+
+
+def flag_name(name: str) -> str:
+    """``redis_url`` -> ``--redis-url``."""
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    """``redis_url`` -> ``PORTFOLIO_REDIS_URL``."""
+    return ENV_PREFIX + name.upper()
+
+
+# -- the converter: text or TOML value -> typed value -------------------------
+
+
+class _Invalid(ValueError):
+    """A raw value does not convert; ``reason`` adds to the field's rule."""
+
+    def __init__(self, reason: str | None = None) -> None:
+        super().__init__(reason or "invalid")
+        self.reason = reason
+
+
+def _to_int(raw: object, _: type) -> int:
+    if isinstance(raw, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", raw):
+        return int(raw)
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    raise _Invalid
+
+
+def _to_float(raw: object, _: type) -> float:
+    if isinstance(raw, str):
+        try:
+            value = float(raw)
+        except ValueError:
+            raise _Invalid from None
+    elif isinstance(raw, int | float) and not isinstance(raw, bool):
+        value = float(raw)
+    else:
+        raise _Invalid
+    if not math.isfinite(value):
+        raise _Invalid
+    return value
+
+
+def _to_str(raw: object, _: type) -> str:
+    if not isinstance(raw, str):
+        raise _Invalid
+    return raw.strip()
+
+
+def _to_optional_str(raw: object, _: type) -> str | None:
+    """``None`` and the empty string both mean "unset"."""
+    return None if raw is None or raw == "" else _to_str(raw, str)
+
+
+def _to_path(raw: object, _: type) -> Path:
+    if isinstance(raw, Path):
+        return raw
+    text = _to_str(raw, str)
+    if not text:
+        raise _Invalid
+    return Path(text)
+
+
+def _to_enum(raw: object, cls: type[enum.StrEnum]) -> enum.StrEnum:
+    try:
+        return cls(_to_str(raw, str).lower())
+    except ValueError:
+        raise _Invalid from None
+
+
+def _to_delay(raw: object, _: type) -> tuple[float, float]:
+    parts: Sequence[object]
+    if isinstance(raw, str):
+        parts = raw.split(",")
+    elif isinstance(raw, list | tuple):
+        parts = raw
+    else:
+        raise _Invalid
+    if len(parts) != 2:
+        raise _Invalid
+    return (_to_float(parts[0], float), _to_float(parts[1], float))
+
+
+def _to_holdings(raw: object, _: type) -> dict[str, float]:
+    """From ``AAPL:100,MSFT:75`` or a TOML table, validated like ``set_holdings``."""
+    table: Mapping[object, object]
+    if isinstance(raw, str):
+        table = {}
+        for item in raw.split(","):
+            ticker, colon, quantity = item.partition(":")
+            if not colon:
+                raise _Invalid(f"{item.strip()!r} is not TICKER:QUANTITY")
+            try:
+                table[ticker] = _to_float(quantity, float)
+            except _Invalid:
+                raise _Invalid(f"{item.strip()!r}: quantity is not a number") from None
+    elif isinstance(raw, Mapping):
+        table = raw
+    else:
+        raise _Invalid
+    try:
+        return normalise_holdings(table)
+    except ProtocolError as exc:
+        raise _Invalid(exc.detail) from None
+
+
+_converter = cattrs.Converter()
+"""Owns every hook turning a raw setting (text or TOML value) into its type."""
+_converter.register_structure_hook(int, _to_int)
+_converter.register_structure_hook(float, _to_float)
+_converter.register_structure_hook(str, _to_str)
+_converter.register_structure_hook(Path, _to_path)
+_converter.register_structure_hook_func(lambda t: t == str | None, _to_optional_str)
+_converter.register_structure_hook_func(lambda t: t == tuple[float, float], _to_delay)
+_converter.register_structure_hook_func(lambda t: t == dict[str, float], _to_holdings)
+for _enum in (RedisLayout, LogLevel, LogFormat):  # before the str hook they subclass
+    _converter.register_structure_hook(_enum, _to_enum)
+
+
+_converter.register_unstructure_hook(Path, str)
+_converter.register_unstructure_hook_func(lambda t: t == tuple[float, float], list)
+
+
+# -- loading ----------------------------------------------------------------
+
+
+def _convert(name: str, raw: object, source: str) -> Any:
+    """Turn one raw value into the field's type, or a :class:`ConfigError`."""
+    field = _FIELDS[name]
+    rule: _Rule = field.metadata["rule"]
+    shown = mask_url(raw) if name == "redis_url" and isinstance(raw, str) else raw
+    problem = f"{source}: expected {rule.expect}, got {shown!r}"
+    try:
+        value = _converter.structure(raw, field.type or object)
+    except _Invalid as exc:
+        raise ConfigError(problem + (f" ({exc.reason})" if exc.reason else "")) from None
+    if not rule.check(value):
+        raise ConfigError(problem)
+    return value
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_settings(
+    flags: Mapping[str, object] | argparse.Namespace,
+    env: Mapping[str, str],
+    config_file: Path | None,
+) -> Settings:
+    """Build the effective :class:`Settings`; raise :class:`ConfigError` if invalid.
+
+    ``flags`` maps field names to values, ``None`` meaning "not given" (an
+    ``argparse.Namespace`` from :func:`add_setting_flags` works as is;
+    other keys are ignored).  ``env`` is searched for ``PORTFOLIO_<FIELD>``;
+    other variables, even with the prefix, are ignored.  ``config_file``
+    names a TOML file whose keys are field names (an unknown key is an
+    error); when ``None``, the ``config`` flag and then ``PORTFOLIO_CONFIG``
+    are consulted.  Relative paths are relative to the working directory.
+    """
+    given = dict(vars(flags)) if isinstance(flags, argparse.Namespace) else dict(flags)
+    if config_file is None:
+        named = given.get("config") or env.get(CONFIG_ENV) or None
+        config_file = Path(str(named)) if named is not None else None
+
+    layers: list[tuple[Callable[[str], str], Mapping[str, object]]] = []
+    if config_file is not None:
+        table = _read_toml(config_file)
+        unknown = sorted(set(table) - set(_FIELDS))
+        if unknown:
+            raise ConfigError(
+                f"{config_file}: unknown setting(s) {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(_FIELDS)}"
+            )
+        layers.append((lambda name: f"{config_file}: {name}", table))
+    env_layer = {n: env[env_name(n)] for n in _FIELDS if env_name(n) in env}
+    layers.append((env_name, env_layer))
+    flag_layer = {n: v for n, v in given.items() if n in _FIELDS and v is not None}
+    layers.append((flag_name, flag_layer))
+
+    values: dict[str, Any] = {}
+    for source, layer in layers:
+        for name, raw in layer.items():
+            values[name] = _convert(name, raw, source(name))
+    return Settings(**values)
+
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per setting, each defaulting to ``None``."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help=f"TOML file of settings, keyed like redis_url = ... (env {CONFIG_ENV})",
+    )
+    defaults = Settings()
+    for name, field in _FIELDS.items():
+        rule: _Rule = field.metadata["rule"]
+        shown = _flag_text(getattr(defaults, name))
+        parser.add_argument(
+            flag_name(name),
+            dest=name,
+            metavar=rule.metavar,
+            default=None,
+            help=f"{rule.help} (env {env_name(name)}; default: {shown})".replace("%", "%%"),
+        )
+
+
+# -- rendering ---------------------------------------------------------------
+
+
+def _flag_text(value: object) -> str:
+    """A value as one would type it after its flag (``2,5``, ``AAPL:100``)."""
+    if value is None:
+        return "unset"
+    if isinstance(value, tuple):
+        return ",".join(_short_number(v) for v in value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{_short_number(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _short_number(value: float) -> str:
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def settings_as_dict(settings: Settings, *, mask_secrets: bool = True) -> dict[str, Any]:
+    """Plain JSON/TOML-ready values (paths and enums as strings, tuples as lists)."""
+    out: dict[str, Any] = _converter.unstructure(settings)
+    if mask_secrets and settings.redis_url is not None:
+        out["redis_url"] = mask_url(settings.redis_url)
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + "".join(_toml_char(c) for c in value) + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        inner = ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + inner + " }"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def _toml_char(char: str) -> str:
+    """One character of a TOML basic string, escaped if it must be."""
+    if char in '"\\':
+        return "\\" + char
+    if ord(char) < 0x20 or char == "\x7f":
+        return f"\\u{ord(char):04x}"
+    return char
+
+
+def settings_as_text(settings: Settings) -> str:
+    """The effective configuration as TOML lines, secrets masked.
+
+    Fed back as a config file it reproduces ``settings`` (except a masked
+    password); an unset ``redis_url`` becomes a comment.
+    """
+    lines = []
+    for name, value in settings_as_dict(settings).items():
+        if value is None:
+            lines.append(f"# {name} is unset")
+        else:
+            lines.append(f"{name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"

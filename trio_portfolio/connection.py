@@ -1,0 +1,397 @@
+"""One WebSocket connection: reader, single writer, session events, the analysis scope.
+
+Theory of operation
+===================
+
+Each accepted WebSocket gets a :class:`Connection` whose :meth:`~Connection.run`
+owns a nursery with three helper tasks and runs the *control loop* itself::
+
+    connection nursery
+    ├── reader      ws.get_message() -> rate limit -> control channel
+    ├── events      session pub/sub events -> control channel (drop when full)
+    ├── writer      outbox channel -> ws.send_message()   (the only sender)
+    └── analysis    AnalysisRunner in its own cancel scope (at most one)
+                    └── metrics nursery: five metric tasks
+
+*One writer.*  Every frame leaves through one bounded outbox channel read by
+one writer task, so frames never interleave, and a client that stops
+reading fills the outbox, which stalls the producers (backpressure) instead
+of growing memory; a send that takes longer than ``send_timeout`` closes
+the connection.
+
+*One controller.*  Client frames and session events are handled one at a
+time, in arrival order, by the control loop.  ``analyze`` cancels the
+current analysis scope and **waits for the runner to finish** (its shielded
+commits included) before queueing ``analysis_cancelled`` and taking the next
+snapshot, so nothing of the old analysis can follow anything of the new
+(guarantee 1).  A portfolio event whose version is newer than the running
+snapshot restarts the analysis (guarantee 3) before ``market_update`` is
+queued.  An ``analysis_started`` event from another connection on the same
+session means our analysis is no longer the session's current one: it is
+stopped and reported as ``switched``.
+
+*Activity.*  Every client frame is activity (it refreshes the session's
+TTL); market updates are not (guarantee 5).
+
+*Ending.*  The connection ends when the client goes, the writer fails, or the
+server shuts down (:meth:`Connection.shutdown`).  In every case the running
+analysis is cancelled and unfenced under a shield with a deadline, queued
+frames are flushed, and the socket is closed (1001 on shutdown).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import secrets
+from collections.abc import Mapping
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from trio_portfolio.analysis import AnalysisContext, AnalysisRunner
+from trio_portfolio.config import Settings
+from trio_portfolio.market import MarketData
+from trio_portfolio.models import Portfolio, StartRefused, utc_now
+from trio_portfolio.observability import Metrics
+from trio_portfolio.protocol import (
+    Analyze,
+    Cancel,
+    CancelReason,
+    Dialect,
+    ErrorCode,
+    GetPortfolio,
+    ProtocolError,
+    SetHoldings,
+    parse_client_message,
+    render_error,
+    render_market_update,
+    render_portfolio,
+    render_session,
+)
+from trio_portfolio.redis_io import StoreUnavailable
+from trio_portfolio.session_events import AnalysisStarted, PortfolioChanged, SessionEvents
+from trio_portfolio.store import SessionStore
+
+log = logging.getLogger(__name__)
+
+SEND_TIMEOUT = 10.0
+"""Seconds a single frame may take to reach a client before we give up on it."""
+
+
+@attrs.frozen
+class Services:
+    """What every connection of one server shares (owned by the server, not global)."""
+
+    settings: Settings
+    store: SessionStore
+    market: MarketData
+    events: SessionEvents
+    metrics: Metrics
+    rng: random.Random
+
+
+@attrs.define
+class TokenBucket:
+    """Per-connection flood control: ``rate`` frames/s with bursts of ``burst``.
+
+    A frame over the rate is *throttled* (answered with ``rate_limited`` and
+    dropped); a client that keeps sending while throttled, running a second
+    burst into debt, is a *flood* and is disconnected with 1008.
+    """
+
+    rate: float
+    burst: float
+    tokens: float = attrs.field(init=False)
+    stamp: float = attrs.field(init=False, default=0.0)
+
+    def __attrs_post_init__(self) -> None:
+        self.tokens = self.burst
+
+    def take(self, now: float) -> str:
+        """``"ok"``, ``"throttled"`` or ``"flood"`` for one frame arriving at ``now``."""
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.tokens -= 1
+        if self.tokens >= 0:
+            return "ok"
+        return "throttled" if self.tokens >= -self.burst else "flood"
+
+
+@attrs.frozen
+class _Throttled:
+    """Marker in the control channel: a client frame was dropped by the rate limit."""
+
+
+_Input = str | bytes | _Throttled | PortfolioChanged | AnalysisStarted
+
+
+class Connection:
+    """A client on one session; see the module docstring."""
+
+    def __init__(
+        self, services: Services, ws: WebSocketConnection, session_id: str, dialect: Dialect
+    ) -> None:
+        self.services = services
+        self.ws = ws
+        self.session_id = session_id
+        self.dialect = dialect
+        self.id = secrets.token_hex(6)
+        settings = services.settings
+        self._outbox_send, self._outbox_recv = trio.open_memory_channel[str](settings.outbox_size)
+        self._control_send, self._control_recv = trio.open_memory_channel[_Input](16)
+        self._control_scope = trio.CancelScope()
+        self._bucket = TokenBucket(settings.messages_per_second, settings.message_burst)
+        self._current: AnalysisRunner | None = None
+        self._close_code = 1000
+        self._close_reason = "bye"
+        self._session_ready = False
+        self._store: SessionStore = services.store
+        self._market: MarketData = services.market
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Server shutdown: stop the analysis, flush, close with 1001."""
+        self._end(1001, "server shutting down")
+
+    def _end(self, code: int, reason: str) -> None:
+        if not self._control_scope.cancel_called:
+            self._close_code, self._close_reason = code, reason
+            self._control_scope.cancel()
+
+    async def run(self) -> None:
+        """Serve the client until it leaves or the server shuts down; never raises."""
+        settings = self.services.settings
+        async with (
+            self.services.events.watch(self.session_id) as events,
+            trio.open_nursery() as nursery,
+        ):
+            self._nursery = nursery
+            writer_done = trio.Event()
+            nursery.start_soon(self._writer, writer_done)
+            nursery.start_soon(self._reader)
+            nursery.start_soon(self._forward_events, events)
+            try:
+                with self._control_scope:
+                    await self._open_session()
+                    await self._control_loop()
+            finally:
+                with (
+                    trio.CancelScope(shield=True),
+                    trio.move_on_after(settings.shutdown_timeout_seconds),
+                ):
+                    notify = self._close_code == 1001
+                    await self._stop_current(CancelReason.CANCELLED, notify=notify)
+                    self._outbox_send.close()
+                    await writer_done.wait()
+                    await self.ws.aclose(self._close_code, self._close_reason)
+                nursery.cancel_scope.cancel()
+
+    async def _writer(self, done: trio.Event) -> None:
+        """The only task that sends on the socket; drains the outbox until it closes."""
+        alive = True
+        try:
+            async for frame in self._outbox_recv:
+                if not alive:
+                    continue
+                with trio.move_on_after(SEND_TIMEOUT) as scope:
+                    try:
+                        await self.ws.send_message(frame)
+                    except ConnectionClosed:
+                        alive = False
+                        self._end(1000, "client gone")
+                if scope.cancelled_caught:
+                    alive = False
+                    log.warning("connection %s: client not reading, closing", self.id)
+                    self._end(1008, "client too slow")
+        finally:
+            done.set()
+
+    async def _reader(self) -> None:
+        """Drain the socket into the control channel, applying the rate limit."""
+        try:
+            while True:
+                message = await self.ws.get_message()
+                verdict = self._bucket.take(trio.current_time())
+                if verdict == "flood":
+                    self.services.metrics.inc("errors", code="flood")
+                    self._end(1008, "message rate limit exceeded")
+                    return
+                await self._control_send.send(message if verdict == "ok" else _Throttled())
+        except ConnectionClosed:
+            reason = self.ws.closed
+            if reason is not None and reason.code == 1009:
+                self.services.metrics.inc("errors", code="message_too_big")
+            self._end(1000, "client gone")
+
+    async def _forward_events(self, events: trio.MemoryReceiveChannel[object]) -> None:
+        async for event in events:
+            if isinstance(event, PortfolioChanged | AnalysisStarted):
+                try:
+                    self._control_send.send_nowait(event)
+                except trio.WouldBlock:
+                    self.services.metrics.inc("events_dropped")
+
+    async def send(self, frame: str | None) -> None:
+        """Queue ``frame`` for the writer (``None``: not for this dialect)."""
+        if frame is None:
+            return
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._outbox_send.send(frame)
+
+    async def _send_error(self, code: ErrorCode, detail: str) -> None:
+        self.services.metrics.inc("errors", code=code.value)
+        await self.send(render_error(code, detail))
+
+    # -- session -----------------------------------------------------------
+
+    async def _open_session(self) -> None:
+        """Create or resume the session and greet the client (``session``, v2)."""
+        try:
+            portfolio = await self._create_session()
+        except StoreUnavailable as exc:
+            await self._send_error(
+                ErrorCode.STORE_UNAVAILABLE, f"session not available yet, retry shortly: {exc}"
+            )
+            return
+        await self.send(render_session(portfolio, self.dialect))
+
+    async def _create_session(self) -> Portfolio:
+        holdings = self.services.settings.default_holdings
+        prices = await self._market.ensure_prices(list(holdings))
+        portfolio = await self._store.create_if_missing(
+            self.session_id, holdings, prices, utc_now()
+        )
+        self._session_ready = True
+        return portfolio
+
+    async def _ensure_session(self) -> None:
+        """After a store outage at connect, create the session on first use."""
+        if not self._session_ready:
+            portfolio = await self._create_session()
+            await self.send(render_session(portfolio, self.dialect))
+
+    async def _session_expired(self) -> None:
+        """The session vanished under us (TTL): say so and start a fresh one."""
+        await self._send_error(
+            ErrorCode.SESSION_EXPIRED, "the session expired; a new one was started"
+        )
+        portfolio = await self._create_session()
+        await self.send(render_session(portfolio, self.dialect))
+
+    async def _activity(self) -> None:
+        """Record client activity (TTL refresh) for frames that write nothing else."""
+        if not await self._store.touch(self.session_id, utc_now()):
+            await self._session_expired()
+
+    # -- control loop ----------------------------------------------------------
+
+    async def _control_loop(self) -> None:
+        async for item in self._control_recv:
+            try:
+                if isinstance(item, str | bytes):
+                    await self._on_client_frame(item)
+                elif isinstance(item, _Throttled):
+                    await self._send_error(
+                        ErrorCode.RATE_LIMITED,
+                        f"too many messages: at most {self._bucket.rate:g}/s "
+                        f"(bursts of {self._bucket.burst:g}); this one was dropped",
+                    )
+                elif isinstance(item, PortfolioChanged):
+                    await self._on_portfolio_changed(item)
+                else:
+                    await self._on_analysis_started(item)
+            except StoreUnavailable as exc:
+                await self._send_error(ErrorCode.STORE_UNAVAILABLE, str(exc))
+
+    async def _on_client_frame(self, text: str | bytes) -> None:
+        try:
+            message = parse_client_message(text, dialect=self.dialect)
+        except ProtocolError as exc:
+            await self._send_error(exc.code, exc.detail)
+            await self._activity()
+            return
+        await self._ensure_session()
+        if isinstance(message, Analyze):
+            await self._analyze(message.ticker)
+        elif isinstance(message, Cancel):
+            await self._stop_current(CancelReason.CANCELLED)
+            await self._activity()
+        elif isinstance(message, GetPortfolio):
+            await self._activity()
+            portfolio = await self._store.get(self.session_id)
+            if portfolio is None:
+                await self._session_expired()
+            else:
+                await self.send(render_portfolio(portfolio, self.dialect))
+        elif isinstance(message, SetHoldings):
+            await self._set_holdings(message.holdings)
+
+    async def _analyze(self, ticker: str) -> None:
+        await self._stop_current(CancelReason.SWITCHED)
+        runner = AnalysisRunner(self._analysis_context(), ticker)
+        if await self._nursery.start(runner.run):
+            self._current = runner
+        elif runner.refused is StartRefused.MISSING:
+            portfolio = await self._create_session()
+            await self.send(render_session(portfolio, self.dialect))
+
+    async def _set_holdings(self, holdings: Mapping[str, float]) -> None:
+        prices = await self._market.ensure_prices(list(holdings))
+        portfolio = await self._store.set_holdings(self.session_id, holdings, prices, utc_now())
+        if portfolio is None:
+            await self._session_expired()
+            return
+        await self.send(render_portfolio(portfolio, self.dialect))
+        if self._current is not None:
+            await self._current.restart_if_older(portfolio.portfolio_version)
+
+    async def _on_portfolio_changed(self, event: PortfolioChanged) -> None:
+        if self._current is not None:
+            await self._current.restart_if_older(event.portfolio_version)
+        if event.cause == "market":
+            await self.send(
+                render_market_update(
+                    event.total_value,
+                    event.prices,
+                    event.portfolio_version,
+                    event.as_of,
+                    self.dialect,
+                )
+            )
+
+    async def _on_analysis_started(self, event: AnalysisStarted) -> None:
+        ours = event.analysis_id.startswith(f"{self.id}-")
+        if not ours and self._current is not None and self._current.live_attempt is not None:
+            await self._stop_current(CancelReason.SWITCHED)
+
+    async def _stop_current(self, reason: CancelReason, *, notify: bool = True) -> None:
+        """Cancel the running analysis, wait for it to end, then report and unfence it."""
+        runner = self._current
+        if runner is None:
+            return
+        runner.scope.cancel()
+        await runner.done.wait()
+        # Cleared only now: if this wait is itself cancelled, the connection's
+        # final cleanup still finds the runner and unfences it.
+        self._current = None
+        await runner.close_live_attempt(reason, notify=notify)
+
+    def _analysis_context(self) -> AnalysisContext:
+        settings = self.services.settings
+        metrics = self.services.metrics
+        return AnalysisContext(
+            session_id=self.session_id,
+            dialect=self.dialect,
+            store=self._store,
+            market=self._market,
+            send=self.send,
+            metric_delay=settings.metric_delay_seconds,
+            rng=self.services.rng,
+            connection_id=self.id,
+            send_timeout=SEND_TIMEOUT,
+            on_event=lambda name: metrics.inc("analysis_events", event=name),
+        )

@@ -1,0 +1,134 @@
+"""Fan-out of session events from Redis pub/sub to this process's connections.
+
+The store's scripts publish a small JSON event on a session's channel
+whenever its portfolio version moves (market revaluation, new holdings) or
+an analysis starts.  Every server process runs one :class:`SessionEvents`
+hub over one pub/sub connection; a connection watching a session gets its
+own bounded channel of parsed events.  The hub subscribes to a session's
+channel when the first local connection watches it and unsubscribes when
+the last one leaves, so a process hears only about sessions it serves.
+
+Events are hints, never the record: a connection that misses one (the
+buffer was full, or pub/sub was reconnecting) still cannot store or send a
+stale result, because the fenced append checks the version in Redis.  So
+when a watcher's buffer is full the event is dropped and counted, and the
+reader is never blocked by a slow connection.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import attrs
+import orjson
+import trio
+
+from trio_portfolio.redis_io import StoreUnavailable
+from trio_portfolio.redis_pubsub import PubSub
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class PortfolioChanged:
+    """The session's portfolio version moved (``cause``: ``market`` or ``holdings``)."""
+
+    portfolio_version: int
+    total_value: float
+    prices: dict[str, float]
+    as_of: str
+    cause: str
+
+
+@attrs.frozen
+class AnalysisStarted:
+    """Some connection (perhaps in another process) started an analysis on the session."""
+
+    analysis_id: str
+
+
+SessionEvent = PortfolioChanged | AnalysisStarted
+
+
+def parse_event(data: str) -> SessionEvent | None:
+    """Decode a published event; ``None`` for anything malformed or unknown."""
+    try:
+        raw = orjson.loads(data)
+        if raw.get("kind") == "analysis_started":
+            return AnalysisStarted(analysis_id=str(raw["analysis_id"]))
+        if raw.get("kind") == "portfolio":
+            prices = raw.get("prices") or {}
+            return PortfolioChanged(
+                portfolio_version=int(raw["portfolio_version"]),
+                total_value=float(raw["total_value"]),
+                prices={str(t): float(p) for t, p in prices.items()},
+                as_of=str(raw.get("as_of") or ""),
+                cause=str(raw.get("cause") or ""),
+            )
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+        pass
+    return None
+
+
+class SessionEvents:
+    """The per-process hub; run :meth:`run` in a nursery, then :meth:`watch` sessions."""
+
+    def __init__(
+        self, pubsub: PubSub, channel_for: Callable[[str], str], *, buffer: int = 32
+    ) -> None:
+        self._pubsub = pubsub
+        self._channel_for = channel_for
+        self._buffer = buffer
+        self._watchers: dict[str, set[trio.MemorySendChannel[SessionEvent]]] = {}
+        self.dropped = 0
+
+    @property
+    def sessions_watched(self) -> int:
+        """How many sessions have at least one local watcher."""
+        return len(self._watchers)
+
+    @asynccontextmanager
+    async def watch(
+        self, session_id: str
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[SessionEvent]]:
+        """Receive the session's events for the duration of the block.
+
+        Waits (briefly) for the subscription to be confirmed so that no event
+        published after this returns is missed; if Redis is down, it returns
+        anyway and the subscription is made when Redis is back.
+        """
+        channel = self._channel_for(session_id)
+        send, receive = trio.open_memory_channel[SessionEvent](self._buffer)
+        watchers = self._watchers.setdefault(channel, set())
+        watchers.add(send)
+        try:
+            if len(watchers) == 1 or not self._pubsub.connected:
+                try:
+                    await self._pubsub.subscribe(channel, timeout=2.0)
+                except StoreUnavailable as exc:
+                    log.warning("session events for %s delayed: %s", session_id, exc)
+            yield receive
+        finally:
+            watchers.discard(send)
+            if not watchers:
+                del self._watchers[channel]
+                self._pubsub.unsubscribe(channel)
+            send.close()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Route every message to the watchers of its channel, forever."""
+        task_status.started()
+        async for message in self._pubsub:
+            event = parse_event(message.data)
+            if event is None:
+                log.warning("ignoring malformed event on %s: %.200s", message.channel, message.data)
+                continue
+            for send in list(self._watchers.get(message.channel, ())):
+                try:
+                    send.send_nowait(event)
+                except trio.WouldBlock:
+                    self.dropped += 1
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
