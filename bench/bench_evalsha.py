@@ -91,15 +91,15 @@ def main() -> None:
         trio_rates: list[float] = []
         asyncio_rates: list[float] = []
         for _ in range(args.rounds):
-            trio_rates.append(
-                trio.run(trio_round, url, args.tasks, args.calls, args.connections)
-            )
+            trio_rates.append(trio.run(trio_round, url, args.tasks, args.calls, args.connections))
             asyncio_rates.append(asyncio.run(asyncio_round(url, args.tasks, args.calls)))
         best_trio, best_asyncio = max(trio_rates), max(asyncio_rates)
         print(f"redis: {url}   tasks: {args.tasks}   calls/task: {args.calls}")
         print(f"hiredis available to redis.asyncio: {HIREDIS_AVAILABLE}")
         print("trio adapter   EVALSHA/s per round: " + ", ".join(f"{r:,.0f}" for r in trio_rates))
-        print("redis.asyncio  EVALSHA/s per round: " + ", ".join(f"{r:,.0f}" for r in asyncio_rates))
+        print(
+            "redis.asyncio  EVALSHA/s per round: " + ", ".join(f"{r:,.0f}" for r in asyncio_rates)
+        )
         print(f"best: trio {best_trio:,.0f}/s, asyncio {best_asyncio:,.0f}/s")
         print(f"ratio trio/asyncio: {best_trio / best_asyncio:.2f}  (target >= 0.80)")
 

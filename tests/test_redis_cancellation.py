@@ -51,7 +51,9 @@ async def test_cancel_after_write_drops_the_reply_and_keeps_the_connection(
         assert stats.connects == 1, "a cancellation must not cost the connection"
 
 
-async def test_cancel_before_write_never_sends(real_redis: RedisServerInfo, key_prefix: str) -> None:
+async def test_cancel_before_write_never_sends(
+    real_redis: RedisServerInfo, key_prefix: str
+) -> None:
     key = f"{key_prefix}:never"
     async with open_redis(real_redis.url, connections=1) as redis:
         await redis.ping()

@@ -32,7 +32,9 @@ async def test_commands_replies_and_errors(real_redis: RedisServerInfo, key_pref
             await redis.execute("HGET", f"{key_prefix}:k", "f")
 
 
-async def test_pipeline_returns_errors_in_place(real_redis: RedisServerInfo, key_prefix: str) -> None:
+async def test_pipeline_returns_errors_in_place(
+    real_redis: RedisServerInfo, key_prefix: str
+) -> None:
     async with open_redis(real_redis.url) as redis:
         k = f"{key_prefix}:p"
         replies = await redis.pipeline([("SET", k, "1"), ("HGET", k, "x"), ("INCR", k)])
@@ -63,7 +65,9 @@ async def test_evalsha_reloads_after_script_flush(real_redis: RedisServerInfo) -
         assert replies == [["x", "1", "flush-test"], ["y", "2", "flush-test"]]
 
 
-async def test_many_tasks_share_few_connections(real_redis: RedisServerInfo, key_prefix: str) -> None:
+async def test_many_tasks_share_few_connections(
+    real_redis: RedisServerInfo, key_prefix: str
+) -> None:
     async with open_redis(real_redis.url, connections=2) as redis:
         results: dict[int, str] = {}
 
@@ -103,7 +107,9 @@ def test_urls_are_parsed_with_credentials_db_tls_and_unix() -> None:
         ConnectionParams.from_url("http://localhost:6379")
 
 
-async def test_username_password_and_db_are_used(real_redis: RedisServerInfo, key_prefix: str) -> None:
+async def test_username_password_and_db_are_used(
+    real_redis: RedisServerInfo, key_prefix: str
+) -> None:
     user = f"{key_prefix}-user"
     host_port = real_redis.url.split("//", 1)[1].split("/", 1)[0]
     async with open_redis(real_redis.url) as admin:
@@ -153,10 +159,10 @@ async def test_reconnects_after_connection_loss(real_redis: RedisServerInfo) -> 
 async def test_timeout_closes_connection_and_next_call_recovers(
     real_redis: RedisServerInfo,
 ) -> None:
-    host, port = real_redis.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
-    async with open_tcp_proxy(host, int(port)) as proxy, open_redis(
-        proxy.url, connections=1, timeout=0.3
-    ) as redis:
+    async with (
+        open_tcp_proxy(*real_redis.address) as proxy,
+        open_redis(proxy.url, connections=1, timeout=0.3) as redis,
+    ):
         assert await redis.execute("ECHO", "a") == "a"
         proxy.blackhole(True)
         with trio.fail_after(2), pytest.raises(StoreUnavailable, match="did not answer"):
@@ -180,11 +186,11 @@ async def test_pubsub_delivers_and_resubscribes_after_loss(
             message = await pubsub.messages.receive()
             assert (message.channel, message.data) == (channel, "one")
             await redis.execute("CLIENT", "KILL", "TYPE", "pubsub")
-            while pubsub.reconnects < 2:
+            while pubsub.reconnects < 2:  # noqa: ASYNC110 - polls the reconnect counter
                 await trio.sleep(0.01)
             await pubsub.subscribe(channel)  # waits for the automatic resubscription
             await redis.execute("PUBLISH", channel, "two")
             assert (await pubsub.messages.receive()).data == "two"
             pubsub.unsubscribe(channel)
-            while await redis.execute("PUBSUB", "NUMSUB", channel) != [channel, 0]:
+            while await redis.execute("PUBSUB", "NUMSUB", channel) != [channel, 0]:  # noqa: ASYNC110
                 await trio.sleep(0.01)

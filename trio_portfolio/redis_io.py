@@ -46,7 +46,7 @@ import collections
 import hashlib
 import math
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -430,6 +430,8 @@ class RedisClient:
         self._failed_until = -math.inf
         self._last_failure: StoreUnavailable | None = None
         self.stats = RedisStatistics()
+        self.on_latency: Callable[[float], None] | None = None
+        """Called with the seconds each completed call took (for a latency histogram)."""
 
     def statistics(self) -> RedisStatistics:
         """A snapshot of the client's counters."""
@@ -524,7 +526,11 @@ class RedisClient:
                 for attempt in (1, 2):
                     connection = await self._connection()
                     try:
-                        return await connection.submit(payload, expected)
+                        started = trio.current_time()
+                        replies = await connection.submit(payload, expected)
+                        if self.on_latency is not None:
+                            self.on_latency(trio.current_time() - started)
+                        return replies
                     except _NotSent:
                         # The connection broke before writing: the command never ran.
                         if attempt == 2:

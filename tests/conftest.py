@@ -1,0 +1,123 @@
+"""pytest wiring for :mod:`trio_portfolio.testing`; the logic lives there.
+
+Fixtures:
+
+* ``redis_server`` (session): a :class:`RedisServerInfo`, parametrised over
+  every server :func:`discover_servers` finds (ids are server names).
+* ``real_redis`` (session): one non-emulated server, JSON-capable first,
+  else the newest.
+* ``store_target`` (session): a :class:`StoreTarget`, parametrised over
+  every (server, layout) pair: ``hash`` everywhere, ``json`` where the
+  server has the JSON module (ids like ``hash-redis-7.0.15`` or
+  ``json-fakeredis-8.0(emulated)``).
+* ``key_prefix`` (function): a unique key prefix, so tests can share servers.
+
+Discovery runs once, at collection, and starts nothing; each server starts
+when a test first needs it and stops when the session ends.  The run ends
+with a summary of the servers and layouts tests actually used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from trio_portfolio.testing import (
+    LayoutUnavailable,
+    RedisServerInfo,
+    RedisServerPool,
+    ServerSpec,
+    StoreTarget,
+    discover_servers,
+    store_target_id,
+    store_target_params,
+    unique_key_prefix,
+)
+
+_POOL = pytest.StashKey[RedisServerPool]()
+
+
+def _pool(config: pytest.Config) -> RedisServerPool:
+    if _POOL not in config.stash:
+        config.stash[_POOL] = RedisServerPool(discover_servers())
+    return config.stash[_POOL]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "redis_server" in metafunc.fixturenames:
+        specs = _pool(metafunc.config).specs
+        metafunc.parametrize(
+            "redis_server", specs, ids=[s.name for s in specs], indirect=True, scope="session"
+        )
+    if "store_target" in metafunc.fixturenames:
+        pairs = store_target_params(_pool(metafunc.config).specs)
+        metafunc.parametrize(
+            "store_target",
+            pairs,
+            ids=[store_target_id(*pair) for pair in pairs],
+            indirect=True,
+            scope="session",
+        )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _POOL in config.stash:
+        config.stash[_POOL].close()
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config
+) -> None:
+    lines = config.stash[_POOL].summary_lines() if _POOL in config.stash else []
+    if lines:
+        terminalreporter.section("Redis servers and store layouts exercised")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def _redis_pool(request: pytest.FixtureRequest) -> Iterator[RedisServerPool]:
+    pool = _pool(request.config)
+    yield pool
+    pool.close()
+
+
+def _spec_param(request: pytest.FixtureRequest) -> ServerSpec:
+    spec = getattr(request, "param", None)
+    if isinstance(spec, tuple):  # store_target's (spec, layout)
+        spec = spec[0]
+    if not isinstance(spec, ServerSpec):
+        pytest.fail(f"{request.fixturename} must be a test argument, so it can be parametrised")
+    return spec
+
+
+@pytest.fixture(scope="session")
+def redis_server(request: pytest.FixtureRequest, _redis_pool: RedisServerPool) -> RedisServerInfo:
+    info = _redis_pool.server(_spec_param(request))
+    _redis_pool.record_use("-", info)
+    return info
+
+
+@pytest.fixture(scope="session")
+def real_redis(_redis_pool: RedisServerPool) -> RedisServerInfo:
+    spec = _redis_pool.real_server_spec()
+    if spec is None:
+        pytest.skip("no real Redis: install redis-server or set PORTFOLIO_TEST_REDIS_URL")
+    info = _redis_pool.server(spec)
+    _redis_pool.record_use("-", info)
+    return info
+
+
+@pytest.fixture(scope="session")
+def store_target(request: pytest.FixtureRequest, _redis_pool: RedisServerPool) -> StoreTarget:
+    spec, layout = _spec_param(request), request.param[1]
+    try:
+        return _redis_pool.store_target(spec, layout)
+    except LayoutUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    return unique_key_prefix()
