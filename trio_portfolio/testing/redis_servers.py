@@ -1,4 +1,4 @@
-"""The integration harness: real Redis servers and a fault-injecting TCP proxy.
+"""Real Redis servers for tests: binaries, a container, or the JSON emulator.
 
 Importable by any Trio project's tests, with or without pytest (this module
 never imports it; ``tests/conftest.py`` is the thin pytest layer).
@@ -19,11 +19,6 @@ Servers
     is known to have the JSON module, the fakeredis emulator is added so the
     JSON store layout is exercised on every run, visibly marked as emulated.
 
-Faults
-    :class:`TcpProxy` (via :func:`open_tcp_proxy`) sits between a client and
-    a TCP server and can cut connections, refuse new ones, or hold all
-    traffic (a black hole, for timeout tests).
-
 The sync redis-py client used here blocks: from Trio code, call these helpers
 from a thread (``trio.to_thread.run_sync``), never on the event loop.
 """
@@ -41,14 +36,13 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
 import attrs
 import redis
-import trio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -65,20 +59,17 @@ __all__ = [
     "ENV_URL",
     "Layout",
     "LayoutUnavailable",
-    "ProxyStatistics",
     "RedisBinary",
     "RedisServerInfo",
     "RedisServerPool",
     "RedisStartError",
     "ServerSpec",
     "StoreTarget",
-    "TcpProxy",
     "container_server_name",
     "discover_servers",
     "docker_engine_available",
     "find_redis_binaries",
     "list_redis_binaries",
-    "open_tcp_proxy",
     "probe_server",
     "run_fakeredis_json",
     "run_redis_binary",
@@ -609,150 +600,3 @@ class RedisServerPool:
         """Stop every server this pool started, newest first."""
         self._running.clear()
         self._stack.close()
-
-
-# -- fault-injection proxy -------------------------------------------------------------
-
-
-@attrs.frozen
-class ProxyStatistics:
-    """Counters of a :class:`TcpProxy`."""
-
-    accepted: int  # connections accepted, including refused ones
-    refused: int  # closed at once because refuse() was set
-    active: int  # currently open
-
-
-@attrs.define(eq=False)
-class _Link:
-    cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    done: trio.Event = attrs.field(factory=trio.Event)
-
-
-@attrs.define(eq=False)
-class TcpProxy:
-    """A TCP proxy on 127.0.0.1 with switches for outages.
-
-    * :meth:`cut` closes every current connection (both sides see EOF), as
-      a server restart would.
-    * :meth:`refuse` closes new connections as soon as they are accepted,
-      for as long as it is set; open ones are untouched (combine with
-      :meth:`cut` for a full outage).
-    * :meth:`blackhole` holds all traffic, on current and new connections:
-      no byte crosses the proxy while it is set, so clients time out.  Bytes
-      are held, not dropped, so clearing it resumes every stream intact.
-
-    Each connection is served by a task in the proxy's nursery; a connection
-    ends (both sides closed) when either side closes or fails.  Use it from
-    the Trio thread that runs it.
-    """
-
-    target_host: str
-    target_port: int
-    _port: int | None = attrs.field(default=None, init=False)
-    _refusing: bool = attrs.field(default=False, init=False)
-    _flowing: trio.Event = attrs.field(factory=trio.Event, init=False)
-    _links: set[_Link] = attrs.field(factory=set, init=False)
-    _accepted: int = attrs.field(default=0, init=False)
-    _refused: int = attrs.field(default=0, init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self._flowing.set()
-
-    @property
-    def port(self) -> int:
-        """The listening port (after :meth:`run` reported started)."""
-        if self._port is None:
-            raise RuntimeError("the proxy is not running")
-        return self._port
-
-    @property
-    def url(self) -> str:
-        """A Redis URL that goes through the proxy."""
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def statistics(self) -> ProxyStatistics:
-        """Connection counters, for assertions."""
-        return ProxyStatistics(self._accepted, self._refused, len(self._links))
-
-    def refuse(self, on: bool = True) -> None:
-        """Close new connections on accept while ``on``."""
-        self._refusing = on
-
-    def blackhole(self, on: bool = True) -> None:
-        """Hold all traffic while ``on``; release it when cleared."""
-        if on and self._flowing.is_set():
-            self._flowing = trio.Event()
-        elif not on:
-            self._flowing.set()
-
-    async def cut(self) -> None:
-        """Close all current connections; returns once they are closed."""
-        links = list(self._links)
-        for link in links:
-            link.cancel_scope.cancel()
-        for link in links:
-            await link.done.wait()
-        await trio.lowlevel.checkpoint()
-
-    async def _wait_flowing(self) -> None:
-        while not self._flowing.is_set():
-            await self._flowing.wait()
-
-    async def run(
-        self, *, task_status: trio.TaskStatus[TcpProxy] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Listen on 127.0.0.1:0 and proxy until cancelled; reports itself when listening."""
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        async with listeners[0] as listener, trio.open_nursery() as nursery:
-            self._port = int(listener.socket.getsockname()[1])
-            task_status.started(self)
-            while True:
-                client = await listener.accept()
-                self._accepted += 1
-                if self._refusing:
-                    self._refused += 1
-                    await trio.aclose_forcefully(client)
-                    continue
-                link = _Link()
-                self._links.add(link)
-                nursery.start_soon(self._serve, client, link)
-
-    async def _serve(self, client: trio.SocketStream, link: _Link) -> None:
-        try:
-            with link.cancel_scope:
-                async with client:
-                    await self._wait_flowing()
-                    try:
-                        upstream = await trio.open_tcp_stream(self.target_host, self.target_port)
-                    except OSError:
-                        return  # the target is down: the client just sees EOF
-                    async with upstream, trio.open_nursery() as nursery:
-                        nursery.start_soon(self._pump, client, upstream, nursery.cancel_scope)
-                        nursery.start_soon(self._pump, upstream, client, nursery.cancel_scope)
-        finally:
-            self._links.discard(link)
-            link.done.set()
-
-    async def _pump(
-        self, source: trio.SocketStream, sink: trio.SocketStream, pair_scope: trio.CancelScope
-    ) -> None:
-        """Copy one direction; when it ends (EOF or error), end the whole connection."""
-        try:
-            while data := await source.receive_some(65536):
-                await self._wait_flowing()
-                await sink.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        pair_scope.cancel()
-
-
-@contextlib.asynccontextmanager
-async def open_tcp_proxy(target_host: str, target_port: int) -> AsyncIterator[TcpProxy]:
-    """A running :class:`TcpProxy` to ``target_host:target_port``; stopped on exit."""
-    async with trio.open_nursery() as nursery:
-        proxy: TcpProxy = await nursery.start(TcpProxy(target_host, target_port).run)
-        try:
-            yield proxy
-        finally:
-            nursery.cancel_scope.cancel()

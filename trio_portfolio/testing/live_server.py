@@ -1,0 +1,126 @@
+"""A whole trio-portfolio server in-process, and a WebSocket test client.
+
+:func:`open_live_server` runs :func:`trio_portfolio.server.serve` in a
+nursery owned by the ``async with`` block, on a free port of 127.0.0.1,
+against the Redis URL given (the harness's real server): everything the
+tests talk to is real - sockets, WebSockets, Redis.  :func:`test_settings`
+gives settings suited to tests: short metric delays, no market ticks unless
+asked, and a unique key prefix so tests sharing a Redis never collide.
+
+:class:`Client` wraps a real trio-websocket client connection and decodes
+every frame, keeping them all in ``frames`` so a test can check ordering
+properties over the whole exchange afterwards.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import orjson
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from trio_portfolio.config import Settings
+from trio_portfolio.protocol import SUBPROTOCOL_V2
+from trio_portfolio.server import ServerInfo, serve
+from trio_portfolio.services import open_service_nursery
+from trio_portfolio.testing.redis_servers import unique_key_prefix
+
+__all__ = ["Client", "LiveServer", "open_client", "open_live_server", "test_settings"]
+
+Frame = dict[str, Any]
+
+
+def test_settings(redis_url: str, **overrides: Any) -> Settings:
+    """Settings for a test server: fast metrics, no market ticks, isolated keys."""
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "host": "127.0.0.1",
+        "port": 0,
+        "metric_delay_seconds": (0.05, 0.25),
+        "market_update_interval_seconds": 3600.0,
+        "key_prefix": unique_key_prefix(),
+        "shutdown_timeout_seconds": 2.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@attrs.frozen
+class LiveServer:
+    """A running server: where to reach it, and its internals for white-box checks."""
+
+    info: ServerInfo
+    settings: Settings
+
+    @property
+    def port(self) -> int:
+        return self.info.port
+
+    def ws_url(self, session_id: str) -> str:
+        return f"ws://127.0.0.1:{self.info.port}/ws/{session_id}"
+
+    def http_url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.info.port}{path}"
+
+
+@asynccontextmanager
+async def open_live_server(settings: Settings) -> AsyncIterator[LiveServer]:
+    """Run a server for the duration of the block; it is cancelled on exit."""
+    async with open_service_nursery() as nursery:
+        info: ServerInfo = await nursery.start(
+            functools.partial(serve, settings, handle_signals=False)
+        )
+        yield LiveServer(info=info, settings=settings)
+
+
+class Client:
+    """A decoded view of one real WebSocket connection to the server."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self.frames: list[Frame] = []
+
+    async def send(self, action: str, **fields: Any) -> None:
+        """Send ``{"action": action, **fields}``."""
+        await self.ws.send_message(orjson.dumps({"action": action, **fields}).decode())
+
+    async def send_raw(self, text: str | bytes) -> None:
+        await self.ws.send_message(text)
+
+    async def recv(self, timeout: float = 10.0) -> Frame:
+        """The next frame, decoded; ``trio.TooSlowError`` after ``timeout``."""
+        with trio.fail_after(timeout):
+            frame: Frame = orjson.loads(await self.ws.get_message())
+        self.frames.append(frame)
+        return frame
+
+    async def recv_until(self, done: Callable[[Frame], bool], timeout: float = 20.0) -> list[Frame]:
+        """Frames up to and including the first for which ``done`` is true."""
+        received: list[Frame] = []
+        with trio.fail_after(timeout):
+            while True:
+                frame = await self.recv(timeout)
+                received.append(frame)
+                if done(frame):
+                    return received
+
+    async def expect_quiet(self, seconds: float) -> None:
+        """Assert that no frame arrives for ``seconds``."""
+        with trio.move_on_after(seconds):
+            frame = await self.recv(seconds + 1)
+            raise AssertionError(f"expected no frame, got {frame}")
+
+
+@asynccontextmanager
+async def open_client(
+    server: LiveServer, session_id: str, *, v2: bool = True
+) -> AsyncIterator[Client]:
+    """Connect to ``/ws/{session_id}`` (dialect v2 unless ``v2=False``)."""
+    subprotocols = [SUBPROTOCOL_V2] if v2 else None
+    async with open_websocket_url(server.ws_url(session_id), subprotocols=subprotocols) as ws:
+        yield Client(ws)
