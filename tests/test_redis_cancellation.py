@@ -13,7 +13,7 @@ import random
 
 import trio
 
-from trio_portfolio.redis_io import RedisClient, Script, open_redis
+from trio_portfolio.redis_io import RedisClient, Script, StoreUnavailable, open_redis
 from trio_portfolio.testing import RedisServerInfo
 
 # A script that keeps Redis busy for ARGV[1] milliseconds, so a reply is
@@ -116,3 +116,31 @@ async def test_cancelling_the_whole_client_mid_flight_is_clean(real_redis: Redis
     async with open_redis(real_redis.url, connections=1) as redis:
         with trio.fail_after(5):
             await assert_echoes_own_tokens(redis)
+
+
+async def test_connection_loss_under_load_fails_every_caller_promptly(
+    real_redis: RedisServerInfo,
+) -> None:
+    """No request may be stranded when a connection dies (each would wait its 10 s timeout)."""
+    outcomes = {"ok": 0, "unavailable": 0}
+    async with open_redis(real_redis.url, connections=1, timeout=10) as redis:
+        client_id = await redis.execute("CLIENT", "ID")
+
+        async def caller(i: int) -> None:
+            for j in range(50):
+                try:
+                    token = f"{i}:{j}"
+                    assert await redis.execute("ECHO", token) == token
+                    outcomes["ok"] += 1
+                except StoreUnavailable:
+                    outcomes["unavailable"] += 1
+
+        with trio.fail_after(3):
+            async with trio.open_nursery() as nursery:
+                for i in range(100):
+                    nursery.start_soon(caller, i)
+                await trio.sleep(0.01)
+                async with open_redis(real_redis.url) as admin:
+                    await admin.execute("CLIENT", "KILL", "ID", client_id)
+        assert outcomes["unavailable"] > 0
+        assert outcomes["ok"] + outcomes["unavailable"] == 5000

@@ -342,11 +342,18 @@ class _Connection:
         self._break(StoreUnavailable(f"Redis did not answer within {seconds:g} s"))
 
     def _break(self, error: StoreUnavailable) -> None:
-        if self.broken is not None:
-            return
-        self.broken = error
-        self._cancel_scope.cancel()
-        self._send.close()
+        """Mark the connection broken and fail every request on it.
+
+        Idempotent, and called once more when ``run`` ends: the writer may
+        have taken a batch from the channel just before the first call and
+        put it in flight afterwards; the final call fails those too, so no
+        caller is left waiting for its timeout.
+        """
+        if self.broken is None:
+            self.broken = error
+            self._cancel_scope.cancel()
+            self._send.close()
+        error = self.broken
         while self._in_flight:
             self._in_flight.popleft().fail(error)
         while True:
@@ -363,12 +370,15 @@ class _Connection:
                 while len(batch) < _MAX_BATCH:
                     try:
                         batch.append(self._receive.receive_nowait())
-                    except trio.WouldBlock:
+                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                         break
                 live = [request for request in batch if not request.abandoned]
-                if not live:
-                    continue
+                # Whatever was taken goes in flight, even if the connection broke
+                # meanwhile: the final _break in run() fails everything in flight,
+                # so no request held here can be forgotten.
                 self._in_flight.extend(live)
+                if not live or self.broken is not None:
+                    continue
                 self._stats.commands += len(live)
                 await stream.send_all(b"".join(request.payload for request in live))
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:

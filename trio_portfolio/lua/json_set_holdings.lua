@@ -1,0 +1,24 @@
+-- set_holdings, json layout: replace holdings and prices, recompute the
+-- total, bump the version (so running analyses' appends fail 'stale'),
+-- record activity and publish a portfolio event.
+-- KEYS[1] session document
+-- ARGV[1] events channel  ARGV[2] holdings JSON  ARGV[3] prices JSON
+-- ARGV[4] now  ARGV[5] TTL seconds
+-- Returns {'replaced', document JSON} or {'missing'}.
+local key, now = KEYS[1], ARGV[4]
+local version = json_value(key, '$.portfolio_version')
+if version == nil then
+  return {'missing'}
+end
+local holdings = decode_numbers(ARGV[2])
+local prices = held_prices(holdings, decode_numbers(ARGV[3]))
+local total = total_value(holdings, prices)
+version = version + 1
+json_set(key, '$.holdings', encode_numbers(holdings))
+json_set(key, '$.prices', encode_numbers(prices))
+json_set(key, '$.total_value', num(total))
+json_set(key, '$.portfolio_version', int(version))
+json_set(key, '$.last_activity', cjson.encode(now))
+redis.call('EXPIRE', key, ARGV[5])
+publish_portfolio(ARGV[1], version, total, prices, now, 'holdings')
+return {'replaced', json_document(key)}

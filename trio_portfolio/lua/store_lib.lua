@@ -1,0 +1,132 @@
+-- Helpers shared by every json_*.lua and hash_*.lua session script.
+--
+-- Not a script on its own: trio_portfolio.store prepends this file (and then
+-- store_lib_json.lua or store_lib_hash.lua) to each session script when it
+-- loads it, so both layouts compute and render numbers the same way.
+--
+-- Numbers.  cjson.encode keeps only 14 significant digits and Redis turns a
+-- Lua number reply into an integer, so no double is ever handed to either:
+-- num() renders the shortest decimal text that reads back as the same double,
+-- and replies carry numbers as such text.  Totals are summed in byte order of
+-- ticker (as Python's sorted() orders ASCII), so both layouts round alike.
+
+local function num(x)
+  if type(x) ~= 'number' or x ~= x or x == math.huge or x == -math.huge then
+    error('not a finite number: ' .. tostring(x))
+  end
+  for precision = 15, 17 do
+    local text = string.format('%.' .. precision .. 'g', x)
+    if tonumber(text) == x then
+      return text
+    end
+  end
+  return string.format('%.17g', x)
+end
+
+local function int(x)
+  return string.format('%d', x)
+end
+
+local function sorted_keys(t)
+  local keys = {}
+  for k in pairs(t) do
+    keys[#keys + 1] = k
+  end
+  table.sort(keys)
+  return keys
+end
+
+-- A JSON object of numbers (an ARGV payload) as a Lua table; rejects anything else.
+local function decode_numbers(text)
+  local t = cjson.decode(text)
+  if type(t) ~= 'table' then
+    error('expected a JSON object of numbers')
+  end
+  for k, v in pairs(t) do
+    if type(k) ~= 'string' or type(v) ~= 'number' then
+      error('expected a JSON object of numbers')
+    end
+  end
+  return t
+end
+
+-- {ticker = number} as JSON object text, keys sorted, numbers exact.
+local function encode_numbers(t)
+  local parts = {}
+  for _, k in ipairs(sorted_keys(t)) do
+    parts[#parts + 1] = cjson.encode(k) .. ':' .. num(t[k])
+  end
+  return '{' .. table.concat(parts, ',') .. '}'
+end
+
+-- The prices of the held tickers only; every held ticker must have one.
+local function held_prices(holdings, prices)
+  local held = {}
+  for ticker in pairs(holdings) do
+    local price = prices[ticker]
+    if type(price) ~= 'number' then
+      error('no price for held ticker ' .. ticker)
+    end
+    held[ticker] = price
+  end
+  return held
+end
+
+-- After a market update: the market's price where it has one, else the stored
+-- one; and whether any held price changed.
+local function revalued_prices(holdings, stored, market)
+  local prices, changed = {}, false
+  for ticker in pairs(holdings) do
+    local price = market[ticker]
+    if type(price) ~= 'number' then
+      price = stored[ticker]
+    end
+    if type(price) ~= 'number' then
+      error('no price for held ticker ' .. ticker)
+    end
+    if price ~= stored[ticker] then
+      changed = true
+    end
+    prices[ticker] = price
+  end
+  return prices, changed
+end
+
+-- Sum of quantity x price over the holdings, in a fixed order.
+local function total_value(holdings, prices)
+  local total = 0
+  for _, ticker in ipairs(sorted_keys(holdings)) do
+    total = total + holdings[ticker] * prices[ticker]
+  end
+  return total
+end
+
+-- The current_analysis marker as JSON text (stored as-is by both layouts).
+local function current_analysis_text(analysis_id, ticker, version, started_at)
+  return '{"analysis_id":' .. cjson.encode(analysis_id)
+    .. ',"ticker":' .. cjson.encode(ticker)
+    .. ',"portfolio_version":' .. int(version)
+    .. ',"started_at":' .. cjson.encode(started_at) .. '}'
+end
+
+-- What start_analysis answers: the part of the portfolio an analysis reads.
+local function snapshot_text(holdings, prices, total, version)
+  return '{"holdings":' .. encode_numbers(holdings)
+    .. ',"prices":' .. encode_numbers(prices)
+    .. ',"total_value":' .. num(total)
+    .. ',"portfolio_version":' .. int(version) .. '}'
+end
+
+-- Events (format in docs/adr/002-session-store-layouts.md).
+local function publish_portfolio(channel, version, total, prices, as_of, cause)
+  redis.call('PUBLISH', channel, '{"kind":"portfolio","portfolio_version":' .. int(version)
+    .. ',"total_value":' .. num(total)
+    .. ',"prices":' .. encode_numbers(prices)
+    .. ',"as_of":' .. cjson.encode(as_of)
+    .. ',"cause":' .. cjson.encode(cause) .. '}')
+end
+
+local function publish_analysis_started(channel, current_text)
+  redis.call('PUBLISH', channel, '{"kind":"analysis_started",' .. string.sub(current_text, 2))
+end
+
