@@ -18,6 +18,9 @@ from trio_portfolio.config import (
 )
 from trio_portfolio.observability import configure_logging
 
+SWITCH_INTERVAL = 0.0005
+"""Seconds a thread may hold the GIL before the interpreter hands it over."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -76,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         configure_logging(settings.log_level.value, settings.log_format.value)
         from trio_portfolio.server import serve
 
+        # A worker thread computing metrics holds the GIL for up to the switch
+        # interval (5 ms by default) before the Trio loop gets it back; 0.5 ms
+        # keeps the loop responsive (see bench/bench_loop_latency.py).
+        sys.setswitchinterval(SWITCH_INTERVAL)
         trio.run(serve, settings)
 
 

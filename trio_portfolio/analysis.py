@@ -43,13 +43,12 @@ import logging
 import random
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import attrs
 import trio
 
 from trio_portfolio.analytics import MetricInputs, compute_all
-from trio_portfolio.market import MarketData
+from trio_portfolio.market import MarketData, unpack_history
 from trio_portfolio.models import (
     METRICS,
     AnalysisResult,
@@ -333,13 +332,13 @@ class AnalysisRunner:
             )
 
 
-def _compute_values(snapshot: Snapshot, raw_history: dict[str, Any]) -> dict[str, float]:
-    """Build the metric inputs (parsing the stored history) and compute all five.
+def _compute_values(snapshot: Snapshot, raw_history: dict[str, str]) -> dict[str, float]:
+    """Build the metric inputs (decoding the packed history) and compute all five.
 
-    Runs in a worker thread: parsing tens of thousands of prices and the
+    Runs in a worker thread: decoding tens of thousands of prices and the
     covariance work must not stall the Trio loop.
     """
-    history = {t: tuple(float(p) for p in series) for t, series in raw_history.items()}
+    history = {t: unpack_history(packed) for t, packed in raw_history.items()}
     inputs = MetricInputs(
         ticker=snapshot.ticker,
         holdings=dict(snapshot.holdings),

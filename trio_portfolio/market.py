@@ -9,9 +9,12 @@ process continues the same price path.  All market keys share the hash tag
 ``{market}`` so the multi-key scripts below work on Redis Cluster:
 
 * ``<prefix>:{market}:prices`` - hash, ticker -> latest price;
-* ``<prefix>:{market}:history:<TICKER>`` - list, the last ``history_length``
-  prices, oldest first, on aligned ticks (the last element of every list is
-  the same tick);
+* ``<prefix>:{market}:history`` - hash, ticker -> the last ``history_length``
+  prices, oldest first, on aligned ticks (the last price of every ticker is
+  the same tick), packed as little-endian float64 in hex (see
+  :func:`pack_history`): one string per ticker, so an analysis of 100
+  holdings reads 100 strings, not 25,600 list items, and the parsing is one
+  C call in the analysis's worker thread instead of work on the Trio loop;
 * ``<prefix>:{market}:tick`` - how many ticks have been taken;
 * ``<prefix>:{market}:leader`` - which process runs the updater (with a TTL).
 
@@ -41,7 +44,7 @@ from importlib import resources
 from typing import Any
 
 import attrs
-import orjson
+import numpy as np
 import trio
 
 from trio_portfolio.models import utc_now
@@ -52,6 +55,21 @@ from trio_portfolio.store import SessionStore
 log = logging.getLogger(__name__)
 
 HISTORY_LENGTH = 256
+_HEX_PER_PRICE = 16  # one little-endian float64
+
+
+def pack_history(prices: Sequence[float]) -> str:
+    """Prices as stored in the history hash: little-endian float64, hex-encoded.
+
+    Exact (no decimal rounding), fixed width (so Lua trims by length), and
+    text (so replies stay UTF-8 strings like every other reply).
+    """
+    return np.asarray(prices, dtype="<f8").tobytes().hex()
+
+
+def unpack_history(packed: str) -> tuple[float, ...]:
+    """The inverse of :func:`pack_history`; an empty string is an empty history."""
+    return tuple(np.frombuffer(bytes.fromhex(packed), dtype="<f8").tolist())
 
 
 def _script(name: str) -> Script:
@@ -94,10 +112,7 @@ class MarketData:
         self._prices_key = f"{base}:prices"
         self._tick_key = f"{base}:tick"
         self._leader_key = f"{base}:leader"
-        self._history_prefix = f"{base}:history:"
-
-    def _history_key(self, ticker: str) -> str:
-        return self._history_prefix + ticker
+        self._history_key = f"{base}:history"
 
     async def load_scripts(self) -> None:
         """Load the market scripts (EVALSHA would also load them on first use)."""
@@ -122,32 +137,31 @@ class MarketData:
         prices = {t: float(p) for t, p in zip(tickers, known, strict=True) if p is not None}
         missing = [t for t in tickers if t not in prices]
         if missing:
-            histories = await trio.to_thread.run_sync(self._bootstrap_histories, missing)
+            args = await trio.to_thread.run_sync(self._bootstrap_args, missing)
             reply = await self._redis.evalsha(
-                _BOOTSTRAP,
-                [self._prices_key, *(self._history_key(t) for t in missing)],
-                [self.history_length, orjson.dumps(histories)],
+                _BOOTSTRAP, [self._prices_key, self._history_key], args
             )
-            prices.update({t: float(p) for t, p in orjson.loads(reply).items()})
+            prices.update({reply[i]: float(reply[i + 1]) for i in range(0, len(reply), 2)})
         return prices
 
-    def _bootstrap_histories(self, tickers: Sequence[str]) -> dict[str, list[float]]:
-        return {t: self.source.bootstrap_history(t, self.history_length) for t in tickers}
+    def _bootstrap_args(self, tickers: Sequence[str]) -> list[str]:
+        """``ticker, packed history, initial price`` triplets (CPU work: run in a thread)."""
+        args: list[str] = []
+        for ticker in tickers:
+            history = self.source.bootstrap_history(ticker, self.history_length)
+            args += [ticker, pack_history(history), repr(history[-1])]
+        return args
 
-    async def raw_histories(self, tickers: Sequence[str]) -> dict[str, list[str]]:
-        """Each ticker's stored history as Redis returned it (strings, oldest first).
+    async def raw_histories(self, tickers: Sequence[str]) -> dict[str, str]:
+        """Each ticker's packed history (:func:`unpack_history` decodes it; ``""``: none).
 
-        Strings, not floats: turning tens of thousands of them into floats is
-        CPU work that belongs in the analysis's worker thread, not here on
-        the Trio loop.
+        Packed, not parsed: decoding is CPU work that belongs in the
+        analysis's worker thread, not on the Trio loop.
         """
-        replies = await self._redis.pipeline(
-            [("LRANGE", self._history_key(t), 0, -1) for t in tickers]
-        )
-        for reply in replies:
-            if isinstance(reply, ReplyError):
-                raise reply
-        return dict(zip(tickers, replies, strict=True))
+        if not tickers:
+            return {}
+        replies = await self._redis.execute("HMGET", self._history_key, *tickers)
+        return {t: packed or "" for t, packed in zip(tickers, replies, strict=True)}
 
     async def try_lead(self, holder: str, ttl_seconds: float) -> bool:
         """Take or renew market leadership for ``ttl_seconds``; True if ``holder`` leads."""
@@ -172,8 +186,12 @@ class MarketData:
         tickers = sorted(new)
         reply = await self._redis.evalsha(
             _TICK,
-            [self._prices_key, self._tick_key, *(self._history_key(t) for t in tickers)],
-            [tick, self.history_length, *(x for t in tickers for x in (t, repr(new[t])))],
+            [self._prices_key, self._tick_key, self._history_key],
+            [
+                tick,
+                self.history_length * _HEX_PER_PRICE,
+                *(x for t in tickers for x in (t, repr(new[t]), pack_history([new[t]]))),
+            ],
         )
         if reply is None:
             raise TickRace(f"another process advanced the market past tick {tick}")
