@@ -393,5 +393,20 @@ class Connection:
             rng=self.services.rng,
             connection_id=self.id,
             send_timeout=SEND_TIMEOUT,
-            on_event=lambda name: metrics.inc("analysis_events", event=name),
+            on_event=lambda name: _count_analysis_event(metrics, name),
         )
+
+
+def _count_analysis_event(metrics: Metrics, name: str) -> None:
+    """Map an analysis runner's event name onto the ``/metrics`` counters."""
+    kind, _, detail = name.partition(":")
+    if kind == "started":
+        metrics.inc("analyses_started")
+    elif kind == "completed":
+        metrics.inc("analyses_completed")
+    elif kind == "cancelled":
+        metrics.inc("analyses_cancelled", reason=detail)
+    elif kind == "committed":
+        metrics.inc("results_committed")
+    elif kind == "rejected":
+        metrics.inc("fenced_writes_rejected", status=detail)

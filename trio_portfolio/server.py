@@ -62,6 +62,22 @@ HANDSHAKE_TIMEOUT = 10.0
 WS_PATH_PREFIX = "/ws/"
 
 
+_METRIC_HELP = {
+    "sessions": "live sessions in the store, as counted by the last market tick",
+    "analyses_started": "analysis attempts started (a snapshot was taken)",
+    "analyses_completed": "analyses that delivered all five results",
+    "analyses_cancelled": "analyses stopped early, by reason",
+    "results_committed": "results stored by the fenced append (and then sent)",
+    "fenced_writes_rejected": "results refused by the fence, by status (stale, superseded)",
+    "market_ticks": "market ticks taken by this process as leader",
+    "market_tick_seconds": "duration of a market tick, revaluation included",
+    "sessions_revalued": "session revaluations by market ticks",
+    "redis_call_seconds": "latency of one Redis call (command, pipeline or script)",
+    "errors": "error frames and refusals, by code",
+    "events_dropped": "session events dropped because a connection lagged",
+}
+
+
 @attrs.frozen
 class ServerInfo:
     """Reported by :func:`serve` through ``task_status`` once the store is open."""
@@ -92,9 +108,12 @@ class Server:
         self.all_closed = trio.Event()
         self.all_closed.set()
         self.http_app = ServerHttpApp(self)
-        self.metrics.gauge_function(
+        metrics = self.metrics
+        metrics.gauge_function(
             "connections_open", lambda: len(self.connections), "open WebSocket connections"
         )
+        for name, text in _METRIC_HELP.items():
+            metrics.help[name] = text
         redis.on_latency = lambda seconds: self.metrics.observe("redis_call_seconds", seconds)
 
     def stop(self) -> None:
@@ -157,6 +176,7 @@ class Server:
         def on_tick(report: TickReport) -> None:
             metrics.inc("market_ticks")
             metrics.inc("sessions_revalued", report.sessions_revalued)
+            metrics.set("sessions", report.sessions_revalued)
             metrics.observe("market_tick_seconds", report.seconds)
 
         await run_market_updater(

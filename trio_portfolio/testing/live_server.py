@@ -30,7 +30,15 @@ from trio_portfolio.server import ServerInfo, serve
 from trio_portfolio.services import open_service_nursery
 from trio_portfolio.testing.redis_servers import unique_key_prefix
 
-__all__ = ["Client", "LiveServer", "open_client", "open_live_server", "test_settings"]
+__all__ = [
+    "Client",
+    "HttpResponse",
+    "LiveServer",
+    "http_request",
+    "open_client",
+    "open_live_server",
+    "test_settings",
+]
 
 Frame = dict[str, Any]
 
@@ -48,6 +56,9 @@ def test_settings(redis_url: str, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)
+
+
+test_settings.__test__ = False  # type: ignore[attr-defined]  # a helper, not a pytest test
 
 
 @attrs.frozen
@@ -124,3 +135,39 @@ async def open_client(
     subprotocols = [SUBPROTOCOL_V2] if v2 else None
     async with open_websocket_url(server.ws_url(session_id), subprotocols=subprotocols) as ws:
         yield Client(ws)
+
+
+@attrs.frozen
+class HttpResponse:
+    """A decoded HTTP/1.1 response."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+async def http_request(
+    server: LiveServer, method: str, path: str, body: bytes = b"", timeout: float = 10.0
+) -> HttpResponse:
+    """One HTTP/1.1 request over a real socket, ``Connection: close``; read to EOF."""
+    with trio.fail_after(timeout):
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            head = (
+                f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+            await stream.send_all(head.encode() + body)
+            data = bytearray()
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    raw_head, _, payload = bytes(data).partition(b"\r\n\r\n")
+    lines = raw_head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return HttpResponse(status=int(lines[0].split()[1]), headers=headers, body=payload)
