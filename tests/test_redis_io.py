@@ -8,9 +8,12 @@ the per-test ``key_prefix``.  Cancellation has its own file,
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import trio
 
+from trio_portfolio.embedded import run_embedded_redis
 from trio_portfolio.redis_io import (
     ConnectionParams,
     ReplyError,
@@ -194,3 +197,15 @@ async def test_pubsub_delivers_and_resubscribes_after_loss(
             pubsub.unsubscribe(channel)
             while await redis.execute("PUBSUB", "NUMSUB", channel) != [channel, 0]:  # noqa: ASYNC110
                 await trio.sleep(0.01)
+
+
+async def test_unix_socket_url(tmp_path: Path) -> None:
+    """``unix://`` reaches a real redis-server (the embedded one listens only there)."""
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(run_embedded_redis, tmp_path / "data")
+        assert url.startswith("unix://")
+        async with open_redis(f"{url}?db=2") as redis:
+            assert await redis.execute("SET", "k", "v") == "OK"
+            assert await redis.execute("CLIENT", "INFO") is not None
+            assert "db=2" in await redis.execute("CLIENT", "INFO")
+        nursery.cancel_scope.cancel()
