@@ -209,3 +209,16 @@ async def test_unix_socket_url(tmp_path: Path) -> None:
             assert await redis.execute("CLIENT", "INFO") is not None
             assert "db=2" in await redis.execute("CLIENT", "INFO")
         nursery.cancel_scope.cancel()
+
+
+async def test_pubsub_heartbeat_and_subscription_churn_share_the_socket(
+    real_redis: RedisServerInfo,
+) -> None:
+    """Heartbeat PINGs and (un)subscribes both write: they must take turns, not crash."""
+    channels = [f"churn-{i}" for i in range(200)]
+    async with open_pubsub(real_redis.url, heartbeat=0.001) as pubsub:
+        with trio.move_on_after(1.0):
+            while True:
+                await pubsub.subscribe(*channels, timeout=5)
+                pubsub.unsubscribe(*channels)
+        assert pubsub.connected

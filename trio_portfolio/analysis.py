@@ -112,10 +112,19 @@ class Attempt:
     outcome: Outcome = Outcome.COMPLETE
     closed: bool = False
     """True once the attempt is reported (complete or cancelled) to the client."""
+    committed: int = 0
+    """How many of its results were stored (and so sent)."""
 
 
 class AnalysisRunner:
     """The analysis of ``ticker`` on one connection, across restarts."""
+
+    def _ids(self, analysis_id: str | None = None) -> dict[str, str]:
+        """Log ``extra`` naming the connection, session and analysis of a line."""
+        ids = {"connection_id": self.ctx.connection_id, "session_id": self.ctx.session_id}
+        if analysis_id is not None:
+            ids["analysis_id"] = analysis_id
+        return ids
 
     def __init__(self, ctx: AnalysisContext, ticker: str) -> None:
         self.ctx = ctx
@@ -125,6 +134,10 @@ class AnalysisRunner:
         self.attempt: Attempt | None = None
         self.refused: StartRefused | None = None
         """Why the analysis could not start, when it could not."""
+        self._fence: str | None = None
+        """The analysis id this runner may have made the session's current one and not
+        yet cleared: set *before* ``start_analysis`` is sent, since a call cancelled
+        after the write still runs in Redis."""
 
     def new_analysis_id(self) -> str:
         """Unique per attempt; prefixed with the connection id to recognise our own."""
@@ -160,6 +173,12 @@ class AnalysisRunner:
         finally:
             if not reported:
                 task_status.started(False)
+            if self._fence is not None:
+                # Ended by cancellation or an error with a snapshot that may still
+                # fence the session (cancelled mid start_analysis, before the
+                # connection learnt of this runner, or while reporting): clear it
+                # here, because nobody else knows of it.
+                await self._unfence(self._fence)
             self.done.set()
 
     async def restart_if_older(self, portfolio_version: int) -> None:
@@ -189,25 +208,41 @@ class AnalysisRunner:
                     attempt.snapshot.analysis_id, self.ticker, reason, self.ctx.dialect
                 )
             )
+        await self._unfence(attempt.snapshot.analysis_id)
+
+    async def _unfence(self, analysis_id: str) -> None:
+        """Clear the session's current analysis if it is still ``analysis_id`` (once).
+
+        Shielded and bounded, so it happens even while the runner or the
+        connection is being cancelled; fenced in Redis, so clearing late or
+        twice changes nothing.
+        """
+        if self._fence != analysis_id:
+            return  # cleared already (or never set)
+        self._fence = None
         with trio.CancelScope(shield=True), trio.move_on_after(self.ctx.send_timeout):
             try:
-                await self.ctx.store.finish_analysis(
-                    self.ctx.session_id, attempt.snapshot.analysis_id
-                )
+                await self.ctx.store.finish_analysis(self.ctx.session_id, analysis_id)
             except StoreUnavailable as exc:
-                log.warning("could not clear analysis %s: %s", attempt.snapshot.analysis_id, exc)
+                log.warning("could not clear analysis %s: %s", analysis_id, exc)
 
     async def _start_attempt(self) -> Attempt | None:
         ctx = self.ctx
+        self._fence = analysis_id = self.new_analysis_id()
         try:
-            started = await ctx.store.start_analysis(
-                ctx.session_id, self.new_analysis_id(), self.ticker, utc_now()
-            )
+            # Shielded (the adapter's timeout bounds it): a start cancelled after
+            # its write would still run in Redis, possibly *after* the unfencing
+            # finish_analysis sent on another pooled connection.
+            with trio.CancelScope(shield=True):
+                started = await ctx.store.start_analysis(
+                    ctx.session_id, analysis_id, self.ticker, utc_now()
+                )
         except StoreUnavailable as exc:
             await ctx.send(render_error(ErrorCode.STORE_UNAVAILABLE, f"cannot start: {exc}"))
             return None
         if isinstance(started, StartRefused):
             self.refused = started
+            self._fence = None  # refused: nothing was made current
         if started is StartRefused.NOT_HELD:
             await ctx.send(
                 render_error(
@@ -252,6 +287,10 @@ class AnalysisRunner:
             if attempt.scope.cancelled_caught and attempt.outcome is Outcome.COMPLETE:
                 # Cancelled by our own scope without a reason: treat as a restart.
                 attempt.outcome = Outcome.RESTART
+            if attempt.outcome is Outcome.RESTART and attempt.committed == len(METRICS):
+                # The restart came after the last result was stored and sent:
+                # nothing is stale, so the attempt is complete, not cancelled.
+                attempt.outcome = Outcome.COMPLETE
             if attempt.outcome is Outcome.COMPLETE:
                 await self._complete(attempt)
             elif attempt.outcome in (Outcome.STALE, Outcome.RESTART):
@@ -272,14 +311,21 @@ class AnalysisRunner:
         try:
             raw = await self.ctx.market.raw_histories(sorted(snapshot.holdings))
         except StoreUnavailable as exc:
-            log.warning("no price history for %s, using prices only: %s", snapshot.ticker, exc)
+            log.warning(
+                "no price history for %s, using prices only: %s",
+                snapshot.ticker,
+                exc,
+                extra=self._ids(snapshot.analysis_id),
+            )
             raw = {}
         try:
             return await trio.to_thread.run_sync(
                 _compute_values, snapshot, raw, abandon_on_cancel=True
             )
         except ValueError as exc:
-            log.error("cannot analyse %s in %s: %s", snapshot.ticker, snapshot.session_id, exc)
+            log.error(
+                "cannot analyse %s: %s", snapshot.ticker, exc, extra=self._ids(snapshot.analysis_id)
+            )
             await self.ctx.send(
                 render_error(ErrorCode.INTERNAL_ERROR, f"cannot analyse {snapshot.ticker}: {exc}")
             )
@@ -308,6 +354,7 @@ class AnalysisRunner:
                 attempt.scope.cancel()
                 return
             if status is AppendStatus.STORED:
+                attempt.committed += 1
                 self.ctx.on_event("committed")
                 with trio.move_on_after(self.ctx.send_timeout):
                     await self.ctx.send(render_result(result, self.ctx.dialect))
@@ -320,13 +367,8 @@ class AnalysisRunner:
     async def _complete(self, attempt: Attempt) -> None:
         attempt.closed = True
         self.ctx.on_event("completed")
+        await self._unfence(attempt.snapshot.analysis_id)
         with trio.CancelScope(shield=True), trio.move_on_after(self.ctx.send_timeout):
-            try:
-                await self.ctx.store.finish_analysis(
-                    self.ctx.session_id, attempt.snapshot.analysis_id
-                )
-            except StoreUnavailable as exc:
-                log.warning("could not clear analysis %s: %s", attempt.snapshot.analysis_id, exc)
             await self.ctx.send(
                 render_complete(attempt.snapshot.analysis_id, self.ticker, self.ctx.dialect)
             )

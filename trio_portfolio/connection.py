@@ -27,8 +27,9 @@ snapshot, so nothing of the old analysis can follow anything of the new
 (guarantee 1).  A portfolio event whose version is newer than the running
 snapshot restarts the analysis (guarantee 3) before ``market_update`` is
 queued.  An ``analysis_started`` event from another connection on the same
-session means our analysis is no longer the session's current one: it is
-stopped and reported as ``switched``.
+session, heard after our own analysis's (events arrive in publish order),
+means our analysis is no longer the session's current one: it is stopped and
+reported as ``switched``.
 
 *Activity.*  Every client frame is activity (it refreshes the session's
 TTL); market updates are not (guarantee 5).
@@ -148,6 +149,8 @@ class Connection:
         self._close_code = 1000
         self._close_reason = "bye"
         self._session_ready = False
+        self._heard_own_start: str | None = None
+        """The id of our latest analysis whose ``analysis_started`` event we have heard."""
         self._store: SessionStore = services.store
         self._market: MarketData = services.market
 
@@ -364,8 +367,18 @@ class Connection:
             )
 
     async def _on_analysis_started(self, event: AnalysisStarted) -> None:
-        ours = event.analysis_id.startswith(f"{self.id}-")
-        if not ours and self._current is not None and self._current.live_attempt is not None:
+        """Another analysis became the session's current one: stop ours (``switched``).
+
+        Events arrive in the order Redis published them, so a foreign start heard
+        *before* our live attempt's own is older than ours and is ignored (two
+        connections starting at once must not both stop).  A missed event is
+        harmless: the fenced append refuses our next result anyway.
+        """
+        if event.analysis_id.startswith(f"{self.id}-"):
+            self._heard_own_start = event.analysis_id
+            return
+        live = None if self._current is None else self._current.live_attempt
+        if live is not None and live.snapshot.analysis_id == self._heard_own_start:
             await self._stop_current(CancelReason.SWITCHED)
 
     async def _stop_current(self, reason: CancelReason, *, notify: bool = True) -> None:

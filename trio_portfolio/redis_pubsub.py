@@ -84,6 +84,7 @@ class PubSub:
         soon as Redis is reachable.  Raises :class:`StoreUnavailable` when
         the confirmation does not come within ``timeout`` seconds.
         """
+        await trio.lowlevel.checkpoint()
         self._wanted.update(channels)
         self._wakeup.set()
         with trio.move_on_after(timeout):
@@ -95,6 +96,9 @@ class PubSub:
     def unsubscribe(self, *channels: str) -> None:
         """Stop receiving ``channels`` (the syncer tells Redis; nothing to wait for)."""
         self._wanted.difference_update(channels)
+        # Forget the confirmations now: a subscribe() right after this must
+        # wait for Redis to confirm anew, not trust the old subscription.
+        self._confirmed.difference_update(channels)
         self._wakeup.set()
 
     def __aiter__(self) -> AsyncIterator[Message]:
@@ -129,11 +133,14 @@ class PubSub:
         """Run reader, syncer and heartbeat until the connection fails."""
         self.connected = True
         self._last_heard = trio.current_time()
+        # The syncer and the heartbeat both write; a Trio stream allows one
+        # sender at a time (a second raises BusyResourceError).
+        send_lock = trio.StrictFIFOLock()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reader, stream, parser, nursery.cancel_scope)
-                nursery.start_soon(self._syncer, stream)
-                nursery.start_soon(self._heartbeat_loop, stream, nursery.cancel_scope)
+                nursery.start_soon(self._syncer, stream, send_lock)
+                nursery.start_soon(self._heartbeat_loop, stream, send_lock, nursery.cancel_scope)
         except* (
             OSError,
             trio.BrokenResourceError,
@@ -142,7 +149,7 @@ class PubSub:
         ) as group:
             log.warning("pub/sub connection lost: %s", group.exceptions[0])
 
-    async def _syncer(self, stream: trio.abc.Stream) -> None:
+    async def _syncer(self, stream: trio.abc.Stream, send_lock: trio.StrictFIFOLock) -> None:
         while True:
             self._wakeup = trio.Event()
             add = sorted(self._wanted - self._sent)
@@ -155,10 +162,13 @@ class PubSub:
             if payload:
                 self._sent.update(add)
                 self._sent.difference_update(remove)
-                await stream.send_all(payload)
+                async with send_lock:
+                    await stream.send_all(payload)
             await self._wakeup.wait()
 
-    async def _heartbeat_loop(self, stream: trio.abc.Stream, scope: trio.CancelScope) -> None:
+    async def _heartbeat_loop(
+        self, stream: trio.abc.Stream, send_lock: trio.StrictFIFOLock, scope: trio.CancelScope
+    ) -> None:
         while True:
             await trio.sleep(self._heartbeat)
             if trio.current_time() - self._last_heard > 3 * self._heartbeat:
@@ -167,7 +177,8 @@ class PubSub:
                 )
                 scope.cancel()
                 return
-            await stream.send_all(encode_command(("PING",)))
+            async with send_lock:
+                await stream.send_all(encode_command(("PING",)))
 
     async def _reader(self, stream: trio.abc.Stream, parser: Any, scope: trio.CancelScope) -> None:
         while True:

@@ -40,7 +40,7 @@ from urllib.parse import unquote, urlsplit
 import attrs
 import orjson
 import trio
-from trio_websocket import WebSocketRequest, wrap_server_stream
+from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
 
 from trio_portfolio.config import Settings
 from trio_portfolio.connection import Connection, Services
@@ -220,6 +220,8 @@ class Server:
         async with trio.open_nursery() as nursery:
             try:
                 await self._serve_websocket(nursery, stream)
+            except ConnectionClosed:
+                pass  # the client left during the handshake (accept or reject)
             finally:
                 nursery.cancel_scope.cancel()
 

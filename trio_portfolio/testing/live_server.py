@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 import orjson
 import trio
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import WebSocketConnection, wrap_client_stream
 
 from trio_portfolio.config import Settings
 from trio_portfolio.protocol import SUBPROTOCOL_V2
@@ -34,6 +34,7 @@ __all__ = [
     "Client",
     "HttpResponse",
     "LiveServer",
+    "connect_client",
     "http_request",
     "open_client",
     "open_live_server",
@@ -128,13 +129,42 @@ class Client:
 
 
 @asynccontextmanager
+async def connect_client(
+    port: int, session_id: str, *, v2: bool = True, timeout: float = 10.0
+) -> AsyncIterator[Client]:
+    """Connect to ``127.0.0.1:port/ws/{session_id}`` (dialect v2 unless ``v2=False``).
+
+    The TCP socket is opened and always closed here: trio-websocket's own
+    client leaves its socket open when the *server* closes first (a 1008,
+    1009 or 1001 close), which warnings-as-errors reports, often in a later
+    test.
+    """
+    with trio.fail_after(timeout):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream, trio.open_nursery() as nursery:
+        with trio.fail_after(timeout):
+            ws = await wrap_client_stream(
+                nursery,
+                stream,
+                f"127.0.0.1:{port}",
+                f"/ws/{session_id}",
+                subprotocols=[SUBPROTOCOL_V2] if v2 else None,
+            )
+        try:
+            yield Client(ws)
+        finally:
+            with trio.move_on_after(timeout):
+                await ws.aclose()
+            nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
 async def open_client(
     server: LiveServer, session_id: str, *, v2: bool = True
 ) -> AsyncIterator[Client]:
-    """Connect to ``/ws/{session_id}`` (dialect v2 unless ``v2=False``)."""
-    subprotocols = [SUBPROTOCOL_V2] if v2 else None
-    async with open_websocket_url(server.ws_url(session_id), subprotocols=subprotocols) as ws:
-        yield Client(ws)
+    """:func:`connect_client` to a :class:`LiveServer`."""
+    async with connect_client(server.port, session_id, v2=v2) as client:
+        yield client
 
 
 @attrs.frozen

@@ -1,0 +1,365 @@
+"""The server as a process: signals, graceful shutdown, the embedded Redis, the CLI.
+
+Rules of this suite: the server runs as ``python -m trio_portfolio`` in a
+subprocess (the same entry point as the ``trio-portfolio`` script) on a free
+port of 127.0.0.1, with its environment cleared of ``PORTFOLIO_*`` settings
+so that only the flags given here count.  Clients are real WebSockets over
+sockets the test owns.  Every wait on the process or the network is under
+``fail_after``; a server left running by a failing test is stopped
+(SIGTERM, then SIGKILL) so that no embedded redis-server is orphaned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+from trio_websocket import ConnectionClosed
+
+from trio_portfolio.redis_io import open_redis
+from trio_portfolio.store import open_store
+from trio_portfolio.testing import RedisServerInfo
+from trio_portfolio.testing.live_server import Client, connect_client
+
+Frame = dict[str, Any]
+
+IO = 10.0
+STARTUP = 30.0
+CLI = [sys.executable, "-m", "trio_portfolio"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any PORTFOLIO_* setting, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTFOLIO_")}
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def is_type(kind: str) -> Callable[[Frame], bool]:
+    return lambda frame: frame["type"] == kind
+
+
+@attrs.define
+class ServerProcess:
+    process: trio.Process
+    port: int
+    stdout: bytearray = attrs.field(factory=bytearray)
+    stderr: bytearray = attrs.field(factory=bytearray)
+
+    def log_lines(self) -> list[str]:
+        return [line for line in self.stderr.decode(errors="replace").splitlines() if line]
+
+    async def stop(self, signum: signal.Signals = signal.SIGTERM, timeout: float = 5.0) -> int:
+        """Send ``signum`` and wait (at most ``timeout``) for the exit code."""
+        self.process.send_signal(signum)
+        with trio.fail_after(timeout):
+            return await self.process.wait()
+
+
+async def _drain(stream: trio.abc.ReceiveStream | None, into: bytearray) -> None:
+    assert stream is not None
+    async with stream:
+        async for chunk in stream:
+            into += chunk
+
+
+@asynccontextmanager
+async def server_process(*args: str, env: dict[str, str]) -> AsyncIterator[ServerProcess]:
+    """``trio-portfolio serve --port <free> *args``; stopped for sure on the way out."""
+    port = free_port()
+    process = await trio.lowlevel.open_process(
+        [*CLI, "serve", "--port", str(port), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    server = ServerProcess(process, port)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_drain, process.stdout, server.stdout)
+        nursery.start_soon(_drain, process.stderr, server.stderr)
+        try:
+            yield server
+        finally:
+            with trio.CancelScope(shield=True):
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+                    with trio.move_on_after(10):
+                        await process.wait()
+                if process.poll() is None:
+                    process.kill()
+                await process.wait()
+
+
+async def wait_until_ready(port: int, timeout: float = STARTUP) -> None:
+    """Until ``GET /ready`` answers 200 (the listener comes up before the store is open)."""
+    request = b"GET /ready HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                    await stream.send_all(request)
+                    head = b""
+                    while b"\r\n" not in head:
+                        chunk = await stream.receive_some()
+                        if not chunk:
+                            break
+                        head += chunk
+                if head.startswith(b"HTTP/1.1 200"):
+                    return
+            except (OSError, trio.BrokenResourceError):
+                pass
+            await trio.sleep(0.05)
+
+
+@asynccontextmanager
+async def connect(port: int, session_id: str, *, v2: bool = True) -> AsyncIterator[Client]:
+    """A WebSocket client (on a socket the harness owns), once the server is ready."""
+    await wait_until_ready(port)
+    async with connect_client(port, session_id, v2=v2, timeout=IO) as client:
+        yield client
+
+
+async def frames_until_closed(client: Client, timeout: float = IO) -> tuple[list[Frame], int]:
+    frames: list[Frame] = []
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                frames.append(await client.recv(timeout))
+            except ConnectionClosed as exc:
+                reason = exc.reason
+                break
+    assert reason is not None
+    return frames, reason.code
+
+
+def redis_servers_in(data_dir: Path) -> list[int]:
+    """Pids of live redis-server processes working in ``data_dir`` (Linux /proc).
+
+    Found by working directory (``--dir`` makes Redis chdir there), since
+    redis-server rewrites its command line to a process title.
+    """
+    target = os.fsencode(data_dir.resolve())
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path("/proc", entry, "cmdline").read_bytes()
+            cwd = os.readlink(os.path.join(b"/proc", entry.encode(), b"cwd"))
+        except OSError:
+            continue
+        if b"redis-server" in cmdline and cwd == target:
+            found.append(int(entry))
+    return found
+
+
+async def no_redis_servers_in(data_dir: Path, timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while await trio.to_thread.run_sync(redis_servers_in, data_dir):  # noqa: ASYNC110
+            await trio.sleep(0.05)
+
+
+async def run_cli(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(60):
+        return await trio.run_process(
+            [*CLI, *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=clean_env() if env is None else env,
+        )
+
+
+# -- graceful shutdown ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_signal_shuts_down_gracefully(
+    real_redis: RedisServerInfo, key_prefix: str, signum: signal.Signals
+) -> None:
+    session_id = "life-" + secrets.token_hex(4)
+    args = ["--redis-url", real_redis.url, "--key-prefix", key_prefix]
+    async with server_process(
+        *args, "--metric-delay-seconds", "1,2", env=clean_env(PORTFOLIO_LOG_FORMAT="json")
+    ) as server:
+        async with connect(server.port, session_id) as client:
+            assert (await client.recv(IO))["type"] == "session"
+            await client.send("analyze", ticker="AAPL")
+            started = await client.recv(IO)
+            assert started["type"] == "analysis_started"
+            await trio.sleep(0.1)
+            server.process.send_signal(signum)
+            frames, code = await frames_until_closed(client)
+            assert frames == [
+                {
+                    "type": "analysis_cancelled",
+                    "analysis_id": started["analysis_id"],
+                    "ticker": "AAPL",
+                    "reason": "cancelled",
+                }
+            ]
+            assert code == 1001
+        with trio.fail_after(5):
+            assert await server.process.wait() == 0
+    # JSON lines, as asked for, and the shutdown is logged.
+    records = [json.loads(line) for line in server.log_lines()]
+    assert records
+    assert any(signum.name in json.dumps(r) for r in records), records
+    # Nothing half-stored: the analysis is no longer current, and it stored nothing.
+    async with open_redis(real_redis.url) as redis:
+        store = await open_store(redis, key_prefix=key_prefix)
+        portfolio = await store.get(session_id)
+    assert portfolio is not None
+    assert portfolio.current_analysis is None
+    assert portfolio.analysis_results == ()
+
+
+async def test_shutdown_with_idle_and_v1_clients(
+    real_redis: RedisServerInfo, key_prefix: str
+) -> None:
+    """Every kind of connection gets its 1001, and the process still exits 0 promptly."""
+    args = ["--redis-url", real_redis.url, "--key-prefix", key_prefix]
+    async with server_process(*args, "--metric-delay-seconds", "0.5,1", env=clean_env()) as server:
+        async with (
+            connect(server.port, "idle-v2") as idle,
+            connect(server.port, "busy-v1", v2=False) as busy,
+        ):
+            assert (await idle.recv(IO))["type"] == "session"
+            await busy.send("analyze", ticker="MSFT")
+            await trio.sleep(0.2)
+            server.process.send_signal(signal.SIGTERM)
+            idle_frames, idle_code = await frames_until_closed(idle)
+            busy_frames, busy_code = await frames_until_closed(busy)
+        assert (idle_frames, idle_code) == ([], 1001)
+        assert busy_code == 1001
+        assert {f["type"] for f in busy_frames} <= {"analysis_result"}  # v1: no events
+        with trio.fail_after(5):
+            assert await server.process.wait() == 0
+
+
+# -- the embedded Redis -----------------------------------------------------------------------
+
+
+async def test_embedded_redis_persists_across_restarts(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    session_id = "embedded-" + secrets.token_hex(4)
+    args = ["--data-dir", str(data_dir), "--metric-delay-seconds", "0.02,0.1"]
+    async with server_process(*args, env=clean_env()) as server:
+        async with connect(server.port, session_id) as client:
+            greeting = await client.recv(IO)
+            assert greeting["portfolio"]["analysis_results"] == []
+            await client.send("analyze", ticker="GOOGL")
+            frames = await client.recv_until(is_type("analysis_complete"), timeout=IO)
+            results = [f for f in frames if f["type"] == "analysis_result"]
+            assert len(results) == 5
+            await client.send("set_holdings", holdings={"GOOGL": 3, "AMZN": 4})
+            before = (await client.recv_until(is_type("portfolio"), timeout=IO))[-1]
+        assert len(redis_servers_in(data_dir)) == 1, "no embedded redis-server seen"
+        assert await server.stop() == 0
+    await no_redis_servers_in(data_dir)
+    assert any(p.name.startswith("appendonly") for p in data_dir.iterdir())
+
+    async with server_process(*args, env=clean_env()) as server:
+        async with connect(server.port, session_id) as client:
+            after = (await client.recv(IO))["portfolio"]
+        assert await server.stop() == 0
+    await no_redis_servers_in(data_dir)
+    assert after["holdings"] == {"GOOGL": 3.0, "AMZN": 4.0}
+    assert after["portfolio_version"] == before["portfolio_version"]
+    # The same five results (stored in commit order, which may differ from the order sent).
+    assert sorted(after["analysis_results"], key=lambda r: r["metric"]) == sorted(
+        results, key=lambda r: r["metric"]
+    )
+
+
+# -- the CLI ------------------------------------------------------------------------------------
+
+
+async def test_demo_against_a_running_server(real_redis: RedisServerInfo, key_prefix: str) -> None:
+    args = ["--redis-url", real_redis.url, "--key-prefix", key_prefix]
+    async with server_process(
+        *args, "--metric-delay-seconds", "0.1,0.3", env=clean_env()
+    ) as server:
+        await wait_until_ready(server.port)
+        url = f"ws://127.0.0.1:{server.port}/ws/demo-{secrets.token_hex(4)}"
+        done = await run_cli("demo", url, "--timeout", "30")
+        output = done.stdout.decode()
+        assert done.returncode == 0, output + done.stderr.decode()
+        assert await server.stop() == 0
+    lines = output.splitlines()
+    switch = lines.index(">>> Switching: analyze GOOGL (cancel-on-switch)")
+    aapl_results = [i for i, line in enumerate(lines) if re.match(r"\s+<-\s+AAPL \|", line)]
+    googl_results = [i for i, line in enumerate(lines) if re.match(r"\s+<-\s+GOOGL \|", line)]
+    first_googl = next(i for i, line in enumerate(lines) if "'ticker': 'GOOGL'" in line)
+    assert len(aapl_results) >= 2
+    assert aapl_results[1] < switch < first_googl
+    assert all(i < first_googl for i in aapl_results), output
+    assert len(googl_results) == 5
+    assert first_googl < googl_results[0]
+    assert "'reason': 'switched'" in output
+    assert "no AAPL results after the switch" in output
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ([], ["serve", "demo", "config"]),
+        (["serve"], ["--redis-url", "--port", "--data-dir", "--metric-delay-seconds"]),
+        (["demo"], ["url", "--timeout"]),
+        (["config"], ["--redis-url", "--config"]),
+    ],
+    ids=["top", "serve", "demo", "config"],
+)
+async def test_help(command: list[str], expected: list[str]) -> None:
+    done = await run_cli(*command, "--help")
+    assert done.returncode == 0
+    text = done.stdout.decode()
+    assert text.startswith(f"usage: trio-portfolio {' '.join(command)}".rstrip())
+    for word in expected:
+        assert word in text
+
+
+async def test_config_masks_the_redis_password() -> None:
+    done = await run_cli(
+        "config", "--redis-url", "redis://alice:s3cr3t-pw@db.example:6380/2", "--port", "9001"
+    )
+    assert done.returncode == 0, done.stderr
+    text = done.stdout.decode()
+    assert 'redis_url = "redis://alice:***@db.example:6380/2"' in text
+    assert "port = 9001" in text
+    assert "s3cr3t" not in text + done.stderr.decode()
+    # From the environment as well, and as a ?password= query parameter.
+    env = clean_env(PORTFOLIO_REDIS_URL="redis://db.example/0?password=hunter2&db=1")
+    done = await run_cli("config", env=env)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout.decode()
+    assert "hunter2" not in text + done.stderr.decode()
+    assert "password=***" in text
+
+
+async def test_config_reports_a_bad_setting_by_name() -> None:
+    done = await run_cli("config", "--port", "70000")
+    assert done.returncode != 0
+    assert "--port" in done.stderr.decode()
