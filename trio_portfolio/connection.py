@@ -208,7 +208,11 @@ class Connection:
                         self._end(1000, "client gone")
                 if scope.cancelled_caught:
                     alive = False
-                    log.warning("connection %s: client not reading, closing", self.id)
+                    log.warning(
+                        "client not reading for %gs, closing",
+                        SEND_TIMEOUT,
+                        extra={"connection_id": self.id, "session_id": self.session_id},
+                    )
                     self._end(1008, "client too slow")
         finally:
             done.set()
