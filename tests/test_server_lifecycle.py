@@ -27,7 +27,6 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from trio_websocket import ConnectionClosed
 
 from trio_portfolio.redis_io import open_redis
 from trio_portfolio.store import open_store
@@ -139,19 +138,6 @@ async def connect(port: int, session_id: str, *, v2: bool = True) -> AsyncIterat
         yield client
 
 
-async def frames_until_closed(client: Client, timeout: float = IO) -> tuple[list[Frame], int]:
-    frames: list[Frame] = []
-    with trio.fail_after(timeout):
-        while True:
-            try:
-                frames.append(await client.recv(timeout))
-            except ConnectionClosed as exc:
-                reason = exc.reason
-                break
-    assert reason is not None
-    return frames, reason.code
-
-
 def redis_servers_in(data_dir: Path) -> list[int]:
     """Pids of live redis-server processes working in ``data_dir`` (Linux /proc).
 
@@ -211,7 +197,7 @@ async def test_signal_shuts_down_gracefully(
             assert started["type"] == "analysis_started"
             await trio.sleep(0.1)
             server.process.send_signal(signum)
-            frames, code = await frames_until_closed(client)
+            frames, code = await client.recv_until_closed(IO)
             assert frames == [
                 {
                     "type": "analysis_cancelled",
@@ -250,8 +236,8 @@ async def test_shutdown_with_idle_and_v1_clients(
             await busy.send("analyze", ticker="MSFT")
             await trio.sleep(0.2)
             server.process.send_signal(signal.SIGTERM)
-            idle_frames, idle_code = await frames_until_closed(idle)
-            busy_frames, busy_code = await frames_until_closed(busy)
+            idle_frames, idle_code = await idle.recv_until_closed(IO)
+            busy_frames, busy_code = await busy.recv_until_closed(IO)
         assert (idle_frames, idle_code) == ([], 1001)
         assert busy_code == 1001
         assert {f["type"] for f in busy_frames} <= {"analysis_result"}  # v1: no events

@@ -101,20 +101,6 @@ def stored_state(frame: Frame) -> Frame:
     return {k: v for k, v in frame.items() if k != "last_activity"}
 
 
-async def closed_code(client: Client, timeout: float = IO) -> tuple[int, list[Frame]]:
-    """Read until the server closes; its close code and the frames before."""
-    frames: list[Frame] = []
-    with trio.fail_after(timeout):
-        while True:
-            try:
-                frames.append(await client.recv(timeout))
-            except ConnectionClosed as exc:
-                reason = exc.reason
-                break
-    assert reason is not None
-    return reason.code, frames
-
-
 # -- handshake -----------------------------------------------------------------------------
 
 
@@ -530,7 +516,7 @@ async def test_oversized_frame_closes_with_1009(real_redis: RedisServerInfo) -> 
             await client.send_raw(padded)
             assert (await client.recv(IO))["type"] == "portfolio"
             await client.send_raw(json.dumps({"action": "analyze", "ticker": "A" * 4096}))
-            code, frames = await closed_code(client)
+            frames, code = await client.recv_until_closed(IO)
             assert code == 1009
             assert frames == []
         async with open_client(server, session_id) as again:
@@ -553,7 +539,7 @@ async def test_a_flood_is_throttled_then_closed_with_1008(real_redis: RedisServe
                         sent += 1
                 except ConnectionClosed:
                     pass
-                code, frames = await closed_code(client)
+                frames, code = await client.recv_until_closed(IO)
             assert code == 1008
             assert frames, "the flood was never answered with rate_limited"
             assert {f["type"] for f in frames} == {"error"}

@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 import orjson
 import trio
-from trio_websocket import WebSocketConnection, wrap_client_stream
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
 from trio_portfolio.config import Settings
 from trio_portfolio.protocol import SUBPROTOCOL_V2
@@ -120,6 +120,18 @@ class Client:
                 received.append(frame)
                 if done(frame):
                     return received
+
+    async def recv_until_closed(self, timeout: float = 10.0) -> tuple[list[Frame], int]:
+        """Every frame until the server closes the connection, and its close code."""
+        frames: list[Frame] = []
+        with trio.fail_after(timeout):
+            while True:
+                try:
+                    frames.append(await self.recv(timeout))
+                except ConnectionClosed as exc:
+                    if exc.reason is None:
+                        raise
+                    return frames, exc.reason.code
 
     async def expect_quiet(self, seconds: float) -> None:
         """Assert that no frame arrives for ``seconds``."""
