@@ -119,13 +119,6 @@ class Attempt:
 class AnalysisRunner:
     """The analysis of ``ticker`` on one connection, across restarts."""
 
-    def _ids(self, analysis_id: str | None = None) -> dict[str, str]:
-        """Log ``extra`` naming the connection, session and analysis of a line."""
-        ids = {"connection_id": self.ctx.connection_id, "session_id": self.ctx.session_id}
-        if analysis_id is not None:
-            ids["analysis_id"] = analysis_id
-        return ids
-
     def __init__(self, ctx: AnalysisContext, ticker: str) -> None:
         self.ctx = ctx
         self.ticker = ticker
@@ -138,6 +131,13 @@ class AnalysisRunner:
         """The analysis id this runner may have made the session's current one and not
         yet cleared: set *before* ``start_analysis`` is sent, since a call cancelled
         after the write still runs in Redis."""
+
+    def _ids(self, analysis_id: str | None = None) -> dict[str, str]:
+        """Log ``extra`` naming the connection, session and analysis of a line."""
+        ids = {"connection_id": self.ctx.connection_id, "session_id": self.ctx.session_id}
+        if analysis_id is not None:
+            ids["analysis_id"] = analysis_id
+        return ids
 
     def new_analysis_id(self) -> str:
         """Unique per attempt; prefixed with the connection id to recognise our own."""
@@ -224,7 +224,7 @@ class AnalysisRunner:
             try:
                 await self.ctx.store.finish_analysis(self.ctx.session_id, analysis_id)
             except StoreUnavailable as exc:
-                log.warning("could not clear analysis %s: %s", analysis_id, exc)
+                log.warning("could not clear analysis: %s", exc, extra=self._ids(analysis_id))
 
     async def _start_attempt(self) -> Attempt | None:
         ctx = self.ctx
@@ -284,9 +284,6 @@ class AnalysisRunner:
                     async with trio.open_nursery() as nursery:
                         for metric in METRICS:
                             nursery.start_soon(self._metric, attempt, metric, values[metric])
-            if attempt.scope.cancelled_caught and attempt.outcome is Outcome.COMPLETE:
-                # Cancelled by our own scope without a reason: treat as a restart.
-                attempt.outcome = Outcome.RESTART
             if attempt.outcome is Outcome.RESTART and attempt.committed == len(METRICS):
                 # The restart came after the last result was stored and sent:
                 # nothing is stale, so the attempt is complete, not cancelled.

@@ -93,6 +93,15 @@ class Services:
     metrics: Metrics
     rng: random.Random
 
+    async def create_session(self, session_id: str) -> Portfolio:
+        """Create ``session_id`` with the default holdings at market prices (or resume it).
+
+        Counts as client activity.  Used for WebSocket connects and ``POST /session``.
+        """
+        holdings = self.settings.default_holdings
+        prices = await self.market.ensure_prices(list(holdings))
+        return await self.store.create_if_missing(session_id, holdings, prices, utc_now())
+
 
 @attrs.define
 class TokenBucket:
@@ -258,36 +267,29 @@ class Connection:
     async def _open_session(self) -> None:
         """Create or resume the session and greet the client (``session``, v2)."""
         try:
-            portfolio = await self._create_session()
+            await self._greet_session()
         except StoreUnavailable as exc:
             await self._send_error(
                 ErrorCode.STORE_UNAVAILABLE, f"session not available yet, retry shortly: {exc}"
             )
-            return
-        await self.send(render_session(portfolio, self.dialect))
 
-    async def _create_session(self) -> Portfolio:
-        holdings = self.services.settings.default_holdings
-        prices = await self._market.ensure_prices(list(holdings))
-        portfolio = await self._store.create_if_missing(
-            self.session_id, holdings, prices, utc_now()
-        )
+    async def _greet_session(self) -> None:
+        """Create (or resume) the session and send it as a ``session`` frame (v2)."""
+        portfolio = await self.services.create_session(self.session_id)
         self._session_ready = True
-        return portfolio
+        await self.send(render_session(portfolio, self.dialect))
 
     async def _ensure_session(self) -> None:
         """After a store outage at connect, create the session on first use."""
         if not self._session_ready:
-            portfolio = await self._create_session()
-            await self.send(render_session(portfolio, self.dialect))
+            await self._greet_session()
 
     async def _session_expired(self) -> None:
         """The session vanished under us (TTL): say so and start a fresh one."""
         await self._send_error(
             ErrorCode.SESSION_EXPIRED, "the session expired; a new one was started"
         )
-        portfolio = await self._create_session()
-        await self.send(render_session(portfolio, self.dialect))
+        await self._greet_session()
 
     async def _activity(self) -> None:
         """Record client activity (TTL refresh) for frames that write nothing else."""
@@ -343,8 +345,7 @@ class Connection:
         if await self._nursery.start(runner.run):
             self._current = runner
         elif runner.refused is StartRefused.MISSING:
-            portfolio = await self._create_session()
-            await self.send(render_session(portfolio, self.dialect))
+            await self._greet_session()
 
     async def _set_holdings(self, holdings: Mapping[str, float]) -> None:
         prices = await self._market.ensure_prices(list(holdings))

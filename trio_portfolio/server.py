@@ -47,7 +47,6 @@ from trio_portfolio.connection import Connection, Services
 from trio_portfolio.embedded import run_embedded_redis
 from trio_portfolio.http import ServiceUnavailable, serve_front_door
 from trio_portfolio.market import MarketData, TickReport, run_market_updater
-from trio_portfolio.models import utc_now
 from trio_portfolio.observability import Metrics
 from trio_portfolio.protocol import Dialect, choose_dialect, render_portfolio, validate_session_id
 from trio_portfolio.redis_io import RedisClient, StoreUnavailable, open_redis
@@ -314,12 +313,8 @@ class ServerHttpApp:
         if services is None:
             raise ServiceUnavailable(self.server.startup_problem)
         session_id = secrets.token_urlsafe(24)
-        holdings = services.settings.default_holdings
         try:
-            prices = await services.market.ensure_prices(list(holdings))
-            portfolio = await services.store.create_if_missing(
-                session_id, holdings, prices, utc_now()
-            )
+            portfolio = await services.create_session(session_id)
         except StoreUnavailable as exc:
             raise ServiceUnavailable(f"store unavailable: {exc}") from None
         rendered = render_portfolio(portfolio, Dialect.V2)
