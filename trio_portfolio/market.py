@@ -40,15 +40,15 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Sequence
-from importlib import resources
 from typing import Any
 
 import attrs
 import numpy as np
 import trio
 
+from trio_portfolio.lua_scripts import load_script, lua_directory
 from trio_portfolio.models import utc_now
-from trio_portfolio.redis_io import RedisClient, ReplyError, Script, StoreUnavailable
+from trio_portfolio.redis_io import RedisClient, ReplyError, StoreUnavailable
 from trio_portfolio.simulation import MarketSource
 from trio_portfolio.store import SessionStore
 
@@ -72,13 +72,11 @@ def unpack_history(packed: str) -> tuple[float, ...]:
     return tuple(np.frombuffer(bytes.fromhex(packed), dtype="<f8").tolist())
 
 
-def _script(name: str) -> Script:
-    return Script(resources.files("trio_portfolio.lua").joinpath(name).read_text())
-
-
-_BOOTSTRAP = _script("market_bootstrap.lua")
-_TICK = _script("market_tick.lua")
-_LEAD = _script("market_lead.lua")
+_LUA = lua_directory("trio_portfolio")
+"""``trio_portfolio/lua/``: the market's scripts (the store's live in ``store/lua/``)."""
+_BOOTSTRAP = load_script(_LUA, "market_bootstrap")
+_TICK = load_script(_LUA, "market_tick")
+_LEAD = load_script(_LUA, "market_lead")
 
 
 @attrs.frozen

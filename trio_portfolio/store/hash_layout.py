@@ -11,7 +11,7 @@ Keys of session ``abc`` (all tagged ``{abc}``, so one slot on Cluster):
 * ``<prefix>:session:{abc}:results`` - list of result JSON, oldest first,
   ``RPUSH`` + ``LTRIM`` to the newest ``results_limit``.
 
-Every operation, reads included, is one script (``lua/hash_*.lua``), since
+Every operation, reads included, is one script (``store/lua/hash_*.lua``), since
 no single command reads four keys atomically.  The scripts answer in the
 json layout's document schema, so parsing is shared.
 
@@ -24,13 +24,14 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from trio_portfolio.store import Layout, SessionStore, payload_document
+from trio_portfolio.store.base import Layout, SessionStore
+from trio_portfolio.store.codec import payload_document
 
 __all__ = ["HashSessionStore"]
 
 
 class HashSessionStore(SessionStore):
-    """:class:`~trio_portfolio.store.SessionStore` over a hash, two hashes and a list."""
+    """:class:`~trio_portfolio.store.base.SessionStore` over a hash, two hashes and a list."""
 
     layout: ClassVar[Layout] = "hash"
     extra_operations: ClassVar[tuple[str, ...]] = ("get",)

@@ -1,4 +1,4 @@
-"""Sessions on Redis: one :class:`SessionStore` interface, two key layouts.
+"""The :class:`SessionStore` interface, key names, and the operations both layouts share.
 
 Theory of operation
 ===================
@@ -10,20 +10,21 @@ writes it there, so every decision that depends on the stored state is taken
 state across an await: the fence of :meth:`SessionStore.append_result`
 (current analysis and portfolio version) is re-checked by the script.
 
-Two layouts implement the same behaviour:
+Two layouts implement the same behaviour, each in its own module with its
+scripts in ``store/lua/``:
 
-* ``json`` (:mod:`trio_portfolio.store_json`) - one RedisJSON document per
-  session, the design of ADR-001; needs the JSON module (Redis 8).
-* ``hash`` (:mod:`trio_portfolio.store_hash`) - core types only (hashes and
-  a list), for Redis 6.2 / 7.x.
+* ``json`` (:mod:`trio_portfolio.store.json_layout`) - one RedisJSON
+  document per session, the design of ADR-001; needs the JSON module
+  (Redis 8).
+* ``hash`` (:mod:`trio_portfolio.store.hash_layout`) - core types only
+  (hashes and a list), for Redis 6.2 / 7.x.
 
-Everything that is not layout-specific lives in this module: key names,
-argument encoding, validation, and the parsing of replies into
-:mod:`trio_portfolio.models` values.  The two layouts' scripts (``lua/``)
-take the same ARGV and answer in the same shape - a status string, then
-JSON text in the json layout's document schema - so the Python side of both
-layouts is this one class; a layout module says only which keys a session
-has and how a plain read is done.
+The two layouts' scripts (``lua/<layout>_<operation>.lua``, with
+``lua/store_lib.lua`` and ``lua/store_lib_<layout>.lua`` prepended) take the
+same ARGV and answer in the same shape, decoded by
+:mod:`trio_portfolio.store.codec`; so every operation is written once, in
+this class, and a layout subclass says only which keys a session has and
+how a plain read is done.
 
 Cancellation: each mutation is one EVALSHA, so a cancelled call either ran
 entirely or not at all; the adapter guarantees no stray replies.  The index
@@ -32,59 +33,71 @@ session's script, which on Redis Cluster may only touch that session's
 slot); see :meth:`SessionStore.create_if_missing` and
 :meth:`SessionStore.forget` for why its races are harmless.
 
-Errors: :class:`~trio_portfolio.redis_io.StoreUnavailable` when Redis
-cannot be used, :data:`~trio_portfolio.redis_io.ReplyError` for an error
-reply (a bug, or a key clobbered by something else), :class:`StoreDataError`
-for a reply that cannot be read as a session, :class:`ValueError` for
-arguments the store cannot represent (bad session id, non-finite numbers,
-a held ticker without a price).
+Errors, the same for every operation unless its docstring says otherwise:
+
+* :class:`~trio_portfolio.redis_io.StoreUnavailable` - Redis cannot be
+  used now (down, refusing, not answering within the adapter's timeout, or
+  the connection was lost with the call in flight, in which case a mutation
+  may or may not have run); retrying later is the caller's choice;
+* :data:`~trio_portfolio.redis_io.ReplyError` - an error reply: a bug, or a
+  session key clobbered by something else (``WRONGTYPE``);
+* :class:`~trio_portfolio.store.codec.StoreDataError` - a reply that cannot
+  be read as a session;
+* :class:`ValueError` - arguments the store cannot represent (bad session
+  id, non-finite or non-positive numbers, a held ticker without a price),
+  raised before anything is sent.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
-import math
-import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from importlib import resources
 from typing import Any, ClassVar, Literal
 
 import attrs
 import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from trio_portfolio.lua_scripts import load_script, lua_directory
 from trio_portfolio.models import (
-    SESSION_ID_RE,
     AnalysisResult,
     AppendStatus,
-    CurrentAnalysis,
     Portfolio,
     RevalueOutcome,
     Snapshot,
     StartRefused,
 )
 from trio_portfolio.redis_io import RedisClient, ReplyError, Script, StoreUnavailable
+from trio_portfolio.store.codec import (
+    StoreDataError,
+    append_status,
+    check_number,
+    check_session_id,
+    holdings_and_prices_json,
+    payload_document,
+    portfolio_from_document,
+    result_json,
+    snapshot_from_payload,
+    split_reply,
+)
 
 __all__ = [
+    "LUA",
+    "OPERATIONS",
     "Layout",
     "LayoutChoice",
     "SessionKeys",
     "SessionStore",
-    "StoreDataError",
-    "StoreLayoutUnavailable",
-    "detect_layout",
-    "load_script",
-    "open_store",
-    "payload_document",
-    "portfolio_from_document",
-    "split_reply",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("trio_portfolio.store")
 
 Layout = Literal["json", "hash"]
 LayoutChoice = Literal["auto", "json", "hash"]
+
+LUA = lua_directory("trio_portfolio.store")
+"""``trio_portfolio/store/lua/``: every script of both layouts and their shared libraries."""
 
 OPERATIONS: tuple[str, ...] = (
     "create",
@@ -96,28 +109,6 @@ OPERATIONS: tuple[str, ...] = (
     "revalue",
 )
 """The scripts every layout has, as ``lua/<layout>_<operation>.lua``."""
-
-_JSON_PROBE = "json_probe"
-
-
-class StoreDataError(Exception):
-    """A reply could not be read as a session: the stored data or a script is broken."""
-
-
-class StoreLayoutUnavailable(RuntimeError):
-    """The requested layout cannot work on this server (``json`` without the JSON module)."""
-
-
-def load_script(name: str, *, libraries: Sequence[str] = ()) -> Script:
-    """``lua/<name>.lua`` with the ``lua/<library>.lua`` files prepended, as a :class:`Script`.
-
-    The libraries are plain Lua chunks of ``local function`` definitions, so
-    the concatenation is one script; its SHA1 changes whenever any part does.
-    """
-    package = resources.files("trio_portfolio.lua")
-    parts = [package.joinpath(f"{lib}.lua").read_text(encoding="utf-8") for lib in libraries]
-    parts.append(package.joinpath(f"{name}.lua").read_text(encoding="utf-8"))
-    return Script("\n".join(parts))
 
 
 @attrs.frozen
@@ -154,122 +145,15 @@ class SessionKeys:
         return f"{self.session(session_id)}:events"
 
 
-# -- arguments -----------------------------------------------------------------------------
-
-
-def _check_session_id(session_id: str) -> None:
-    if not SESSION_ID_RE.fullmatch(session_id):
-        raise ValueError(f"invalid session id {session_id!r}")
-
-
-def _check_number(what: str, value: float) -> float:
-    number = float(value)
-    if not (math.isfinite(number) and number > 0):
-        raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
-    return number
-
-
-def _holdings_and_prices_json(
-    holdings: Mapping[str, float], prices: Mapping[str, float]
-) -> tuple[str, str]:
-    """ARGV JSON for holdings and the prices of the held tickers (and only those)."""
-    if not holdings:
-        raise ValueError("holdings must not be empty")
-    quantities = {t: _check_number(f"quantity of {t}", q) for t, q in holdings.items()}
-    missing = sorted(t for t in quantities if t not in prices)
-    if missing:
-        raise ValueError(f"no price for held tickers {missing}")
-    held = {t: _check_number(f"price of {t}", prices[t]) for t in quantities}
-    return orjson.dumps(quantities).decode(), orjson.dumps(held).decode()
-
-
-def _result_json(result: AnalysisResult) -> str:
-    if not math.isfinite(result.value):
-        raise ValueError(f"result value must be finite, got {result.value!r}")
-    return orjson.dumps(attrs.asdict(result)).decode()
-
-
-# -- replies -------------------------------------------------------------------------------
-
-
-def split_reply(reply: Any) -> tuple[str, list[Any]]:
-    """Split a script reply ``[status, *payload]`` (the shape every session script answers)."""
-    if not (isinstance(reply, list) and reply and isinstance(reply[0], str)):
-        raise StoreDataError(f"unexpected script reply {reply!r:.200}")
-    return reply[0], reply[1:]
-
-
-def payload_document(payload: list[Any]) -> dict[str, Any]:
-    """The JSON object text a script sent after its status."""
-    try:
-        value = orjson.loads(payload[0])
-    except (IndexError, TypeError, orjson.JSONDecodeError) as exc:
-        raise StoreDataError(f"unreadable script payload {payload!r:.200}") from exc
-    if not isinstance(value, dict):
-        raise StoreDataError(f"script payload is not an object: {payload!r:.200}")
-    return value
-
-
-def _numbers(value: Any) -> dict[str, float]:
-    return {str(k): float(v) for k, v in value.items()}
-
-
-def portfolio_from_document(
-    session_id: str, document: Mapping[str, Any], results_limit: int
-) -> Portfolio:
-    """A :class:`Portfolio` from a session in the json layout's document schema.
-
-    Both layouts answer reads in this schema.  Only the newest
-    ``results_limit`` results are kept (the json layout trims lazily).
-    """
-    try:
-        current = document["current_analysis"]
-        results = document["analysis_results"][-results_limit:]
-        return Portfolio(
-            session_id=session_id,
-            holdings=_numbers(document["holdings"]),
-            prices=_numbers(document["prices"]),
-            total_value=float(document["total_value"]),
-            portfolio_version=int(document["portfolio_version"]),
-            current_analysis=None
-            if current is None
-            else CurrentAnalysis(
-                analysis_id=str(current["analysis_id"]),
-                ticker=str(current["ticker"]),
-                portfolio_version=int(current["portfolio_version"]),
-                started_at=str(current["started_at"]),
-            ),
-            analysis_results=tuple(
-                AnalysisResult(
-                    analysis_id=str(r["analysis_id"]),
-                    ticker=str(r["ticker"]),
-                    metric=str(r["metric"]),
-                    value=float(r["value"]),
-                    timestamp=str(r["timestamp"]),
-                    portfolio_version=int(r["portfolio_version"]),
-                )
-                for r in results
-            ),
-            last_activity=str(document["last_activity"]),
-            created_at=str(document["created_at"]),
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise StoreDataError(f"session {session_id} is not a readable portfolio: {exc!r}") from exc
-
-
-_APPEND_STATUS = {status.value: status for status in AppendStatus}
-
-
-# -- the store -----------------------------------------------------------------------------
-
-
 class SessionStore(abc.ABC):
     """Sessions in Redis, one script per operation; subclasses fix the key layout.
 
-    Use :func:`open_store`, which picks the layout and loads the scripts.
-    All methods are safe to call concurrently from many tasks and processes:
-    atomicity comes from Redis, not from this object, which holds no
-    per-session state.
+    Use :func:`~trio_portfolio.store.open_store`, which picks the layout and
+    loads the scripts.  All methods are safe to call concurrently from many
+    tasks and processes: atomicity comes from Redis, not from this object,
+    which holds no per-session state.  What each operation raises is listed
+    in the module docstring; a method's ``Raises`` names only what it adds
+    or where it differs.
     """
 
     layout: ClassVar[Layout]
@@ -285,6 +169,12 @@ class SessionStore(abc.ABC):
         session_ttl_seconds: int = 86400,
         results_limit: int = 500,
     ) -> None:
+        """Read this layout's scripts; nothing is sent to Redis (see :meth:`load_scripts`).
+
+        Raises:
+          ValueError: if ``key_prefix`` is empty or holds a brace (it would
+            break the hash tags), or a limit is below 1.
+        """
         if not key_prefix or "{" in key_prefix or "}" in key_prefix:
             raise ValueError(f"key prefix must be non-empty and brace-free: {key_prefix!r}")
         if session_ttl_seconds < 1:
@@ -299,7 +189,7 @@ class SessionStore(abc.ABC):
         """How far past ``results_limit`` a stored array may grow before it is trimmed."""
         libraries = ("store_lib", f"store_lib_{self.layout}")
         self._scripts = {
-            op: load_script(f"{self.layout}_{op}", libraries=libraries)
+            op: load_script(LUA, f"{self.layout}_{op}", libraries=libraries)
             for op in OPERATIONS + self.extra_operations
         }
 
@@ -321,7 +211,13 @@ class SessionStore(abc.ABC):
         return tuple(self._scripts.values())
 
     async def load_scripts(self) -> None:
-        """``SCRIPT LOAD`` every script up front (EVALSHA also recovers on NOSCRIPT)."""
+        """``SCRIPT LOAD`` every script up front (EVALSHA also recovers on NOSCRIPT).
+
+        Raises:
+          StoreUnavailable: if Redis cannot be used now.
+          ReplyError: if Redis refuses a script (a syntax error in the Lua,
+            or scripting disabled) or hashes it differently.
+        """
         await self.redis.load_scripts(self.scripts)
 
     def events_channel(self, session_id: str) -> str:
@@ -332,7 +228,7 @@ class SessionStore(abc.ABC):
         self, operation: str, session_id: str, *args: str | int
     ) -> tuple[str, list[Any]]:
         """Run ``operation``'s script on ``session_id``'s keys; its reply, split."""
-        _check_session_id(session_id)
+        check_session_id(session_id)
         reply = await self.redis.evalsha(
             self._scripts[operation], self.session_keys(session_id), args
         )
@@ -354,9 +250,15 @@ class SessionStore(abc.ABC):
         cancelled in between, the index holds an id without a session, which
         the next revaluation reports missing and prunes; the other order
         could leave a session the market updater never sees.
+
+        Raises:
+          ValueError: for an invalid session id, empty holdings, a quantity
+            or price that is not a finite number > 0, or a held ticker
+            missing from ``prices`` (checked even if the session exists).
+          StoreUnavailable, ReplyError, StoreDataError: as every operation.
         """
-        _check_session_id(session_id)
-        holdings_json, prices_json = _holdings_and_prices_json(holdings, prices)
+        check_session_id(session_id)
+        holdings_json, prices_json = holdings_and_prices_json(holdings, prices)
         await self.redis.execute("SADD", self.keys.index, session_id)
         _, payload = await self._run(
             "create",
@@ -370,15 +272,25 @@ class SessionStore(abc.ABC):
         return portfolio_from_document(session_id, payload_document(payload), self.results_limit)
 
     async def get(self, session_id: str) -> Portfolio | None:
-        """The session as stored, or ``None`` if it does not exist.  Not activity."""
-        _check_session_id(session_id)
+        """The session as stored, or ``None`` if it does not exist.  Not activity.
+
+        Raises:
+          ValueError: for an invalid session id.
+          StoreUnavailable, ReplyError, StoreDataError: as every operation.
+        """
+        check_session_id(session_id)
         document = await self._read_document(session_id)
         if document is None:
             return None
         return portfolio_from_document(session_id, document, self.results_limit)
 
     async def touch(self, session_id: str, now: str) -> bool:
-        """Record client activity (``last_activity``, TTL); ``False`` if the session is gone."""
+        """Record client activity (``last_activity``, TTL); ``False`` if the session is gone.
+
+        Raises:
+          ValueError: for an invalid session id.
+          StoreUnavailable, ReplyError, StoreDataError: as every operation.
+        """
         status, _ = await self._run("touch", session_id, now, self.session_ttl_seconds)
         return status == "touched"
 
@@ -389,7 +301,13 @@ class SessionStore(abc.ABC):
 
         From this moment every append of an earlier analysis is refused
         ``SUPERSEDED``.  Publishes ``analysis_started``.  A ticker that is not
-        held is refused (``NOT_HELD``) but still counts as activity.
+        held is refused (``NOT_HELD``) but still counts as activity; a
+        missing session is refused ``MISSING``.  Refusals are answers, not
+        exceptions.
+
+        Raises:
+          ValueError: for an invalid session id.
+          StoreUnavailable, ReplyError, StoreDataError: as every operation.
         """
         status, payload = await self._run(
             "start_analysis",
@@ -404,48 +322,42 @@ class SessionStore(abc.ABC):
             return StartRefused.MISSING
         if status == "not_held":
             return StartRefused.NOT_HELD
-        snapshot = payload_document(payload)
-        try:
-            return Snapshot(
-                session_id=session_id,
-                analysis_id=analysis_id,
-                ticker=ticker,
-                holdings=_numbers(snapshot["holdings"]),
-                prices=_numbers(snapshot["prices"]),
-                total_value=float(snapshot["total_value"]),
-                portfolio_version=int(snapshot["portfolio_version"]),
-                started_at=now,
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise StoreDataError(f"unreadable snapshot of {session_id}: {exc!r}") from exc
+        return snapshot_from_payload(session_id, analysis_id, ticker, now, payload)
 
     async def append_result(self, session_id: str, result: AnalysisResult) -> AppendStatus:
         """THE FENCE: store ``result`` only if its analysis is current and its version is.
 
         ``SUPERSEDED`` if another (or no) analysis is current, ``STALE`` if
         the portfolio version moved since the snapshot, ``MISSING`` if the
-        session is gone.  Keeps the newest ``results_limit`` results.  Not
-        activity (the TTL is left alone).
+        session is gone: refusals are answers, not exceptions.  Keeps the
+        newest ``results_limit`` results.  Not activity (the TTL is left
+        alone).
+
+        Raises:
+          ValueError: for an invalid session id or a non-finite value.
+          StoreDataError: also for a status the fence does not know.
+          StoreUnavailable, ReplyError: as every operation.
         """
         status, _ = await self._run(
             "append_result",
             session_id,
             result.analysis_id,
             result.portfolio_version,
-            _result_json(result),
+            result_json(result),
             self.results_limit,
             self.trim_slack,
         )
-        try:
-            return _APPEND_STATUS[status]
-        except KeyError:
-            raise StoreDataError(f"unexpected append status {status!r}") from None
+        return append_status(status)
 
     async def finish_analysis(self, session_id: str, analysis_id: str) -> bool:
         """Clear the current analysis if it is still ``analysis_id``; ``True`` if it was.
 
         Fenced, so finishing late (after another analysis started) changes
         nothing.  Not activity.
+
+        Raises:
+          ValueError: for an invalid session id.
+          StoreUnavailable, ReplyError, StoreDataError: as every operation.
         """
         status, _ = await self._run("finish_analysis", session_id, analysis_id)
         return status == "finished"
@@ -461,9 +373,15 @@ class SessionStore(abc.ABC):
 
         Any running analysis's later appends fail ``STALE``.  Activity;
         publishes a ``portfolio`` event with cause ``holdings``.
+
+        Raises:
+          ValueError: for an invalid session id, empty holdings, a quantity
+            or price that is not a finite number > 0, or a held ticker
+            missing from ``prices``; nothing is written.
+          StoreUnavailable, ReplyError, StoreDataError: as every operation.
         """
-        _check_session_id(session_id)
-        holdings_json, prices_json = _holdings_and_prices_json(holdings, prices)
+        check_session_id(session_id)
+        holdings_json, prices_json = holdings_and_prices_json(holdings, prices)
         status, payload = await self._run(
             "set_holdings",
             session_id,
@@ -488,12 +406,21 @@ class SessionStore(abc.ABC):
         whose script failed with an error reply (e.g. a clobbered key) is
         logged and left out, so one bad key cannot stall the market update
         of the others; the rest were applied regardless.
+
+        Raises:
+          ValueError: for an invalid session id or a price that is not a
+            finite number > 0; nothing is sent.
+          StoreUnavailable: if Redis cannot be used now, including a reply
+            that says so for one session of the batch (the others' scripts
+            may have run).
+          StoreDataError: for a reply that cannot be read.
+          (An error reply for one session is logged, not raised.)
         """
         for session_id in session_ids:
-            _check_session_id(session_id)
+            check_session_id(session_id)
         if not session_ids:
             return []
-        market = {t: _check_number(f"price of {t}", p) for t, p in prices.items()}
+        market = {t: check_number(f"price of {t}", p) for t, p in prices.items()}
         prices_json = orjson.dumps(market).decode()
         replies = await self.redis.evalsha_many(
             self._scripts["revalue"],
@@ -526,6 +453,11 @@ class SessionStore(abc.ABC):
         SSCAN's guarantees apply: an id present for the whole walk is
         yielded at least once (rarely twice: revaluing twice at the same
         prices is a no-op); ids added or removed meanwhile may or may not be.
+
+        Raises:
+          ValueError: if ``batch`` is below 1.
+          StoreUnavailable, ReplyError: from any SSCAN round trip, so after
+            some batches may already have been yielded.
         """
         if batch < 1:
             raise ValueError("batch must be at least 1")
@@ -549,6 +481,11 @@ class SessionStore(abc.ABC):
         which a re-created session can lose its index entry; its next
         ``create_if_missing``, on the next connection, adds it back.)
         Returns how many ids were removed.
+
+        Raises:
+          StoreUnavailable: if Redis cannot be used now.
+          ReplyError: if ``SREM`` is refused (an id whose ``EXISTS`` was
+            refused counts as present and is kept).
         """
         if not session_ids:
             return 0
@@ -560,98 +497,3 @@ class SessionStore(abc.ABC):
             return 0
         removed: int = await self.redis.execute("SREM", self.keys.index, *gone)
         return removed
-
-
-# -- choosing a layout ---------------------------------------------------------------------
-
-
-async def json_module_available(redis: RedisClient, *, key_prefix: str = "portfolio") -> bool:
-    """Whether Lua scripts can use RedisJSON on this server.
-
-    One script writes, reads back and deletes a scratch document, so the
-    probe leaves nothing behind even if cancelled.  An error reply (no
-    JSON module, or not allowed) means no.
-    """
-    probe = load_script(_JSON_PROBE)
-    key = f"{key_prefix}:layout-probe:{uuid.uuid4().hex}"
-    # Loaded first so EVALSHA never meets NOSCRIPT: some servers (fakeredis)
-    # close the connection after any error reply.
-    await redis.load_scripts([probe])
-    try:
-        answer = await redis.evalsha(probe, [key], ['{"probe":[1,"x"]}'])
-    except ReplyError:
-        return False
-    try:
-        return bool(orjson.loads(answer) == [{"probe": [1, "x"]}])
-    except (TypeError, orjson.JSONDecodeError):
-        return False
-
-
-async def detect_layout(redis: RedisClient, *, key_prefix: str = "portfolio") -> Layout:
-    """The layout ``auto`` means here: that of existing sessions, else json if possible.
-
-    Existing sessions win so that upgrading Redis (say 7 to 8, gaining JSON)
-    does not make the sessions already stored unreadable.  A few random ids
-    from the index are looked at: only the hash layout has a ``:holdings``
-    key.  (``TYPE`` would say it directly, but fakeredis cannot answer it
-    for a JSON key.)  Without sessions: ``json`` where the JSON module works
-    from scripts, else ``hash``.
-    """
-    keys = SessionKeys(key_prefix)
-    sample = await redis.execute("SRANDMEMBER", keys.index, 5)
-    if sample:
-        commands: list[tuple[str, str]] = []
-        for session_id in sample:
-            commands.append(("EXISTS", keys.session(session_id)))
-            commands.append(("EXISTS", keys.holdings(session_id)))
-        found = await redis.pipeline(commands)
-        for session_exists, holdings_exist in zip(found[::2], found[1::2], strict=True):
-            if session_exists == 1:
-                return "hash" if holdings_exist == 1 else "json"
-    return "json" if await json_module_available(redis, key_prefix=key_prefix) else "hash"
-
-
-async def open_store(
-    redis: RedisClient,
-    *,
-    layout: LayoutChoice = "auto",
-    key_prefix: str = "portfolio",
-    session_ttl_seconds: int = 86400,
-    results_limit: int = 500,
-) -> SessionStore:
-    """A ready :class:`SessionStore`: layout chosen, scripts loaded.
-
-    ``auto`` follows :func:`detect_layout`.  An explicit ``json`` is checked
-    (:class:`StoreLayoutUnavailable` if the server cannot run it); an
-    explicit ``hash`` works everywhere.  Talks to Redis, so it raises
-    :class:`~trio_portfolio.redis_io.StoreUnavailable` while Redis is down;
-    the caller decides whether to retry.
-    """
-    # The layout modules subclass SessionStore, so they import this module:
-    # importing them here, at call time, keeps the import graph acyclic.
-    from trio_portfolio.store_hash import HashSessionStore
-    from trio_portfolio.store_json import JsonSessionStore
-
-    chosen: Layout
-    if layout == "auto":
-        chosen = await detect_layout(redis, key_prefix=key_prefix)
-    elif layout == "json":
-        if not await json_module_available(redis, key_prefix=key_prefix):
-            raise StoreLayoutUnavailable(
-                f"layout 'json' needs the RedisJSON module at {redis.params.describe()}"
-            )
-        chosen = "json"
-    elif layout == "hash":
-        chosen = "hash"
-    else:
-        raise ValueError(f"unknown layout {layout!r}: expected auto, json or hash")
-    cls: type[SessionStore] = JsonSessionStore if chosen == "json" else HashSessionStore
-    store = cls(
-        redis,
-        key_prefix=key_prefix,
-        session_ttl_seconds=session_ttl_seconds,
-        results_limit=results_limit,
-    )
-    await store.load_scripts()
-    log.info("session store: %s layout, key prefix %r", store.layout, key_prefix)
-    return store

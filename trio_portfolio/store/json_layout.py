@@ -8,7 +8,7 @@ Key ``<prefix>:session:{<id>}`` holds the document::
 
 As ADR-001 decided, a plain read is a direct ``JSON.GET`` and every
 multi-step operation is a Lua script calling JSON path commands
-(``lua/json_*.lua``): appends are ``JSON.ARRAPPEND`` (O(1)), the market
+(``store/lua/json_*.lua``): appends are ``JSON.ARRAPPEND`` (O(1)), the market
 update reads only the paths it needs.  One key per session means one TTL
 and no partial expiry.  Needs the JSON module (built into Redis 8).
 
@@ -24,13 +24,14 @@ from typing import Any, ClassVar
 
 import orjson
 
-from trio_portfolio.store import Layout, SessionStore, StoreDataError
+from trio_portfolio.store.base import Layout, SessionStore
+from trio_portfolio.store.codec import StoreDataError
 
 __all__ = ["JsonSessionStore"]
 
 
 class JsonSessionStore(SessionStore):
-    """:class:`~trio_portfolio.store.SessionStore` over one RedisJSON document per session."""
+    """:class:`~trio_portfolio.store.base.SessionStore` over one RedisJSON document per session."""
 
     layout: ClassVar[Layout] = "json"
 
