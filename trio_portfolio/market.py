@@ -39,9 +39,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
-from typing import Any
 
 import attrs
 import numpy as np
@@ -234,7 +233,7 @@ async def run_market_updater(
     store: SessionStore,
     *,
     interval: float,
-    on_tick: Any = None,
+    on_tick: Callable[[TickReport], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Tick every ``interval`` seconds while this process leads; never raises on store faults.
