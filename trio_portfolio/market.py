@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from importlib import resources
+from typing import Any
 
 import attrs
 import numpy as np
@@ -233,7 +234,7 @@ async def run_market_updater(
     store: SessionStore,
     *,
     interval: float,
-    on_tick: Callable[[TickReport], None] | None = None,
+    on_tick: Any = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Tick every ``interval`` seconds while this process leads; never raises on store faults.
