@@ -16,7 +16,7 @@ from trio_portfolio.config import (
     load_settings,
     settings_as_text,
 )
-from trio_portfolio.observability import configure_logging
+from trio_portfolio.logs import configure_logging
 
 SWITCH_INTERVAL = 0.0005
 """Seconds a thread may hold the GIL before the interpreter hands it over."""

@@ -55,8 +55,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from trio_portfolio.analysis import AnalysisContext, AnalysisRunner
 from trio_portfolio.config import Settings
 from trio_portfolio.market import MarketData
-from trio_portfolio.models import Portfolio, StartRefused, utc_now
-from trio_portfolio.observability import Metrics
+from trio_portfolio.metrics import Refusal, ServerMetrics
+from trio_portfolio.models import AppendStatus, Portfolio, StartRefused, utc_now
 from trio_portfolio.protocol import (
     Analyze,
     Cancel,
@@ -90,7 +90,7 @@ class Services:
     store: SessionStore
     market: MarketData
     events: SessionEvents
-    metrics: Metrics
+    metrics: ServerMetrics
     rng: random.Random
 
     async def create_session(self, session_id: str) -> Portfolio:
@@ -233,14 +233,14 @@ class Connection:
                 message = await self.ws.get_message()
                 verdict = self._bucket.take(trio.current_time())
                 if verdict == "flood":
-                    self.services.metrics.inc("errors", code="flood")
+                    self.services.metrics.error(Refusal.FLOOD)
                     self._end(1008, "message rate limit exceeded")
                     return
                 await self._control_send.send(message if verdict == "ok" else _Throttled())
         except ConnectionClosed:
             reason = self.ws.closed
             if reason is not None and reason.code == 1009:
-                self.services.metrics.inc("errors", code="message_too_big")
+                self.services.metrics.error(Refusal.MESSAGE_TOO_BIG)
             self._end(1000, "client gone")
 
     async def _forward_events(self, events: trio.MemoryReceiveChannel[object]) -> None:
@@ -249,7 +249,7 @@ class Connection:
                 try:
                     self._control_send.send_nowait(event)
                 except trio.WouldBlock:
-                    self.services.metrics.inc("events_dropped")
+                    self.services.metrics.event_dropped()
 
     async def send(self, frame: str | None) -> None:
         """Queue ``frame`` for the writer (``None``: not for this dialect)."""
@@ -259,7 +259,7 @@ class Connection:
             await self._outbox_send.send(frame)
 
     async def _send_error(self, code: ErrorCode, detail: str) -> None:
-        self.services.metrics.inc("errors", code=code.value)
+        self.services.metrics.error(code)
         await self.send(render_error(code, detail))
 
     # -- session -----------------------------------------------------------
@@ -415,16 +415,16 @@ class Connection:
         )
 
 
-def _count_analysis_event(metrics: Metrics, name: str) -> None:
+def _count_analysis_event(metrics: ServerMetrics, name: str) -> None:
     """Map an analysis runner's event name onto the ``/metrics`` counters."""
     kind, _, detail = name.partition(":")
     if kind == "started":
-        metrics.inc("analyses_started")
+        metrics.analysis_started()
     elif kind == "completed":
-        metrics.inc("analyses_completed")
+        metrics.analysis_completed()
     elif kind == "cancelled":
-        metrics.inc("analyses_cancelled", reason=detail)
+        metrics.analysis_cancelled(CancelReason(detail))
     elif kind == "committed":
-        metrics.inc("results_committed")
+        metrics.result_committed()
     elif kind == "rejected":
-        metrics.inc("fenced_writes_rejected", status=detail)
+        metrics.fenced_write_rejected(AppendStatus(detail))

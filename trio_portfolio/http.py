@@ -64,6 +64,8 @@ import h11
 import orjson
 import trio
 
+from trio_portfolio.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+
 log = logging.getLogger(__name__)
 
 RECEIVE_BYTES = 16 * 1024
@@ -109,7 +111,7 @@ class HttpApp(Protocol):
         ...
 
     def metrics_text(self) -> str:
-        """The Prometheus text exposition (version 0.0.4) of the server's metrics."""
+        """The server's metrics, in the Prometheus text format 0.0.4 (rendered elsewhere)."""
         ...
 
     async def new_session(self) -> dict[str, object]:
@@ -606,7 +608,7 @@ class _FrontDoor:
     async def _metrics(self) -> _Response:
         await trio.lowlevel.checkpoint()
         text = self.app.metrics_text()
-        return _Response(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
+        return _Response(200, text.encode(), METRICS_CONTENT_TYPE)
 
     async def _new_session(self) -> _Response:
         timeout = self.limits.session_timeout

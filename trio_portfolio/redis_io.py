@@ -426,6 +426,7 @@ class RedisClient:
         timeout: float,
         connections: int,
         reconnect_backoff: float,
+        on_latency: Callable[[float], None] | None = None,
     ) -> None:
         if connections < 1:
             raise ValueError("connections must be at least 1")
@@ -440,7 +441,7 @@ class RedisClient:
         self._failed_until = -math.inf
         self._last_failure: StoreUnavailable | None = None
         self.stats = RedisStatistics()
-        self.on_latency: Callable[[float], None] | None = None
+        self.on_latency = on_latency
         """Called with the seconds each completed call took (for a latency histogram)."""
 
     def statistics(self) -> RedisStatistics:
@@ -600,12 +601,15 @@ async def open_redis(
     timeout: float = 5.0,
     connections: int = 2,
     reconnect_backoff: float = 0.5,
+    on_latency: Callable[[float], None] | None = None,
 ) -> AsyncIterator[RedisClient]:
     """Open a :class:`RedisClient` whose connections live in a nursery owned by this block.
 
     Connections are made lazily, so this succeeds even while Redis is down
     (the first call then raises :class:`StoreUnavailable`); call
-    :meth:`RedisClient.ping` to insist on a live store.
+    :meth:`RedisClient.ping` to insist on a live store.  ``on_latency``, if
+    given, is called with the seconds each completed call took (synchronously,
+    on the caller's task: keep it cheap and never let it raise).
     """
     params = ConnectionParams.from_url(url)
     async with open_service_nursery() as nursery:
@@ -615,4 +619,5 @@ async def open_redis(
             timeout=timeout,
             connections=connections,
             reconnect_backoff=reconnect_backoff,
+            on_latency=on_latency,
         )

@@ -47,7 +47,7 @@ from trio_portfolio.connection import Connection, Services
 from trio_portfolio.embedded import run_embedded_redis
 from trio_portfolio.http import ServiceUnavailable, serve_front_door
 from trio_portfolio.market import MarketData, TickReport, run_market_updater
-from trio_portfolio.observability import Metrics
+from trio_portfolio.metrics import Refusal, ServerMetrics
 from trio_portfolio.protocol import Dialect, choose_dialect, render_portfolio, validate_session_id
 from trio_portfolio.redis_io import RedisClient, StoreUnavailable, open_redis
 from trio_portfolio.redis_pubsub import PubSub, open_pubsub
@@ -59,22 +59,6 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
 WS_PATH_PREFIX = "/ws/"
-
-
-_METRIC_HELP = {
-    "sessions": "live sessions in the store, as counted by the last market tick",
-    "analyses_started": "analysis attempts started (a snapshot was taken)",
-    "analyses_completed": "analyses that delivered all five results",
-    "analyses_cancelled": "analyses stopped early, by reason",
-    "results_committed": "results stored by the fenced append (and then sent)",
-    "fenced_writes_rejected": "results refused by the fence, by status (stale, superseded)",
-    "market_ticks": "market ticks taken by this process as leader",
-    "market_tick_seconds": "duration of a market tick, revaluation included",
-    "sessions_revalued": "session revaluations by market ticks",
-    "redis_call_seconds": "latency of one Redis call (command, pipeline or script)",
-    "errors": "error frames and refusals, by code",
-    "events_dropped": "session events dropped because a connection lagged",
-}
 
 
 @attrs.frozen
@@ -91,11 +75,18 @@ class ServerInfo:
 class Server:
     """Accepts connections, owns the shared services, tracks connections for shutdown."""
 
-    def __init__(self, settings: Settings, redis: RedisClient, pubsub: PubSub) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: RedisClient,
+        pubsub: PubSub,
+        metrics: ServerMetrics,
+    ) -> None:
+        """``metrics`` is this server's own; ``redis`` should report latency to it."""
         self.settings = settings
         self.redis = redis
         self.pubsub = pubsub
-        self.metrics = Metrics()
+        self.metrics = metrics
         self.services: Services | None = None
         """Set once the store is open; until then WebSockets are refused with 503."""
         self.startup_problem = "the store has not been opened yet"
@@ -107,13 +98,9 @@ class Server:
         self.all_closed = trio.Event()
         self.all_closed.set()
         self.http_app = ServerHttpApp(self)
-        metrics = self.metrics
-        metrics.gauge_function(
-            "connections_open", lambda: len(self.connections), "open WebSocket connections"
-        )
-        for name, text in _METRIC_HELP.items():
-            metrics.help[name] = text
-        redis.on_latency = lambda seconds: self.metrics.observe("redis_call_seconds", seconds)
+        metrics.watch_connections(lambda: len(self.connections))
+        metrics.watch_redis(redis)
+        metrics.watch_pubsub(pubsub)
 
     def stop(self) -> None:
         """Ask for a graceful shutdown (what SIGINT/SIGTERM do)."""
@@ -137,9 +124,7 @@ class Server:
             metrics=self.metrics,
             rng=random.Random(),
         )
-        self.metrics.gauge_function(
-            "sessions_watched", lambda: events.sessions_watched, "sessions with local watchers"
-        )
+        self.metrics.watch_session_events(events)
         nursery.start_soon(events.run)
         await nursery.start(self._run_market_updater, market, store)
         self.services = services
@@ -173,10 +158,7 @@ class Server:
         metrics = self.metrics
 
         def on_tick(report: TickReport) -> None:
-            metrics.inc("market_ticks")
-            metrics.inc("sessions_revalued", report.sessions_revalued)
-            metrics.set("sessions", report.sessions_revalued)
-            metrics.observe("market_tick_seconds", report.seconds)
+            metrics.market_tick(seconds=report.seconds, sessions_revalued=report.sessions_revalued)
 
         await run_market_updater(
             market,
@@ -240,7 +222,7 @@ class Server:
             await request.reject(503, body=f"not ready: {self.startup_problem}\n".encode())
             return
         if len(self.connections) >= settings.max_connections:
-            self.metrics.inc("errors", code="too_many_connections")
+            self.metrics.error(Refusal.TOO_MANY_CONNECTIONS)
             await request.reject(503, body=b"too many connections, try again later\n")
             return
         dialect = choose_dialect(request.proposed_subprotocols)
@@ -305,7 +287,8 @@ class ServerHttpApp:
         return True, "ok"
 
     def metrics_text(self) -> str:
-        return self.server.metrics.render_prometheus()
+        """Every series of this server, rendered by ``prometheus_client``."""
+        return self.server.metrics.exposition().decode()
 
     async def new_session(self) -> dict[str, object]:
         """A session under a fresh unguessable id, with the default holdings."""
@@ -348,12 +331,15 @@ async def run_service(
     task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Everything but the embedded Redis: store, market, events, listener, connections."""
+    metrics = ServerMetrics()
     async with (
-        open_redis(redis_url, timeout=settings.redis_timeout_seconds) as redis,
+        open_redis(
+            redis_url, timeout=settings.redis_timeout_seconds, on_latency=metrics.redis_call
+        ) as redis,
         open_pubsub(redis_url) as pubsub,
         trio.open_nursery() as service,
     ):
-        server = Server(settings, redis, pubsub)
+        server = Server(settings, redis, pubsub, metrics)
         if handle_signals:
             service.start_soon(_stop_on_signal, server)
         async with trio.open_nursery() as connections:
