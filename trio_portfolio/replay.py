@@ -82,7 +82,7 @@ import bisect
 import csv
 import math
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
@@ -268,8 +268,6 @@ def parse_prices(lines: Iterable[str], *, name: str, max_rows: int) -> PriceTape
             prices.setdefault(ticker, []).append(price)
     except csv.Error as exc:
         raise ReplayFileError(f"{name}:{reader.line_num}: not CSV: {exc}") from None
-    except UnicodeDecodeError:
-        raise ReplayFileError(f"{name}:{reader.line_num + 1}: not UTF-8 text") from None
     if header is None:
         raise ReplayFileError(f"{name}: empty; expected the header {','.join(HEADER)}")
     if rows == 0:
@@ -295,10 +293,20 @@ def load_tape(path: Path, *, max_rows: int) -> PriceTape:
                 f"{path}: {size} bytes, more than {limit} "
                 f"(--replay-max-rows {max_rows} x {MAX_LINE_BYTES} bytes a row)"
             )
-        with path.open(encoding="utf-8-sig", newline="") as file:
-            return parse_prices(file, name=str(path), max_rows=max_rows)
+        data = path.read_bytes()
     except OSError as exc:
         raise ReplayFileError(f"{path}: cannot read replay file: {exc.strerror}") from None
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
+    return parse_prices(_decoded(data, str(path)), name=str(path), max_rows=max_rows)
+
+
+def _decoded(data: bytes, name: str) -> Iterator[str]:
+    """``data``'s lines as text, a line that is not UTF-8 named by its number."""
+    for number, raw in enumerate(data.splitlines(keepends=True), start=1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ReplayFileError(f"{name}:{number}: not UTF-8 text") from None
 
 
 class ReplaySource(MarketSource):
