@@ -15,9 +15,11 @@ import os
 import subprocess
 import sys
 import tomllib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -521,3 +523,45 @@ def test_csv_errors_name_the_line() -> None:
     huge = '2024-01-02T09:31:00Z,"' + "A" * 200_000 + '",1\n'
     with pytest.raises(ReplayFileError, match=r"prices\.csv:3: not CSV: field larger"):
         tape_of(GOOD + huge)
+
+
+# -- the documented adapter skeleton runs as written ------------------------------------------
+
+
+def _skeleton_code() -> str:
+    text = (REPO / "docs" / "market-feeds.md").read_text(encoding="utf-8")
+    blocks = text.split("```python\n")[1:]
+    (code,) = [b.split("```")[0] for b in blocks if "class StreamingFeedSource" in b]
+    return code
+
+
+async def test_the_documented_adapter_skeleton_works_against_an_in_memory_feed() -> None:
+    send, receive = trio.open_memory_channel[dict[str, float]](0)
+
+    @asynccontextmanager
+    async def open_feed(url: str) -> AsyncIterator[trio.MemoryReceiveChannel[dict[str, float]]]:
+        assert url == "feed://test"
+        yield receive
+
+    namespace: dict[str, Any] = {
+        "open_feed": open_feed,
+        "FeedError": type("FeedError", (Exception,), {}),
+    }
+    exec(compile(_skeleton_code(), "docs/market-feeds.md", "exec"), namespace)
+    simulator = GbmSimulator(seed=1)
+    source = namespace["StreamingFeedSource"]("feed://test", simulator, max_tickers=2)
+    assert source.bootstrap_history("AAPL", 3) == simulator.bootstrap_history("AAPL", 3)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run)
+        with trio.fail_after(5):
+            await send.send({"AAPL": 191.5, "bad!": 3.0, "MSFT": math.nan})
+            await send.send({"GOOGL": 170.25})
+            await send.send({"TSLA": 200.0})  # a third ticker: over max_tickers, dropped
+            await send.send({"GOOGL": 171.0})
+            await send.send({})  # unbuffered: taken only once the batch before is merged
+        got = await trio.to_thread.run_sync(
+            source.next_prices, {"AAPL": 190.0, "MSFT": 400.0, "GOOGL": 1.0, "TSLA": 9.0}, 1
+        )
+        assert got == {"AAPL": 191.5, "MSFT": 400.0, "GOOGL": 171.0, "TSLA": 9.0}
+        assert source.bootstrap_history("AAPL", 2) == [191.5, 191.5]
+        nursery.cancel_scope.cancel()
