@@ -63,6 +63,13 @@ def _settings(args: argparse.Namespace) -> Settings:
         sys.exit(f"trio-portfolio: configuration error: {exc}")
 
 
+def _first_leaf(error: BaseException) -> BaseException:
+    """The first exception inside (possibly nested) exception groups."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "config":
@@ -83,7 +90,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         # interval (5 ms by default) before the Trio loop gets it back; 0.5 ms
         # keeps the loop responsive (see bench/bench_loop_latency.py).
         sys.setswitchinterval(SWITCH_INTERVAL)
-        trio.run(serve, settings)
+        try:
+            trio.run(serve, settings)
+        except* ConfigError as group:  # found at start-up, e.g. a bad --replay-file
+            sys.exit(f"trio-portfolio: configuration error: {_first_leaf(group)}")
 
 
 if __name__ == "__main__":

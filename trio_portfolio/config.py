@@ -59,6 +59,17 @@ class RedisLayout(enum.StrEnum):
     HASH = "hash"
 
 
+class MarketSourceKind(enum.StrEnum):
+    """Where market prices come from: the simulator, or a replayed CSV file."""
+
+    SIMULATED = "simulated"
+    REPLAY = "replay"
+
+
+SAMPLE_PRICES_FILE = Path(__file__).parent / "data" / "sample_prices.csv"
+"""The replay file bundled with the package (made by ``python3 -m trio_portfolio.replay``)."""
+
+
 class LogLevel(enum.StrEnum):
     DEBUG = "debug"
     INFO = "info"
@@ -272,6 +283,39 @@ class Settings:
     market_seed: int = attrs.field(
         default=0, metadata=_rule("seed of the simulated market", "an integer", _anything, "N")
     )
+    market_source: MarketSourceKind = attrs.field(
+        default=MarketSourceKind.SIMULATED,
+        metadata=_rule(
+            "where prices come from: the simulator, or replay of --replay-file",
+            "one of simulated, replay",
+            _member_of(MarketSourceKind),
+            "simulated|replay",
+        ),
+    )
+    replay_file: Path = attrs.field(
+        default=SAMPLE_PRICES_FILE,
+        metadata=_rule(
+            "CSV of timestamp,ticker,price rows for --market-source replay",
+            "a path",
+            _anything,
+            "FILE",
+        ),
+    )
+    replay_speed: float = attrs.field(
+        default=1.0,
+        metadata=_rule(
+            "replay seconds played per wall-clock second (1: real time)",
+            _POSITIVE_NUMBER,
+            _positive,
+            "FACTOR",
+        ),
+    )
+    replay_max_rows: int = attrs.field(
+        default=1_000_000,
+        metadata=_rule(
+            "largest replay file, in rows (and 128 bytes a row)", _POSITIVE_INT, _positive, "N"
+        ),
+    )
     max_message_bytes: int = attrs.field(
         default=65536,
         metadata=_rule(
@@ -433,7 +477,12 @@ _converter.register_structure_hook(Path, _to_path)
 _converter.register_structure_hook_func(lambda t: t == str | None, _to_optional_str)
 _converter.register_structure_hook_func(lambda t: t == tuple[float, float], _to_delay)
 _converter.register_structure_hook_func(lambda t: t == dict[str, float], _to_holdings)
-for _enum in (RedisLayout, LogLevel, LogFormat):  # before the str hook they subclass
+for _enum in (
+    RedisLayout,
+    LogLevel,
+    LogFormat,
+    MarketSourceKind,
+):  # before the str hook they subclass
     _converter.register_structure_hook(_enum, _to_enum)
 
 

@@ -51,8 +51,8 @@ from trio_portfolio.metrics import Refusal, ServerMetrics
 from trio_portfolio.protocol import Dialect, choose_dialect, render_portfolio, validate_session_id
 from trio_portfolio.redis_io import RedisClient, StoreUnavailable, open_redis
 from trio_portfolio.redis_pubsub import PubSub, open_pubsub
+from trio_portfolio.replay import market_source_for
 from trio_portfolio.session_events import SessionEvents
-from trio_portfolio.simulation import GbmSimulator
 from trio_portfolio.store import SessionStore, open_store
 
 log = logging.getLogger(__name__)
@@ -110,10 +110,9 @@ class Server:
     async def open_services(self, nursery: trio.Nursery) -> Services:
         """Open the store (waiting for Redis), then start the events hub and market updater."""
         settings = self.settings
+        source = await trio.to_thread.run_sync(market_source_for, settings)  # reads a replay file
         store = await self._open_store_when_ready()
-        market = MarketData(
-            self.redis, GbmSimulator(seed=settings.market_seed), key_prefix=settings.key_prefix
-        )
+        market = MarketData(self.redis, source, key_prefix=settings.key_prefix)
         await market.load_scripts()
         events = SessionEvents(self.pubsub, store.events_channel)
         services = Services(

@@ -7,7 +7,9 @@ without I/O: where does a ticker start, what did its recent past look like,
 and what are the next prices.  The market updater owns the clock (the tick
 number) and the last prices; the source only maps them to new prices.  A
 feed backed by a real market can implement the same protocol later, doing
-its fetching elsewhere; nothing here ever calls an external service.
+its fetching elsewhere (``docs/market-feeds.md``); nothing here ever calls
+an external service.  :class:`~trio_portfolio.replay.ReplaySource` plays
+historical prices from a CSV file through the same protocol.
 
 :class:`GbmSimulator` moves every ticker by geometric Brownian motion::
 
@@ -112,10 +114,34 @@ _TICKER: Final[int] = 2
 
 
 class MarketSource(Protocol):
-    """Where prices come from: pure, synchronous and deterministic.
+    """Where prices come from: synchronous, without I/O, safe from any thread.
 
-    Implementations must not block or do I/O in these methods; a real feed
-    would fetch elsewhere and answer from what it has.
+    The market (:class:`~trio_portfolio.market.MarketData`) owns the clock
+    (the tick counter in Redis) and the stored prices; a source only maps
+    them to prices.  Rules for an implementation (``docs/market-feeds.md``
+    has an adapter skeleton for a real feed):
+
+    * Calls come from Trio worker threads (``trio.to_thread.run_sync``),
+      never the event loop, and several may run at once (bootstraps for new
+      tickers while a tick is drawn): the methods must be thread-safe, e.g.
+      read immutable state or a reference swapped atomically.
+    * No I/O and no waiting in the methods: the worker thread's caller
+      waits for the answer, and a market tick is fenced on the tick number
+      it read.  Load files before (see :mod:`trio_portfolio.replay`); a live
+      feed receives in a task of its own and answers from its latest
+      snapshot.
+    * Only the leading process calls :meth:`next_prices`, once per tick;
+      every process may call :meth:`bootstrap_history` when a session first
+      holds a ticker.  :meth:`initial_price` is part of the interface but the
+      market uses the last element of the bootstrap history.
+    * Simulated and replayed sources are deterministic (the same
+      configuration and arguments give the same prices, in every process);
+      a live feed cannot be, and need not be: the stored tick is the truth.
+    * Errors: :class:`ValueError` for invalid arguments, as documented per
+      method, and nothing else.  The market updater does not catch a
+      source's exceptions (only store faults), so one raised from
+      :meth:`next_prices` stops the server: a live feed without a fresh
+      price answers with the last price it was given.
     """
 
     def initial_price(self, ticker: str) -> float:
