@@ -42,7 +42,9 @@ runner sends and counts through this connection's
 *An expired session.*  Whoever finds the session gone (a touch, a read, a
 write, or an analysis at its start or mid-way) goes through
 :meth:`Connection._session_expired`: one ``session_expired`` error, then a
-fresh session (``session``, v2).  An analysis that ends with
+fresh session (``session``, v2), after stopping an analysis still running
+on the vanished session (``analysis_cancelled`` / ``cancelled``).  An
+analysis that ends with
 :class:`~trio_portfolio.analysis_outcome.SessionGone` on its own hands that
 outcome back to the control loop (through the control channel), so the
 answer is given in order with the handling of every other input.  Each
@@ -326,6 +328,10 @@ class Connection:
         """
         if epoch is not None and epoch != self._session_epoch:
             return
+        # An analysis still running belongs to the vanished session and can store
+        # nothing more: stop it first, so that it ends as ``cancelled`` (not as
+        # ``switched`` by a fence on the fresh session) and before the error.
+        await self._stop_current(CancelReason.CANCELLED)
         await self._send_error(
             ErrorCode.SESSION_EXPIRED, "the session expired; a new one was started"
         )
