@@ -31,6 +31,26 @@ session, heard after our own analysis's (events arrive in publish order),
 means our analysis is no longer the session's current one: it is stopped and
 reported as ``switched``.
 
+*The analysis boundary.*  The connection and its
+:class:`~trio_portfolio.analysis.AnalysisRunner` share only the types of
+:mod:`trio_portfolio.analysis_outcome`: the runner mints and the connection
+recognises analysis ids (:class:`~trio_portfolio.analysis_outcome.AnalysisId`); the
+runner sends and counts through this connection's
+:class:`~trio_portfolio.analysis_outcome.AnalysisObserver`; it ends with an
+:data:`~trio_portfolio.analysis_outcome.AnalysisOutcome`.
+
+*An expired session.*  Whoever finds the session gone (a touch, a read, a
+write, or an analysis at its start or mid-way) goes through
+:meth:`Connection._session_expired`: one ``session_expired`` error, then a
+fresh session (``session``, v2), after stopping an analysis still running
+on the vanished session (``analysis_cancelled`` / ``cancelled``).  An
+analysis that ends with
+:class:`~trio_portfolio.analysis_outcome.SessionGone` on its own hands that
+outcome back to the control loop (through the control channel), so the
+answer is given in order with the handling of every other input.  Each
+answer starts a new *session epoch*; an outcome from an analysis of an
+earlier epoch is answered already, so the client is told once.
+
 *Activity.*  Every client frame is activity (it refreshes the session's
 TTL); market updates are not (guarantee 5).
 
@@ -53,10 +73,11 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from trio_portfolio.analysis import AnalysisContext, AnalysisRunner
+from trio_portfolio.analysis_outcome import AnalysisId, AnalysisOutcome, SessionGone
 from trio_portfolio.config import Settings
 from trio_portfolio.market import MarketData
 from trio_portfolio.metrics import Refusal, ServerMetrics
-from trio_portfolio.models import AppendStatus, Portfolio, StartRefused, utc_now
+from trio_portfolio.models import AnalysisResult, AppendStatus, Portfolio, utc_now
 from trio_portfolio.protocol import (
     Analyze,
     Cancel,
@@ -135,7 +156,18 @@ class _Throttled:
     """Marker in the control channel: a client frame was dropped by the rate limit."""
 
 
-_Input = str | bytes | _Throttled | PortfolioChanged | AnalysisStarted
+@attrs.frozen
+class _AnalysisEnded:
+    """In the control channel: an analysis ended by itself with an outcome to answer.
+
+    ``epoch`` is the session epoch the analysis was started in.
+    """
+
+    outcome: AnalysisOutcome
+    epoch: int
+
+
+_Input = str | bytes | _Throttled | PortfolioChanged | AnalysisStarted | _AnalysisEnded
 
 
 class Connection:
@@ -158,7 +190,9 @@ class Connection:
         self._close_code = 1000
         self._close_reason = "bye"
         self._session_ready = False
-        self._heard_own_start: str | None = None
+        self._session_epoch = 0
+        """How many times the session was created or resumed (greeted) on this connection."""
+        self._heard_own_start: AnalysisId | None = None
         """The id of our latest analysis whose ``analysis_started`` event we have heard."""
         self._store: SessionStore = services.store
         self._market: MarketData = services.market
@@ -277,6 +311,7 @@ class Connection:
         """Create (or resume) the session and send it as a ``session`` frame (v2)."""
         portfolio = await self.services.create_session(self.session_id)
         self._session_ready = True
+        self._session_epoch += 1
         await self.send(render_session(portfolio, self.dialect))
 
     async def _ensure_session(self) -> None:
@@ -284,8 +319,19 @@ class Connection:
         if not self._session_ready:
             await self._greet_session()
 
-    async def _session_expired(self) -> None:
-        """The session vanished under us (TTL): say so and start a fresh one."""
+    async def _session_expired(self, epoch: int | None = None) -> None:
+        """The session vanished under us (TTL, deleted): say so and start a fresh one.
+
+        The one path for an expired session.  ``epoch`` is the session epoch in
+        which it was found gone (default: now); if a fresh session was started
+        since, the client has been told already and nothing is sent.
+        """
+        if epoch is not None and epoch != self._session_epoch:
+            return
+        # An analysis still running belongs to the vanished session and can store
+        # nothing more: stop it first, so that it ends as ``cancelled`` (not as
+        # ``switched`` by a fence on the fresh session) and before the error.
+        await self._stop_current(CancelReason.CANCELLED)
         await self._send_error(
             ErrorCode.SESSION_EXPIRED, "the session expired; a new one was started"
         )
@@ -311,8 +357,10 @@ class Connection:
                     )
                 elif isinstance(item, PortfolioChanged):
                     await self._on_portfolio_changed(item)
-                else:
+                elif isinstance(item, AnalysisStarted):
                     await self._on_analysis_started(item)
+                else:
+                    await self._on_analysis_outcome(item.outcome, item.epoch)
             except StoreUnavailable as exc:
                 await self._send_error(ErrorCode.STORE_UNAVAILABLE, str(exc))
 
@@ -342,10 +390,35 @@ class Connection:
     async def _analyze(self, ticker: str) -> None:
         await self._stop_current(CancelReason.SWITCHED)
         runner = AnalysisRunner(self._analysis_context(), ticker)
-        if await self._nursery.start(runner.run):
+        epoch = self._session_epoch
+        refused = await self._nursery.start(self._run_analysis, runner, epoch)
+        if refused is None:
             self._current = runner
-        elif runner.refused is StartRefused.MISSING:
-            await self._greet_session()
+        else:
+            await self._on_analysis_outcome(refused, epoch)
+
+    async def _run_analysis(
+        self,
+        runner: AnalysisRunner,
+        epoch: int,
+        *,
+        task_status: trio.TaskStatus[AnalysisOutcome | None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run ``runner`` (in the connection's nursery) and hand back what it ended with.
+
+        Reports like :meth:`AnalysisRunner.run`.  An outcome the control loop
+        must answer, reached after the start, is queued on the control
+        channel (blocking while it is full: the runner has finished by then,
+        so nothing waits on this task).
+        """
+        outcome = await runner.run(task_status=task_status)
+        if runner.started and isinstance(outcome, SessionGone):
+            await self._control_send.send(_AnalysisEnded(outcome, epoch))
+
+    async def _on_analysis_outcome(self, outcome: AnalysisOutcome, epoch: int) -> None:
+        """Answer what an analysis ended with, if the connection must (session gone)."""
+        if isinstance(outcome, SessionGone):
+            await self._session_expired(epoch)
 
     async def _set_holdings(self, holdings: Mapping[str, float]) -> None:
         prices = await self._market.ensure_prices(list(holdings))
@@ -379,52 +452,64 @@ class Connection:
         connections starting at once must not both stop).  A missed event is
         harmless: the fenced append refuses our next result anyway.
         """
-        if event.analysis_id.startswith(f"{self.id}-"):
-            self._heard_own_start = event.analysis_id
+        analysis_id = AnalysisId.of(event.analysis_id)
+        if analysis_id.belongs_to(self.id):
+            self._heard_own_start = analysis_id
             return
-        live = None if self._current is None else self._current.live_attempt
-        if live is not None and live.snapshot.analysis_id == self._heard_own_start:
+        live = None if self._current is None else self._current.live_analysis_id
+        if live is not None and live == self._heard_own_start:
             await self._stop_current(CancelReason.SWITCHED)
 
     async def _stop_current(self, reason: CancelReason, *, notify: bool = True) -> None:
-        """Cancel the running analysis, wait for it to end, then report and unfence it."""
+        """Stop the running analysis: cancel, wait for it to end, report and unfence it."""
         runner = self._current
         if runner is None:
             return
-        runner.scope.cancel()
-        await runner.done.wait()
-        # Cleared only now: if this wait is itself cancelled, the connection's
-        # final cleanup still finds the runner and unfences it.
+        await runner.stop(reason, notify=notify)
+        # Cleared only now: if the stop is itself cancelled, the connection's
+        # final cleanup still finds the runner and finishes it (stop is idempotent).
         self._current = None
-        await runner.close_live_attempt(reason, notify=notify)
 
     def _analysis_context(self) -> AnalysisContext:
         settings = self.services.settings
-        metrics = self.services.metrics
         return AnalysisContext(
             session_id=self.session_id,
             dialect=self.dialect,
             store=self._store,
             market=self._market,
-            send=self.send,
+            observer=_AnalysisObserver(self, self.services.metrics),
             metric_delay=settings.metric_delay_seconds,
             rng=self.services.rng,
             connection_id=self.id,
             send_timeout=SEND_TIMEOUT,
-            on_event=lambda name: _count_analysis_event(metrics, name),
         )
 
 
-def _count_analysis_event(metrics: ServerMetrics, name: str) -> None:
-    """Map an analysis runner's event name onto the ``/metrics`` counters."""
-    kind, _, detail = name.partition(":")
-    if kind == "started":
-        metrics.analysis_started()
-    elif kind == "completed":
-        metrics.analysis_completed()
-    elif kind == "cancelled":
-        metrics.analysis_cancelled(CancelReason(detail))
-    elif kind == "committed":
-        metrics.result_committed()
-    elif kind == "rejected":
-        metrics.fenced_write_rejected(AppendStatus(detail))
+@attrs.frozen
+class _AnalysisObserver:
+    """The connection's side of :class:`~trio_portfolio.analysis_outcome.AnalysisObserver`:
+    frames go to its outbox, events to the server's counters."""
+
+    connection: Connection
+    metrics: ServerMetrics
+
+    async def send(self, frame: str | None) -> None:
+        await self.connection.send(frame)
+
+    async def send_error(self, code: ErrorCode, detail: str) -> None:
+        await self.connection._send_error(code, detail)
+
+    def analysis_started(self, analysis_id: AnalysisId) -> None:
+        self.metrics.analysis_started()
+
+    def result_committed(self, result: AnalysisResult) -> None:
+        self.metrics.result_committed()
+
+    def write_fenced(self, status: AppendStatus) -> None:
+        self.metrics.fenced_write_rejected(status)
+
+    def analysis_completed(self, analysis_id: AnalysisId) -> None:
+        self.metrics.analysis_completed()
+
+    def analysis_cancelled(self, analysis_id: AnalysisId, reason: CancelReason) -> None:
+        self.metrics.analysis_cancelled(reason)

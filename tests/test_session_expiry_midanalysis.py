@@ -1,0 +1,207 @@
+"""A session that vanishes mid-analysis: the client is told ``session_expired`` once.
+
+The session's keys are deleted in Redis, over a connection of the test's own,
+while an analysis runs (as a TTL expiry or an operator's ``DEL`` would do).
+The analysis must end as *the session is gone*, never as ``switched``: v2
+gets ``analysis_cancelled`` with the contract's ``cancelled`` reason, then
+exactly one ``error`` ``session_expired`` and a fresh ``session``; v1 gets the
+one ``error``.  The connection stays usable and the fresh session holds
+nothing of the vanished one's analysis.  See docs/protocol.md ("Error codes").
+
+Rules of this suite: whole servers in-process on 127.0.0.1, port 0, against
+the harness's real redis-server; real WebSocket clients; every wait bounded.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from trio_portfolio.config import RedisLayout
+from trio_portfolio.redis_io import open_redis
+from trio_portfolio.testing import RedisServerInfo, StoreTarget
+from trio_portfolio.testing.live_server import (
+    Client,
+    LiveServer,
+    http_request,
+    open_client,
+    open_live_server,
+)
+from trio_portfolio.testing.live_server import test_settings as server_settings
+
+Frame = dict[str, Any]
+DEFAULT_HOLDINGS = {"AAPL": 100.0, "GOOGL": 50.0, "MSFT": 75.0}
+TIMEOUT = 10.0
+
+
+@asynccontextmanager
+async def expiry_server(redis_url: str, **overrides: Any) -> AsyncIterator[LiveServer]:
+    """A server whose metrics take long enough for a deletion to land mid-analysis."""
+    overrides.setdefault("metric_delay_seconds", (0.3, 0.8))
+    async with open_live_server(server_settings(redis_url, **overrides)) as server:
+        yield server
+
+
+async def delete_session_keys(server: LiveServer, redis_url: str, session_id: str) -> int:
+    """``DEL`` every key of ``session_id`` (found by the documented key naming)."""
+    pattern = f"{server.settings.key_prefix}:session:{{{session_id}}}*"
+    async with open_redis(redis_url) as redis:
+        keys = await redis.execute("KEYS", pattern)
+        assert keys, f"no keys match {pattern}"
+        deleted: int = await redis.execute("DEL", *keys)
+    return deleted
+
+
+async def first_frame(client: Client, kind: str) -> Frame:
+    frame = await client.recv(TIMEOUT)
+    assert frame["type"] == kind, frame
+    return frame
+
+
+async def counter(server: LiveServer, series: str) -> float:
+    """The value of one ``/metrics`` series (0 when absent)."""
+    text = (await http_request(server, "GET", "/metrics")).body.decode()
+    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def expiry_errors(frames: list[Frame]) -> list[Frame]:
+    return [f for f in frames if f["type"] == "error" and f["code"] == "session_expired"]
+
+
+async def test_v2_session_deleted_mid_analysis_is_session_expired_not_switched(
+    store_target: StoreTarget,
+) -> None:
+    redis_url = store_target.server.url
+    session_id = "x-" + secrets.token_hex(6)
+    async with (
+        expiry_server(redis_url, redis_layout=RedisLayout(store_target.layout)) as server,
+        open_client(server, session_id) as client,
+    ):
+        await first_frame(client, "session")
+        await client.send("analyze", ticker="AAPL")
+        started = await first_frame(client, "analysis_started")
+        assert await delete_session_keys(server, redis_url, session_id) >= 1
+
+        ended = await client.recv_until(lambda f: f["type"] == "session", timeout=TIMEOUT)
+        kinds = [f["type"] for f in ended]
+        # Nothing was due before the deletion (metrics take >= 0.3 s), so nothing
+        # was stored or sent; the analysis ends as cancelled, then the one error.
+        assert kinds == ["analysis_cancelled", "error", "session"], ended
+        cancelled, error, session = ended
+        assert cancelled["analysis_id"] == started["analysis_id"]
+        assert cancelled["reason"] == "cancelled", cancelled
+        assert error["code"] == "session_expired", error
+        assert session["session_id"] == session_id
+        fresh = session["portfolio"]
+        assert fresh["holdings"] == DEFAULT_HOLDINGS
+        assert fresh["current_analysis"] is None
+        assert fresh["analysis_results"] == []
+
+        # Told once: nothing more arrives, and the connection works on the fresh session.
+        await client.expect_quiet(1.5)
+        await client.send("get_portfolio")
+        portfolio = await first_frame(client, "portfolio")
+        assert portfolio["analysis_results"] == []
+        assert portfolio["current_analysis"] is None
+        await client.send("analyze", ticker="MSFT")
+        again = await client.recv_until(lambda f: f["type"] == "analysis_complete", timeout=20)
+        assert [f["type"] for f in again].count("analysis_result") == 5
+        assert not expiry_errors(client.frames[client.frames.index(session) :])
+
+        assert await counter(server, 'trio_portfolio_errors_total{code="session_expired"}') == 1
+        assert await counter(server, 'trio_portfolio_analyses_cancelled_total{reason="cancelled"}')
+        assert not await counter(
+            server, 'trio_portfolio_analyses_cancelled_total{reason="switched"}'
+        )
+
+
+async def test_results_before_the_deletion_stand_and_none_follow_it(
+    real_redis: RedisServerInfo,
+) -> None:
+    session_id = "x-" + secrets.token_hex(6)
+    async with (
+        expiry_server(real_redis.url, metric_delay_seconds=(0.1, 2.5)) as server,
+        open_client(server, session_id) as client,
+    ):
+        await first_frame(client, "session")
+        await client.send("analyze", ticker="GOOGL")
+        await first_frame(client, "analysis_started")
+        first = await first_frame(client, "analysis_result")
+        await delete_session_keys(server, real_redis.url, session_id)
+
+        ended = await client.recv_until(lambda f: f["type"] == "session", timeout=TIMEOUT)
+        kinds = [f["type"] for f in ended]
+        # A result committed in the moment before the DEL may still arrive; after
+        # the analysis ends, only the error and the fresh session.
+        assert kinds[-3:] == ["analysis_cancelled", "error", "session"], ended
+        assert set(kinds[:-3]) <= {"analysis_result"}, ended
+        assert 1 + kinds.count("analysis_result") < 5
+        assert ended[-3]["reason"] == "cancelled"
+        assert ended[-3]["analysis_id"] == first["analysis_id"]
+        await client.expect_quiet(1.5)
+        assert len(expiry_errors(client.frames)) == 1
+
+
+async def test_v1_gets_one_error_and_no_result_after_it(real_redis: RedisServerInfo) -> None:
+    session_id = "x-" + secrets.token_hex(6)
+    async with (
+        expiry_server(real_redis.url) as server,
+        open_client(server, session_id, v2=False) as client,
+    ):
+        await client.send("analyze", ticker="AAPL")
+        # v1 has no analysis_started: wait until the analysis is the session's current one.
+        services = server.info.server.services
+        assert services is not None
+        with trio.fail_after(TIMEOUT):
+            while True:
+                portfolio = await services.store.get(session_id)
+                if portfolio is not None and portfolio.current_analysis is not None:
+                    break
+                await trio.sleep(0.01)
+        await delete_session_keys(server, real_redis.url, session_id)
+
+        error = await client.recv(TIMEOUT)
+        assert (error["type"], error["code"]) == ("error", "session_expired"), error
+        await client.expect_quiet(1.5)
+        # Still usable, on a fresh session.
+        await client.send("analyze", ticker="AAPL")
+        with trio.fail_after(20):
+            results = [await client.recv(TIMEOUT) for _ in range(5)]
+        assert [f["type"] for f in results] == ["analysis_result"] * 5
+        assert len(expiry_errors(client.frames)) == 1
+
+
+@pytest.mark.parametrize("action", ["get_portfolio", "cancel"])
+async def test_an_action_racing_the_analysis_still_tells_once(
+    real_redis: RedisServerInfo, action: str
+) -> None:
+    """The control loop may find the session gone before the analysis does: one answer."""
+    session_id = "x-" + secrets.token_hex(6)
+    async with (
+        expiry_server(real_redis.url, metric_delay_seconds=(0.0, 0.4)) as server,
+        open_client(server, session_id) as client,
+    ):
+        await first_frame(client, "session")
+        await client.send("analyze", ticker="AAPL")
+        await first_frame(client, "analysis_started")
+        await delete_session_keys(server, real_redis.url, session_id)
+        await client.send(action)
+
+        ended = await client.recv_until(lambda f: f["type"] == "session", timeout=TIMEOUT)
+        kinds = [f["type"] for f in ended]
+        assert kinds[-3:] == ["analysis_cancelled", "error", "session"], ended
+        assert set(kinds[:-3]) <= {"analysis_result"}, ended
+        assert ended[-3]["reason"] == "cancelled", ended
+        assert ended[-2]["code"] == "session_expired"
+        if action == "get_portfolio":
+            await first_frame(client, "portfolio")
+        await client.expect_quiet(1.5)
+        assert len(expiry_errors(client.frames)) == 1
+        assert not [f for f in client.frames if f.get("reason") == "switched"]
