@@ -36,6 +36,8 @@ from trio_portfolio.store import SessionStore, open_store
 from trio_portfolio.testing import Layout, RedisServerInfo, StoreTarget
 
 SEED = 7
+Parts = tuple[MarketData, SessionStore, RedisClient]
+"""A market, a session store on the same key prefix, and their Redis client."""
 
 
 @asynccontextmanager
@@ -45,7 +47,7 @@ async def market_on(
     *,
     layout: Layout = "hash",
     market_cls: type[MarketData] = MarketData,
-) -> AsyncIterator[tuple[MarketData, SessionStore, RedisClient]]:
+) -> AsyncIterator[Parts]:
     """A market and a session store sharing ``key_prefix`` on the Redis at ``url``.
 
     Each call has a client of its own: two calls are two processes, as far
@@ -57,6 +59,13 @@ async def market_on(
             market = market_cls(redis, GbmSimulator(seed=SEED), key_prefix=key_prefix)
             await market.load_scripts()
         yield market, store, redis
+
+
+@pytest.fixture
+async def parts(store_target: StoreTarget, key_prefix: str) -> AsyncIterator[Parts]:
+    """:func:`market_on` for every server and store layout."""
+    async with market_on(store_target.server.url, key_prefix, layout=store_target.layout) as p:
+        yield p
 
 
 async def new_session(
@@ -86,74 +95,64 @@ def assert_valued_at(portfolio: Portfolio, prices: dict[str, float]) -> None:
 
 
 async def test_a_tick_moves_prices_grows_histories_and_revalues_every_session(
-    store_target: StoreTarget, key_prefix: str
+    parts: Parts, key_prefix: str
 ) -> None:
-    async with market_on(store_target.server.url, key_prefix, layout=store_target.layout) as (
-        market,
-        store,
-        redis,
-    ):
-        with trio.fail_after(30):
-            before = {
-                "one": await new_session(market, store, "one", {"AAPL": 10.0, "MSFT": 2.5}),
-                "two": await new_session(market, store, "two", {"XOM": 4.0}),
-                "three": await new_session(market, store, "three", {"AAPL": 1.0, "XOM": 1.0}),
-            }
-            await redis.execute("SADD", store.keys.index, "ghost")  # indexed, but gone
-            tickers = ["AAPL", "MSFT", "XOM"]
-            old_prices = await market.prices()
-            old_history = await histories(redis, key_prefix, tickers)
-            assert all(len(h) == HISTORY_LENGTH for h in old_history.values())
+    market, store, redis = parts
+    with trio.fail_after(30):
+        before = {
+            "one": await new_session(market, store, "one", {"AAPL": 10.0, "MSFT": 2.5}),
+            "two": await new_session(market, store, "two", {"XOM": 4.0}),
+            "three": await new_session(market, store, "three", {"AAPL": 1.0, "XOM": 1.0}),
+        }
+        await redis.execute("SADD", store.keys.index, "ghost")  # indexed, but gone
+        tickers = ["AAPL", "MSFT", "XOM"]
+        old_prices = await market.prices()
+        old_history = await histories(redis, key_prefix, tickers)
+        assert all(len(h) == HISTORY_LENGTH for h in old_history.values())
 
-            report = await tick_once(market, store, revalue_batch=2)  # two batches
+        report = await tick_once(market, store, revalue_batch=2)  # two batches
 
-            assert report.tick == 1
-            assert set(report.prices) == set(tickers)
-            assert all(report.prices[t] != old_prices[t] for t in tickers), "every price moves"
-            assert await market.prices() == report.prices
-            assert await redis.execute("GET", f"{key_prefix}:{{market}}:tick") == "1"
-            new_history = await histories(redis, key_prefix, tickers)
-            for t in tickers:
-                assert new_history[t][-1] == report.prices[t], "the tick's price is appended"
-                assert new_history[t][:-1] == old_history[t][1:], "the oldest is trimmed at the cap"
-            assert (report.sessions_revalued, report.sessions_changed) == (3, 3)
-            assert report.sessions_pruned == 1
-            assert await redis.execute("SISMEMBER", store.keys.index, "ghost") == 0
-            for session_id, old in before.items():
-                now = await store.get(session_id)
-                assert now is not None
-                assert now.holdings == old.holdings
-                assert_valued_at(now, report.prices)
-                assert now.portfolio_version == old.portfolio_version + 1
-                assert now.last_activity == old.last_activity, "a revaluation is not activity"
+        assert report.tick == 1
+        assert set(report.prices) == set(tickers)
+        assert all(report.prices[t] != old_prices[t] for t in tickers), "every price moves"
+        assert await market.prices() == report.prices
+        assert await redis.execute("GET", f"{key_prefix}:{{market}}:tick") == "1"
+        new_history = await histories(redis, key_prefix, tickers)
+        for t in tickers:
+            assert new_history[t][-1] == report.prices[t], "the tick's price is appended"
+            assert new_history[t][:-1] == old_history[t][1:], "the oldest is trimmed at the cap"
+        assert (report.sessions_revalued, report.sessions_changed) == (3, 3)
+        assert report.sessions_pruned == 1
+        assert await redis.execute("SISMEMBER", store.keys.index, "ghost") == 0
+        for session_id, old in before.items():
+            now = await store.get(session_id)
+            assert now is not None
+            assert now.holdings == old.holdings
+            assert_valued_at(now, report.prices)
+            assert now.portfolio_version == old.portfolio_version + 1
+            assert now.last_activity == old.last_activity, "a revaluation is not activity"
 
-            # A longer cap (say, a restart with a larger history_length) lets histories grow.
-            longer = MarketData(
-                redis,
-                GbmSimulator(seed=SEED),
-                key_prefix=key_prefix,
-                history_length=HISTORY_LENGTH + 2,
-            )
-            second = await tick_once(longer, store)
-            assert second.tick == 2
-            grown = await histories(redis, key_prefix, tickers)
-            for t in tickers:
-                assert grown[t] == (*new_history[t], second.prices[t])
-            assert second.sessions_revalued == 3
+        # A longer cap (say, a restart with a larger history_length) lets histories grow.
+        longer = MarketData(
+            redis,
+            GbmSimulator(seed=SEED),
+            key_prefix=key_prefix,
+            history_length=HISTORY_LENGTH + 2,
+        )
+        second = await tick_once(longer, store)
+        assert second.tick == 2
+        grown = await histories(redis, key_prefix, tickers)
+        for t in tickers:
+            assert grown[t] == (*new_history[t], second.prices[t])
+        assert second.sessions_revalued == 3
 
 
-async def test_a_tick_with_no_tickers_writes_nothing(
-    store_target: StoreTarget, key_prefix: str
-) -> None:
-    async with market_on(store_target.server.url, key_prefix, layout=store_target.layout) as (
-        market,
-        store,
-        redis,
-    ):
-        with trio.fail_after(10):
-            report = await tick_once(market, store)
-            assert (report.tick, report.prices, report.sessions_revalued) == (0, {}, 0)
-            assert await redis.execute("GET", f"{key_prefix}:{{market}}:tick") is None
+async def test_a_tick_with_no_tickers_writes_nothing(parts: Parts, key_prefix: str) -> None:
+    market, store, redis = parts
+    with trio.fail_after(10):
+        report = await tick_once(market, store)
+        assert (report.tick, report.prices, report.sessions_revalued) == (0, {}, 0)
+        assert await redis.execute("GET", f"{key_prefix}:{{market}}:tick") is None
 
 
 # -- leadership -------------------------------------------------------------------------------
@@ -259,39 +258,33 @@ def hold_before(target: Any, name: str, reached: trio.Event, release: trio.Event
         pytest.param("revalue_many", id="edit-between-prices-and-revaluation"),
     ],
 )
-async def test_a_tick_racing_set_holdings_loses_no_update(
-    store_target: StoreTarget, key_prefix: str, step: str
-) -> None:
+async def test_a_tick_racing_set_holdings_loses_no_update(parts: Parts, step: str) -> None:
     """The edit lands while the tick is held before ``step``: the session ends with the
     new holdings, valued at the tick's prices, with a total consistent with both."""
-    async with market_on(store_target.server.url, key_prefix, layout=store_target.layout) as (
-        market,
-        store,
-        _,
-    ):
-        with trio.fail_after(30):
-            await new_session(market, store, "racer", {"AAPL": 10.0, "MSFT": 5.0})
-            new = {"MSFT": 7.0, "NVDA": 3.0}
-            # The prices the editing connection read before the tick: stale once it moves.
-            seen = await market.ensure_prices(list(new))
-            reached, release = trio.Event(), trio.Event()
-            hold_before(market if step == "advance" else store, step, reached, release)
-            reports: list[TickReport] = []
+    market, store, _ = parts
+    with trio.fail_after(30):
+        await new_session(market, store, "racer", {"AAPL": 10.0, "MSFT": 5.0})
+        new = {"MSFT": 7.0, "NVDA": 3.0}
+        # The prices the editing connection read before the tick: stale once it moves.
+        seen = await market.ensure_prices(list(new))
+        reached, release = trio.Event(), trio.Event()
+        hold_before(market if step == "advance" else store, step, reached, release)
+        reports: list[TickReport] = []
 
-            async def tick() -> None:
-                reports.append(await tick_once(market, store))
+        async def tick() -> None:
+            reports.append(await tick_once(market, store))
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(tick)
-                await reached.wait()
-                edited = await store.set_holdings("racer", new, seen, utc_now())
-                assert edited is not None
-                release.set()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tick)
+            await reached.wait()
+            edited = await store.set_holdings("racer", new, seen, utc_now())
+            assert edited is not None
+            release.set()
 
-            (report,) = reports
-            assert report.sessions_revalued == 1
-            final = await store.get("racer")
-            assert final is not None
-            assert final.holdings == new, "the edit was lost"
-            assert_valued_at(final, report.prices)
-            assert final.portfolio_version == edited.portfolio_version + 1
+        (report,) = reports
+        assert report.sessions_revalued == 1
+        final = await store.get("racer")
+        assert final is not None
+        assert final.holdings == new, "the edit was lost"
+        assert_valued_at(final, report.prices)
+        assert final.portfolio_version == edited.portfolio_version + 1
