@@ -31,18 +31,20 @@ import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Event, RejectConnection, Request, TextMessage
 
-from trio_portfolio.connection import Services
-from trio_portfolio.testing import RedisServerInfo
-from trio_portfolio.testing.live_server import LiveServer, open_client, open_live_server
-from trio_portfolio.testing.live_server import test_settings as server_settings
+from trio_portfolio.testing import (
+    IO,
+    LiveServer,
+    RedisServerInfo,
+    greet,
+    is_type,
+    live,
+    open_client,
+    services_of,
+)
 
-IO = 10.0
-
-
-def services_of(server: LiveServer) -> Services:
-    services = server.info.server.services
-    assert services is not None
-    return services
+RUDE_DELAYS = (0.0, 0.1)
+"""Metric delays from none (a result commits right after the snapshot) to a tenth of a
+second, so the moments a rude client picks fall on every stage of an analysis."""
 
 
 POOLED = "trio_portfolio.redis_io."
@@ -66,13 +68,6 @@ def task_census() -> collections.Counter[str]:
         for nursery in task.child_nurseries:
             stack.extend(nursery.child_tasks)
     return census
-
-
-@asynccontextmanager
-async def live(redis: RedisServerInfo, **overrides: Any) -> AsyncIterator[LiveServer]:
-    overrides.setdefault("metric_delay_seconds", (0.0, 0.1))
-    async with open_live_server(server_settings(redis.url, **overrides)) as server:
-        yield server
 
 
 @attrs.define
@@ -241,9 +236,9 @@ async def assert_server_clean(
 async def assert_serves_normally(server: LiveServer) -> None:
     session_id = "after-" + secrets.token_hex(4)
     async with open_client(server, session_id) as client:
-        assert (await client.recv(IO))["type"] == "session"
+        await greet(client)
         await client.send("analyze", ticker="AAPL")
-        frames = await client.recv_until(lambda f: f["type"] == "analysis_complete", timeout=IO)
+        frames = await client.recv_until(is_type("analysis_complete"), timeout=IO)
         assert [f["type"] for f in frames] == ["analysis_started"] + ["analysis_result"] * 5 + [
             "analysis_complete"
         ]
@@ -267,7 +262,7 @@ async def baseline_of(server: LiveServer) -> collections.Counter[str]:
 async def test_vanishing_at_each_stage(real_redis: RedisServerInfo, stage: str) -> None:
     """Twelve clients (v1 and v2, three per session) vanish at ``stage``."""
     rng = random.Random(stage)
-    async with live(real_redis) as server:
+    async with live(real_redis, metric_delay_seconds=RUDE_DELAYS) as server:
         baseline = await baseline_of(server)
         session_ids = [f"stage-{secrets.token_hex(4)}" for _ in range(3)]
         async with trio.open_nursery() as nursery:
@@ -303,7 +298,7 @@ async def test_many_rude_clients_at_random_moments(real_redis: RedisServerInfo) 
     """Hundreds of clients, a few sharing each session, vanishing at random stages."""
     seed = random.randrange(2**32)
     rng = random.Random(seed)
-    async with live(real_redis) as server:
+    async with live(real_redis, metric_delay_seconds=RUDE_DELAYS) as server:
         baseline = await baseline_of(server)
         session_ids = [f"rude-{secrets.token_hex(4)}" for _ in range(20)]
         limiter = trio.CapacityLimiter(40)
@@ -333,7 +328,7 @@ async def test_vanishing_during_the_handshake_logs_no_error(
     real_redis: RedisServerInfo, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A client gone before the server accepts its handshake is routine, not an error."""
-    async with live(real_redis) as server:
+    async with live(real_redis, metric_delay_seconds=RUDE_DELAYS) as server:
         for _ in range(20):
             async with rude_client(server) as client:
                 await client.send_event(handshake(server, "gone-" + secrets.token_hex(3), v2=True))

@@ -27,7 +27,6 @@ import queue
 import random
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -45,7 +44,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
 from trio_portfolio.http import serve_front_door
-from trio_portfolio.testing import RedisServerInfo
+from trio_portfolio.testing import RedisServerInfo, free_port
 
 if TYPE_CHECKING:
     from playwright.sync_api import BrowserContext, Page
@@ -337,17 +336,10 @@ def _fake_server() -> Iterator[str]:
 # -- the real server ----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextlib.contextmanager
 def _real_server(redis_url: str, key_prefix: str, log_path: Path) -> Iterator[str]:
     """``python -m trio_portfolio serve`` until ``/health`` answers; SIGTERM at the end."""
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable,
         "-m",

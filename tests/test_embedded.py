@@ -14,9 +14,7 @@ import signal
 import stat
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 import redis
@@ -29,14 +27,9 @@ from trio_portfolio.embedded import (
     list_redis_binaries,
     run_embedded_redis,
 )
+from trio_portfolio.testing import in_thread
 
-T = TypeVar("T")
 BINARIES = list_redis_binaries()  # every distinct version this machine has
-
-
-async def in_thread(fn: Callable[[], T]) -> T:
-    with trio.fail_after(10):
-        return await trio.to_thread.run_sync(fn)
 
 
 def socket_path(url: str) -> Path:

@@ -14,9 +14,9 @@ import sys
 import tempfile
 import time
 import types
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import redis
@@ -34,6 +34,7 @@ from trio_portfolio.testing import (
     discover_servers,
     docker_engine_available,
     find_redis_binaries,
+    in_thread,
     list_redis_binaries,
     open_tcp_proxy,
     run_redis_binary,
@@ -42,13 +43,7 @@ from trio_portfolio.testing import (
     store_target_params,
 )
 
-T = TypeVar("T")
 PING = b"*1\r\n$4\r\nPING\r\n"
-
-
-async def in_thread(fn: Callable[[], T]) -> T:
-    with trio.fail_after(10):
-        return await trio.to_thread.run_sync(fn)
 
 
 def client(url: str, timeout: float = 2.0) -> redis.Redis:

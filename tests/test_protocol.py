@@ -1,11 +1,12 @@
-"""The wire contract of /work/shared/PROTOCOL.md, checked without a socket.
+"""The wire contract (``docs/protocol.md``), checked without a socket.
 
 Rules of this suite: every client action parses; every error code the
 parser owns is produced by some input, with a detail that names the
 problem; v1 frames carry exactly the seed's fields and v1 never receives
 anything but ``analysis_result`` and ``error``; v2 frames carry exactly the
-fields PROTOCOL lists; what is rendered decodes back to what was meant; and
-no input whatsoever makes the parser raise anything but ``ProtocolError``.
+fields the contract lists (the sets in :mod:`trio_portfolio.testing`); what
+is rendered decodes back to what was meant; and no input whatsoever makes
+the parser raise anything but ``ProtocolError``.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from trio_portfolio.protocol import (
     render_started,
     validate_session_id,
 )
+from trio_portfolio.testing import PORTFOLIO_FIELDS, V1_RESULT_FIELDS, V2_RESULT_FIELDS
 
 TS = "2026-11-21T10:30:00.000Z"
 RESULT = AnalysisResult(
@@ -84,20 +86,7 @@ PORTFOLIO = Portfolio(
     created_at=TS,
 )
 
-V1_RESULT_FIELDS = {"type", "ticker", "metric", "value", "timestamp"}
-V2_RESULT_FIELDS = V1_RESULT_FIELDS | {"analysis_id", "portfolio_version"}
 ERROR_FIELDS = {"type", "detail", "code"}
-PORTFOLIO_FIELDS = {
-    "type",
-    "session_id",
-    "holdings",
-    "total_value",
-    "portfolio_version",
-    "current_analysis",
-    "analysis_results",
-    "last_activity",
-    "prices",
-}
 
 
 def load(frame: str | None) -> dict[str, Any]:

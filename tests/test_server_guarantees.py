@@ -1,4 +1,12 @@
-"""The numbered guarantees of /work/shared/PROTOCOL.md (1-6), checked from outside.
+"""The numbered guarantees 1-6 of the wire contract, checked from outside.
+
+``docs/protocol.md`` ("Ordering and freshness") says how the server keeps
+them; in short: (1) no interleaving: after the first frame about ticker B,
+nothing of an earlier analysis; (2) fenced writes: only the session's current
+analysis stores results; (3) one snapshot, never stale; (4) every stored
+result was streamed and every streamed one stored, exactly once; (5) a
+session expires after its TTL without client activity, and market updates
+are not activity; (6) bad input is answered, not fatal.
 
 Rules of this suite: whole servers run in-process on 127.0.0.1, port 0,
 against the harness's real redis-server; clients are real WebSockets.  What
@@ -15,10 +23,7 @@ from __future__ import annotations
 import collections
 import functools
 import random
-import re
-import secrets
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -26,46 +31,28 @@ import pytest
 import trio
 
 from trio_portfolio.models import AnalysisResult
-from trio_portfolio.store import SessionStore
-from trio_portfolio.testing import RedisServerInfo
-from trio_portfolio.testing.live_server import Client, LiveServer, open_client, open_live_server
-from trio_portfolio.testing.live_server import test_settings as server_settings
+from trio_portfolio.testing import (
+    IO,
+    ISO_Z,
+    METRIC_NAMES,
+    Client,
+    Frame,
+    LiveServer,
+    RedisServerInfo,
+    greet,
+    is_type,
+    live,
+    new_session_id,
+    open_client,
+    open_live_server,
+    start_analysis,
+    store_of,
+)
+from trio_portfolio.testing import test_settings as server_settings
 
-Frame = dict[str, Any]
-
-METRICS = {"portfolio_risk", "concentration", "correlation", "momentum", "allocation_score"}
 TICKERS = ("AAPL", "GOOGL", "MSFT")
-ISO_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
-IO = 10.0
 SENTINEL = "sentinel: not json"
 """A frame every dialect answers with ``bad_json``, in order: a marker in the stream."""
-
-
-def new_session_id() -> str:
-    return "g-" + secrets.token_hex(6)
-
-
-@asynccontextmanager
-async def live(redis: RedisServerInfo, **overrides: Any) -> AsyncIterator[LiveServer]:
-    overrides.setdefault("metric_delay_seconds", (0.01, 0.05))
-    async with open_live_server(server_settings(redis.url, **overrides)) as server:
-        yield server
-
-
-def store_of(server: LiveServer) -> SessionStore:
-    services = server.info.server.services
-    assert services is not None
-    return services.store
-
-
-def is_type(kind: str) -> Callable[[Frame], bool]:
-    return lambda frame: frame["type"] == kind
-
-
-async def greet(client: Client) -> Frame:
-    frame = await client.recv(IO)
-    assert frame["type"] == "session", frame
-    return frame
 
 
 async def stored_results(server: LiveServer, session_id: str) -> list[AnalysisResult]:
@@ -348,8 +335,7 @@ async def test_a_second_connection_takes_the_session_over(
         async with open_client(first, session_id) as a, open_client(other, session_id) as b:
             await greet(a)
             await greet(b)
-            await a.send("analyze", ticker="AAPL")
-            a_started = (await a.recv_until(is_type("analysis_started"), timeout=IO))[-1]
+            a_started = await start_analysis(a, "AAPL")
             await a.recv_until(is_type("analysis_result"), timeout=IO)
             await b.send("analyze", ticker="GOOGL")
             b_frames = await b.recv_until(is_type("analysis_complete"), timeout=IO)
@@ -516,8 +502,7 @@ async def test_set_holdings_from_another_connection_restarts_the_analysis(
     ):
         await greet(watcher)
         await greet(editor)
-        await watcher.send("analyze", ticker="AAPL")
-        first = (await watcher.recv_until(is_type("analysis_started"), timeout=IO))[-1]
+        first = await start_analysis(watcher, "AAPL")
         await watcher.recv_until(is_type("analysis_result"), timeout=IO)
         await editor.send("set_holdings", holdings={"AAPL": 200, "GOOGL": 50, "MSFT": 75})
         edited = (await editor.recv_until(is_type("portfolio"), timeout=IO))[-1]
@@ -539,7 +524,7 @@ async def test_set_holdings_from_another_connection_restarts_the_analysis(
         assert restart["analysis_id"] != first["analysis_id"]
         fresh = results_in(frames[cut + 1 :])
         assert len(fresh) == 5
-        assert {r["metric"] for r in fresh} == METRICS
+        assert {r["metric"] for r in fresh} == METRIC_NAMES
         assert {r["analysis_id"] for r in fresh} == {restart["analysis_id"]}
         assert "market_update" not in kinds  # a holdings change is not a market update
         assert_fresh(watcher.frames)
@@ -562,8 +547,7 @@ async def test_set_holdings_on_the_same_connection_restarts_the_analysis(
         open_client(server, session_id) as client,
     ):
         await greet(client)
-        await client.send("analyze", ticker="GOOGL")
-        first = (await client.recv_until(is_type("analysis_started"), timeout=IO))[-1]
+        first = await start_analysis(client, "GOOGL")
         await client.send("set_holdings", holdings={"GOOGL": 1, "NVDA": 2})
         frames = await client.recv_until(is_type("analysis_complete"), timeout=IO)
         kinds = [f["type"] for f in frames]
@@ -591,8 +575,7 @@ async def test_holdings_dropping_the_ticker_end_the_analysis(real_redis: RedisSe
     ):
         await greet(watcher)
         await greet(editor)
-        await watcher.send("analyze", ticker="MSFT")
-        first = (await watcher.recv_until(is_type("analysis_started"), timeout=IO))[-1]
+        first = await start_analysis(watcher, "MSFT")
         await editor.send("set_holdings", holdings={"AAPL": 1})
         await editor.recv_until(is_type("portfolio"), timeout=IO)
         frames = await watcher.recv_until(is_type("error"), timeout=IO)
@@ -687,7 +670,7 @@ async def test_v1_under_market_ticks_sees_partial_sets_then_a_complete_one(
                     for aid in assert_blocks_contiguous(stored)
                 ]
                 assert len(groups[-1]) == 5
-                assert {r.metric for r in groups[-1]} == METRICS
+                assert {r.metric for r in groups[-1]} == METRIC_NAMES
                 assert all(len(g) < 5 for g in groups[:-1])
                 partial_seen = len(groups) > 1
                 # The client sees exactly that, and its last five are the complete set.
@@ -779,8 +762,7 @@ async def test_malformed_input_does_not_disturb_a_running_analysis(
         open_client(server, session_id) as client,
     ):
         await greet(client)
-        await client.send("analyze", ticker="AAPL")
-        started = (await client.recv_until(is_type("analysis_started"), timeout=IO))[-1]
+        started = await start_analysis(client, "AAPL")
         for text, _ in bad:
             await client.send_raw(text)
             await client.send("get_portfolio")  # well-formed, and no reason to stop either
@@ -811,8 +793,7 @@ async def test_analyze_of_a_ticker_not_held_is_refused_after_stopping_the_curren
         open_client(server, session_id) as client,
     ):
         await greet(client)
-        await client.send("analyze", ticker="AAPL")
-        started = (await client.recv_until(is_type("analysis_started"), timeout=IO))[-1]
+        started = await start_analysis(client, "AAPL")
         await client.send("analyze", ticker="TSLA")
         frames = await client.recv_until(is_type("error"), timeout=IO)
         assert [f["type"] for f in frames] == ["analysis_cancelled", "error"]

@@ -16,13 +16,11 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import attrs
 import pytest
@@ -30,12 +28,16 @@ import trio
 
 from trio_portfolio.redis_io import open_redis
 from trio_portfolio.store import open_store
-from trio_portfolio.testing import RedisServerInfo
-from trio_portfolio.testing.live_server import Client, connect_client
+from trio_portfolio.testing import (
+    IO,
+    Client,
+    RedisServerInfo,
+    connect_client,
+    free_port,
+    greet,
+    is_type,
+)
 
-Frame = dict[str, Any]
-
-IO = 10.0
 STARTUP = 30.0
 CLI = [sys.executable, "-m", "trio_portfolio"]
 
@@ -45,17 +47,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PORTFOLIO_")}
     env.update(extra)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def is_type(kind: str) -> Callable[[Frame], bool]:
-    return lambda frame: frame["type"] == kind
 
 
 @attrs.define
@@ -191,7 +182,7 @@ async def test_signal_shuts_down_gracefully(
         *args, "--metric-delay-seconds", "1,2", env=clean_env(PORTFOLIO_LOG_FORMAT="json")
     ) as server:
         async with connect(server.port, session_id) as client:
-            assert (await client.recv(IO))["type"] == "session"
+            await greet(client)
             await client.send("analyze", ticker="AAPL")
             started = await client.recv(IO)
             assert started["type"] == "analysis_started"
@@ -232,7 +223,7 @@ async def test_shutdown_with_idle_and_v1_clients(
             connect(server.port, "idle-v2") as idle,
             connect(server.port, "busy-v1", v2=False) as busy,
         ):
-            assert (await idle.recv(IO))["type"] == "session"
+            await greet(idle)
             await busy.send("analyze", ticker="MSFT")
             await trio.sleep(0.2)
             server.process.send_signal(signal.SIGTERM)
@@ -254,7 +245,7 @@ async def test_embedded_redis_persists_across_restarts(tmp_path: Path) -> None:
     args = ["--data-dir", str(data_dir), "--metric-delay-seconds", "0.02,0.1"]
     async with server_process(*args, env=clean_env()) as server:
         async with connect(server.port, session_id) as client:
-            greeting = await client.recv(IO)
+            greeting = await greet(client)
             assert greeting["portfolio"]["analysis_results"] == []
             await client.send("analyze", ticker="GOOGL")
             frames = await client.recv_until(is_type("analysis_complete"), timeout=IO)
@@ -269,7 +260,7 @@ async def test_embedded_redis_persists_across_restarts(tmp_path: Path) -> None:
 
     async with server_process(*args, env=clean_env()) as server:
         async with connect(server.port, session_id) as client:
-            after = (await client.recv(IO))["portfolio"]
+            after = (await greet(client))["portfolio"]
         assert await server.stop() == 0
     await no_redis_servers_in(data_dir)
     assert after["holdings"] == {"GOOGL": 3.0, "AMZN": 4.0}

@@ -19,17 +19,18 @@ import trio
 
 from trio_portfolio.models import METRICS
 from trio_portfolio.redis_io import open_redis
-from trio_portfolio.testing import RedisServerInfo, open_tcp_proxy
-from trio_portfolio.testing.live_server import (
+from trio_portfolio.testing import (
     Client,
+    Frame,
     LiveServer,
+    RedisServerInfo,
+    greet,
     http_request,
     open_client,
     open_live_server,
+    open_tcp_proxy,
     test_settings,
 )
-
-Frame = dict[str, Any]
 
 
 def expected_metrics(
@@ -93,7 +94,7 @@ async def analyse(client: Client, ticker: str) -> dict[str, float]:
 async def test_each_metric_reproduces_its_documented_formula(real_redis: RedisServerInfo) -> None:
     settings = test_settings(real_redis.url, metric_delay_seconds=(0.0, 0.02))
     async with open_live_server(settings) as server, open_client(server, "formulas") as client:
-        await client.recv()  # session
+        await greet(client)
         holdings = {"AAPL": 100.0, "GOOGL": 50.0, "MSFT": 75.0, "XOM": 40.0, "ZZNEW": 12.5}
         await client.send("set_holdings", holdings=holdings)
         portfolio = await client.recv()
@@ -139,8 +140,7 @@ async def test_http_endpoints_answer_beside_the_websocket(real_redis: RedisServe
         assert other != session_id
 
         async with open_client(server, session_id) as client:
-            greeting = await client.recv()
-            assert greeting["type"] == "session"
+            greeting = await greet(client)
             assert greeting["session_id"] == session_id
             await analyse(client, "GOOGL")
 
@@ -186,7 +186,7 @@ async def test_store_outage_is_survivable(real_redis: RedisServerInfo) -> None:
         server_behind_proxy(real_redis) as (server, proxy),
         open_client(server, "outage") as client,
     ):
-        assert (await client.recv())["type"] == "session"
+        await greet(client)
         await analyse(client, "AAPL")
         await wait_for_status(server, "/ready", 200, within=5)
 

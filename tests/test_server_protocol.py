@@ -1,9 +1,9 @@
-"""The wire contract of /work/shared/PROTOCOL.md, row by row, from outside.
+"""The wire contract, row by row, from outside (``docs/protocol.md`` lists the rows).
 
 Rules of this suite: every test runs a whole server in-process
-(:func:`open_live_server`) on 127.0.0.1, port 0, against the harness's real
-redis-server, and talks to it through real sockets and real WebSockets
-(trio-websocket as the client).  Metric delays are a few tens of
+(:func:`~trio_portfolio.testing.live`) on 127.0.0.1, port 0, against the
+harness's real redis-server, and talks to it through real sockets and real
+WebSockets (trio-websocket as the client).  Metric delays are a few tens of
 milliseconds; market ticks are off (an hour apart) unless a test asks.
 Every wait is bounded (``fail_after``, or the client's own timeouts).
 Frames are compared field by field, and every "the connection stays
@@ -13,12 +13,6 @@ usable" is proved by a successful action afterwards.
 from __future__ import annotations
 
 import json
-import re
-import secrets
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from datetime import datetime
-from typing import Any
 
 import pytest
 import trio
@@ -26,59 +20,26 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, RejectConnection, Request
 
-from trio_portfolio.testing import RedisServerInfo
-from trio_portfolio.testing.live_server import Client, LiveServer, open_client, open_live_server
-from trio_portfolio.testing.live_server import test_settings as server_settings
+from trio_portfolio.testing import (
+    IO,
+    METRIC_NAMES,
+    PORTFOLIO_FIELDS,
+    V1_RESULT_FIELDS,
+    V2_RESULT_FIELDS,
+    Client,
+    Frame,
+    LiveServer,
+    RedisServerInfo,
+    assert_iso_z,
+    greet,
+    is_type,
+    live,
+    new_session_id,
+    open_client,
+    store_of,
+)
 
-Frame = dict[str, Any]
-
-METRICS = {"portfolio_risk", "concentration", "correlation", "momentum", "allocation_score"}
 DEFAULT_HOLDINGS = {"AAPL": 100.0, "GOOGL": 50.0, "MSFT": 75.0}
-V1_RESULT_FIELDS = {"type", "ticker", "metric", "value", "timestamp"}
-V2_RESULT_FIELDS = V1_RESULT_FIELDS | {"analysis_id", "portfolio_version"}
-PORTFOLIO_FIELDS = {
-    "type",
-    "session_id",
-    "holdings",
-    "prices",
-    "total_value",
-    "portfolio_version",
-    "current_analysis",
-    "analysis_results",
-    "last_activity",
-}
-ISO_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
-FAST = (0.01, 0.05)
-"""Metric delays for tests that only need analyses to finish quickly."""
-IO = 10.0
-
-
-def new_session_id() -> str:
-    return "t-" + secrets.token_hex(6)
-
-
-def assert_iso_z(text: object) -> None:
-    assert isinstance(text, str)
-    assert ISO_Z.match(text), text
-    datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
-@asynccontextmanager
-async def live(redis: RedisServerInfo, **overrides: Any) -> AsyncIterator[LiveServer]:
-    overrides.setdefault("metric_delay_seconds", FAST)
-    async with open_live_server(server_settings(redis.url, **overrides)) as server:
-        yield server
-
-
-def is_type(kind: str) -> Callable[[Frame], bool]:
-    return lambda frame: frame["type"] == kind
-
-
-async def greet(client: Client) -> Frame:
-    """The ``session`` frame every v2 connection starts with."""
-    frame = await client.recv(IO)
-    assert frame["type"] == "session", frame
-    return frame
 
 
 async def run_analysis(client: Client, ticker: str) -> list[Frame]:
@@ -197,7 +158,7 @@ async def test_v1_demo_client_works_unchanged(real_redis: RedisServerInfo) -> No
                 assert result["ticker"] == "AAPL"
                 assert isinstance(result["value"], float)
                 assert_iso_z(result["timestamp"])
-            assert {r["metric"] for r in results} == METRICS
+            assert {r["metric"] for r in results} == METRIC_NAMES
             # v1 never hears analysis_complete (or anything else).
             with trio.move_on_after(0.3):
                 extra = await ws.get_message()
@@ -225,7 +186,7 @@ async def test_v1_switch_delivers_only_the_new_ticker_after_its_first_result(
                     assert frame["ticker"] == "GOOGL", "an AAPL result after the first GOOGL"
                 if frame["ticker"] == "GOOGL":
                     googl.append(frame)
-        assert {f["metric"] for f in googl} == METRICS
+        assert {f["metric"] for f in googl} == METRIC_NAMES
         await client.expect_quiet(0.4)
         aapl = [f for f in client.frames if f["ticker"] == "AAPL"]
         assert len(aapl) < 5  # the switch really cut the AAPL analysis short
@@ -265,7 +226,7 @@ async def test_v1_portfolio_actions_are_unsupported(
             # Still usable, and the holdings were not changed behind the client's back.
             await client.send("analyze", ticker="GOOGL")
             results = [await client.recv(IO) for _ in range(5)]
-            assert {r["metric"] for r in results} == METRICS
+            assert {r["metric"] for r in results} == METRIC_NAMES
         async with open_client(server, session_id) as v2:
             assert (await greet(v2))["portfolio"]["holdings"] == DEFAULT_HOLDINGS
 
@@ -313,7 +274,7 @@ async def test_v2_analysis_lifecycle(real_redis: RedisServerInfo) -> None:
             assert result["portfolio_version"] == version
             assert result["ticker"] == "AAPL"
             assert_iso_z(result["timestamp"])
-        assert sorted(r["metric"] for r in results) == sorted(METRICS)
+        assert sorted(r["metric"] for r in results) == sorted(METRIC_NAMES)
         assert complete == {
             "type": "analysis_complete",
             "analysis_id": analysis_id,
@@ -596,9 +557,7 @@ async def test_reconnecting_resumes_the_session(real_redis: RedisServerInfo) -> 
 async def test_an_unknown_session_is_created(real_redis: RedisServerInfo) -> None:
     session_id = new_session_id()
     async with live(real_redis) as server:
-        services = server.info.server.services
-        assert services is not None
-        store = services.store
+        store = store_of(server)
         assert await store.get(session_id) is None
         async with open_client(server, session_id) as client:
             folio = (await greet(client))["portfolio"]

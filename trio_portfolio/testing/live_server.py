@@ -32,6 +32,7 @@ from trio_portfolio.testing.redis_servers import unique_key_prefix
 
 __all__ = [
     "Client",
+    "Frame",
     "HttpResponse",
     "LiveServer",
     "connect_client",
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 Frame = dict[str, Any]
+"""One decoded WebSocket frame: a JSON object."""
 
 
 def test_settings(redis_url: str, **overrides: Any) -> Settings:

@@ -69,6 +69,7 @@ __all__ = [
     "discover_servers",
     "docker_engine_available",
     "find_redis_binaries",
+    "free_port",
     "list_redis_binaries",
     "probe_server",
     "run_fakeredis_json",
@@ -248,8 +249,8 @@ def use_redis_url(
 # -- redis-server binaries ---------------------------------------------------------------
 
 
-def _free_port() -> int:
-    """A port free right now; the caller must cope with losing it to a race."""
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free right now; the caller must cope with losing it to a race."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -284,7 +285,7 @@ def _start_binary(
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Start ``binary`` on a free port and wait for PING; retry on port races."""
     for attempt in range(5):
-        port = _free_port()
+        port = free_port()
         log_path = workdir / f"redis-{attempt}.log"
         command = [
             os.fspath(binary),
