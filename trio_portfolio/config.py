@@ -252,7 +252,7 @@ class Settings:
         default=MemorySize("256mb"),
         metadata=_rule(
             "memory cap of the embedded Redis (0: none); a full Redis refuses writes",
-            "0 (no cap) or a size of at least 1mb such as 256mb or 2gb",
+            "0 (no cap) or a size of at least 1m such as 256mb or 2gb",
             _valid_maxmemory,
             "SIZE",
         ),
