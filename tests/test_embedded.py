@@ -531,3 +531,13 @@ async def test_a_redis_server_of_another_data_dir_is_never_killed(tmp_path: Path
                 process.wait()
                 if process.stdout is not None:
                     process.stdout.close()
+
+
+@pytest.mark.parametrize("content", ["", "not json", "[1, 2]", '{"server_pid": "x"}'])
+async def test_an_unreadable_pidfile_is_replaced(tmp_path: Path, content: str) -> None:
+    (tmp_path / PIDFILE_NAME).write_text(content)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_embedded_redis, tmp_path)
+            assert read_pidfile(tmp_path)["server_pid"] == os.getpid()
+            nursery.cancel_scope.cancel()

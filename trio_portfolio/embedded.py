@@ -400,7 +400,9 @@ def _is_our_redis(owners: _Owners, data_dir: Path) -> bool:
         cwd = os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return False
-    if b"redis-server" not in cmdline and os.fsencode(owners.binary) not in cmdline:
+    binary = os.fsencode(owners.binary)
+    named_binary = os.path.isabs(binary) and len(binary) > 1 and binary in cmdline
+    if b"redis-server" not in cmdline and not named_binary:
         return False
     ours = os.path.realpath(data_dir)
     socket_in_data_dir = os.path.realpath(Path(owners.socket).parent) == ours
@@ -898,7 +900,12 @@ async def _supervise(
         await trio.to_thread.run_sync(
             functools.partial(instance.socket_path.unlink, missing_ok=True)
         )
-        failure, served = await instance.run_once(on_ready)
+        try:
+            failure, served = await instance.run_once(on_ready)
+        except EmbeddedRedisError as exc:  # could not spawn, or write the pidfile
+            if not started:
+                raise
+            failure, served = str(exc), None
         if not started:
             raise EmbeddedRedisError(failure)
         if served is not None and served >= restart.stable_after:
