@@ -43,9 +43,13 @@ naming the pid).  Without ``/proc`` nothing is reclaimed.
 Dying with the parent
 ---------------------
 On Linux the redis-server is started through a tiny ``python -I -S`` shim
-that calls ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` and then execs it
-(same pid), so a SIGKILLed server takes its redis-server with it: Redis gets
-SIGTERM, flushes the AOF and exits, releasing the lock.  The death signal is
+that calls ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` and then execs it
+(same pid), so a SIGKILLed server takes its redis-server with it, releasing
+the lock.  SIGKILL rather than SIGTERM: Redis refuses to exit on SIGTERM when
+its final save fails (a full disk, a removed directory), and SIGKILL loses no
+acknowledged write, because Redis writes the AOF before it replies (only a
+crash of the machine loses up to a second, ``appendfsync everysec``).  The
+death signal is
 bound to the *thread* that forks, so the fork (a ``vfork``+``exec``, well
 under a millisecond) is done on the Trio thread itself rather than in
 :func:`trio.lowlevel.open_process`'s worker thread, which a thread cache
@@ -143,12 +147,12 @@ _INSTALL_HINT = (
 )
 
 # Run as `python -I -S -c _DEATH_SHIM PARENT_PID BINARY ARGS...`: ask for
-# SIGTERM when the forking thread dies, make sure it has not died already,
+# SIGKILL when the forking thread dies, make sure it has not died already,
 # then become the redis-server (exec keeps the pid and the death signal).
 _DEATH_SHIM = f"""
 import ctypes, os, sys
 parent, binary = int(sys.argv[1]), sys.argv[2]
-if ctypes.CDLL(None, use_errno=True).prctl(1, {int(signal.SIGTERM)}, 0, 0, 0) != 0:
+if ctypes.CDLL(None, use_errno=True).prctl(1, {int(signal.SIGKILL)}, 0, 0, 0) != 0:
     print("embedded redis: prctl failed, errno", ctypes.get_errno(), file=sys.stderr)
 if os.getppid() != parent:
     sys.exit("embedded redis: the server exited before its redis-server started")
@@ -829,7 +833,7 @@ async def run_embedded_redis(
     the URL stays the same.  ``binary`` overrides discovery (newest of
     :func:`list_redis_binaries`).  ``maxmemory`` (a Redis size such as
     ``256mb``; ``"0"`` is unlimited) and ``maxmemory_policy`` are passed to
-    the server as they are.  ``die_with_parent`` asks Linux to SIGTERM the
+    the server as they are.  ``die_with_parent`` asks Linux to SIGKILL the
     server when this process dies (see the module docstring).
 
     Raises :class:`EmbeddedRedisError` when no binary exists, when
