@@ -150,10 +150,14 @@ _INSTALL_HINT = (
 # SIGKILL when the forking thread dies, make sure it has not died already,
 # then become the redis-server (exec keeps the pid and the death signal).
 _DEATH_SHIM = f"""
-import ctypes, os, sys
+import os, sys
 parent, binary = int(sys.argv[1]), sys.argv[2]
-if ctypes.CDLL(None, use_errno=True).prctl(1, {int(signal.SIGKILL)}, 0, 0, 0) != 0:
-    print("embedded redis: prctl failed, errno", ctypes.get_errno(), file=sys.stderr)
+try:  # best effort: without it, reclaim-at-start still cleans up
+    import ctypes
+    if ctypes.CDLL(None, use_errno=True).prctl(1, {int(signal.SIGKILL)}, 0, 0, 0) != 0:
+        print("embedded redis: prctl failed, errno", ctypes.get_errno(), file=sys.stderr)
+except Exception as exc:
+    print("embedded redis: no PR_SET_PDEATHSIG:", exc, file=sys.stderr)
 if os.getppid() != parent:
     sys.exit("embedded redis: the server exited before its redis-server started")
 try:
