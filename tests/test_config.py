@@ -92,6 +92,8 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "redis_layout": ("HASH", RedisLayout.HASH),
     "redis_timeout_seconds": ("0.5", 0.5),
     "data_dir": ("/var/lib/portfolio", Path("/var/lib/portfolio")),
+    "embedded_maxmemory": ("64MB", "64mb"),
+    "embedded_maxmemory_policy": ("allkeys-LRU", "allkeys-lru"),
     "session_ttl_seconds": ("60", 60),
     "market_update_interval_seconds": ("0.25", 0.25),
     "metric_delay_seconds": ("0,0", (0.0, 0.0)),

@@ -32,7 +32,7 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NewType
 from urllib.parse import urlsplit
 
 import attrs
@@ -68,6 +68,39 @@ class MarketSourceKind(enum.StrEnum):
 
 SAMPLE_PRICES_FILE = Path(__file__).parent / "data" / "sample_prices.csv"
 """The replay file bundled with the package (made by ``python3 -m trio_portfolio.replay``)."""
+
+
+class MaxmemoryPolicy(enum.StrEnum):
+    """What the embedded Redis does when full: ``noeviction`` refuses writes, losing nothing.
+
+    Any other policy lets Redis delete sessions (or the market's prices) to
+    make room; they are offered for a Redis used as a cache, not as the store.
+    """
+
+    NOEVICTION = "noeviction"
+    ALLKEYS_LRU = "allkeys-lru"
+    ALLKEYS_LFU = "allkeys-lfu"
+    ALLKEYS_RANDOM = "allkeys-random"
+    VOLATILE_LRU = "volatile-lru"
+    VOLATILE_LFU = "volatile-lfu"
+    VOLATILE_RANDOM = "volatile-random"
+    VOLATILE_TTL = "volatile-ttl"
+
+
+MemorySize = NewType("MemorySize", str)
+"""A Redis memory size as Redis reads it (``256mb``, ``2gb``, ``1000000``; ``0`` is none)."""
+
+_MEMORY_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1024, "m": 10**6, "mb": 1024**2}
+_MEMORY_UNITS |= {"g": 10**9, "gb": 1024**3}
+_MIN_MAXMEMORY = 10**6  # below a megabyte Redis is full before the first session
+
+
+def memory_size_bytes(value: str) -> int | None:
+    """The bytes a Redis memory size stands for (units as Redis reads them), or None."""
+    match = re.fullmatch(r"(0|[1-9][0-9]{0,17})([kmg]?b?)", value.strip().lower())
+    if match is None or match.group(2) not in _MEMORY_UNITS:
+        return None
+    return int(match.group(1)) * _MEMORY_UNITS[match.group(2)]
 
 
 class LogLevel(enum.StrEnum):
@@ -161,6 +194,11 @@ def _valid_key_prefix(value: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9_.:\-]{1,64}", value) is not None
 
 
+def _valid_maxmemory(value: str) -> bool:
+    size = memory_size_bytes(value)
+    return size is not None and (size == 0 or size >= _MIN_MAXMEMORY)
+
+
 def _anything(value: object) -> bool:
     return True
 
@@ -220,6 +258,24 @@ class Settings:
     data_dir: Path = attrs.field(
         default=Path("data"),
         metadata=_rule("persistence directory of the embedded Redis", "a path", _anything, "DIR"),
+    )
+    embedded_maxmemory: MemorySize = attrs.field(
+        default=MemorySize("256mb"),
+        metadata=_rule(
+            "memory cap of the embedded Redis (0: none); a full Redis refuses writes",
+            "0 (no cap) or a size of at least 1m such as 256mb or 2gb",
+            _valid_maxmemory,
+            "SIZE",
+        ),
+    )
+    embedded_maxmemory_policy: MaxmemoryPolicy = attrs.field(
+        default=MaxmemoryPolicy.NOEVICTION,
+        metadata=_rule(
+            "what the embedded Redis does when full; other than noeviction, it deletes data",
+            "one of " + ", ".join(MaxmemoryPolicy),
+            _member_of(MaxmemoryPolicy),
+            "POLICY",
+        ),
     )
     session_ttl_seconds: int = attrs.field(
         default=86400,
@@ -425,6 +481,13 @@ def _to_path(raw: object, _: type) -> Path:
     return Path(text)
 
 
+def _to_memory_size(raw: object, _: object) -> MemorySize:
+    """From ``256mb`` (any case) or a TOML integer of bytes."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return MemorySize(str(raw))
+    return MemorySize(_to_str(raw, str).lower())
+
+
 def _to_enum(raw: object, cls: type[enum.StrEnum]) -> enum.StrEnum:
     try:
         return cls(_to_str(raw, str).lower())
@@ -477,11 +540,13 @@ _converter.register_structure_hook(Path, _to_path)
 _converter.register_structure_hook_func(lambda t: t == str | None, _to_optional_str)
 _converter.register_structure_hook_func(lambda t: t == tuple[float, float], _to_delay)
 _converter.register_structure_hook_func(lambda t: t == dict[str, float], _to_holdings)
+_converter.register_structure_hook_func(lambda t: t is MemorySize, _to_memory_size)
 for _enum in (
     RedisLayout,
     LogLevel,
     LogFormat,
     MarketSourceKind,
+    MaxmemoryPolicy,
 ):  # before the str hook they subclass
     _converter.register_structure_hook(_enum, _to_enum)
 

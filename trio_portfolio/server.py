@@ -3,7 +3,7 @@
 The whole task tree lives here; read this file to see who owns what::
 
     serve()                                root nursery
-    ├── embedded redis-server              (only without --redis-url; outlives the rest)
+    ├── embedded redis-server              (only without --redis-url; supervised; outlives the rest)
     └── run_service()                      service nursery
         ├── signal watcher                 SIGINT/SIGTERM -> Server.stop
         ├── listener (trio.serve_tcp)      own cancel scope: shutdown stops accepting first
@@ -31,6 +31,7 @@ connection has unfenced its analysis.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import secrets
@@ -310,11 +311,23 @@ async def serve(
     handle_signals: bool = True,
     task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the server until shut down (a signal, :meth:`Server.stop`, or cancellation)."""
+    """Run the server until shut down (a signal, :meth:`Server.stop`, or cancellation).
+
+    Without ``redis_url`` it first starts the embedded Redis, which is
+    restarted if it dies (the store answers ``store_unavailable`` meanwhile);
+    :class:`~trio_portfolio.embedded.EmbeddedRedisError` (in an
+    ``ExceptionGroup``) ends the server when it cannot start or crash-loops.
+    """
     async with trio.open_nursery() as root:
         redis_url = settings.redis_url
         if redis_url is None:
-            redis_url = await root.start(run_embedded_redis, settings.data_dir)
+            embedded = functools.partial(
+                run_embedded_redis,
+                settings.data_dir,
+                maxmemory=settings.embedded_maxmemory,
+                maxmemory_policy=settings.embedded_maxmemory_policy.value,
+            )
+            redis_url = await root.start(embedded)
             log.info("embedded Redis at %s (data in %s)", redis_url, settings.data_dir)
         await run_service(
             settings, redis_url, handle_signals=handle_signals, task_status=task_status
