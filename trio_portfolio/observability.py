@@ -10,6 +10,7 @@ default when stderr is not a terminal) or readable text.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import logging
 import math
@@ -148,8 +149,20 @@ def _num(value: float) -> str:
     return repr(float(value)) if not float(value).is_integer() else str(int(value))
 
 
+def session_log_id(session_id: str) -> str:
+    """How a session id appears in logs: ``s-`` and 12 hex digits of its SHA-256.
+
+    Ids are bearer names (with authentication off, knowing one is owning it),
+    so logs carry a stable pseudonym that correlates lines, never the id.
+    """
+    return "s-" + hashlib.sha256(session_id.encode()).hexdigest()[:12]
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line, with any ``extra`` ids (connection, session, analysis)."""
+    """One JSON object per line, with any ``extra`` ids (connection, session, analysis).
+
+    ``session_id`` is written as :func:`session_log_id`, never as given.
+    """
 
     FIELDS = ("connection_id", "session_id", "analysis_id", "remote")
 
@@ -163,7 +176,7 @@ class JsonFormatter(logging.Formatter):
         for field in self.FIELDS:
             value = getattr(record, field, None)
             if value is not None:
-                entry[field] = value
+                entry[field] = session_log_id(str(value)) if field == "session_id" else value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
