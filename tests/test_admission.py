@@ -313,3 +313,38 @@ async def _held_websocket(
     """An accepted WebSocket kept open for the block."""
     async with raw_websocket(port, f"/ws/{session_id}", headers=headers):
         yield
+
+
+async def test_flood_figures(real_redis: RedisServerInfo) -> None:
+    """The figures README quotes: a one-address flood at default limits, refusals by reason.
+
+    Run with ``-s`` to see them.  Defaults: bursts of 100 new sessions, then 10/s.
+    """
+    async with live(real_redis, **PROXY) as server:
+        flood = forwarded("198.51.100.99")
+        start = trio.current_time()
+        posts = [(await post_session(server, "198.51.100.99")).status for _ in range(1000)]
+        post_seconds = trio.current_time() - start
+        start = trio.current_time()
+        connects = [
+            (await handshake(server.port, f"/ws/{new_session_id()}", headers=flood)).status
+            for _ in range(500)
+        ]
+        connect_seconds = trio.current_time() - start
+        start = trio.current_time()
+        await analyse_as_good_client(server)
+        good_seconds = trio.current_time() - start
+        errors = server.info.server.metrics.counters["errors"]
+    granted = posts.count(201)
+    print(
+        f"\n1000 POST /session from one address in {post_seconds:.1f} s: "
+        f"{granted} x 201, {posts.count(429)} x 429"
+        f"\n500 creating connects from it in {connect_seconds:.1f} s: "
+        f"{connects.count(101)} x 101, {connects.count(429)} x 429"
+        f"\nmeanwhile another client's session + full analysis: {good_seconds:.2f} s"
+        f"\nrefusals by reason: {dict((dict(k)['code'], int(v)) for k, v in errors.items())}"
+    )
+    # The burst, plus what the rate refilled meanwhile (10/s), and not much more.
+    assert 100 <= granted <= 100 + 10 * post_seconds + 2
+    assert set(posts) == {201, 429}
+    assert connects.count(101) <= 10 * (post_seconds + connect_seconds) + 2
