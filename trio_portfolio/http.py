@@ -25,6 +25,21 @@ the first request head with h11, always under a deadline, and then either:
   ``max_incomplete_event_size``), bodies over ``max_body_bytes`` are 413
   (refused from ``Content-Length`` before reading it when possible).
 
+Admission.  The front door itself only applies the ``Host`` allowlist
+(``host_allowed``, answered 421) and, for a connection the server is over
+capacity for, ``refuse`` (its status for the first request, then close);
+every other policy is the app's, which gets the request as a
+:class:`RequestInfo` (peer address and headers) and refuses by raising
+:class:`HttpError` with a status, machine code and headers (``Retry-After``).
+An upgrade's :class:`RequestInfo` travels with the hand-off on
+:attr:`PrefixedStream.request`, since wsproto keeps ``Host`` to itself.
+
+Hygiene.  A reason or detail from the app is split by :func:`public_reason`:
+what precedes the first ``": "`` is sent, with an ``error_id`` when more was
+cut; the whole text is logged under that id.  Request targets are logged
+through :func:`loggable_target` (no query string, session ids shortened), so
+credentials never reach a log.
+
 Errors never escape.  A malformed request is 400, a half-sent one that
 times out 408; both close the connection (``Connection: close``), as does
 every 5xx, because after them the byte stream may be out of sync.  An
@@ -54,7 +69,6 @@ import email.utils
 import importlib.resources
 import logging
 import operator
-import secrets
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Protocol
@@ -64,6 +78,8 @@ import attrs
 import h11
 import orjson
 import trio
+
+from trio_portfolio.observability import new_error_id
 
 log = logging.getLogger(__name__)
 
@@ -187,11 +203,6 @@ def public_reason(reason: str) -> tuple[str, str | None]:
     """
     public, sep, private = reason.partition(": ")
     return public, (private if sep else None)
-
-
-def new_error_id() -> str:
-    """A correlation id that a client gets in an error body and the log line carries."""
-    return "e-" + secrets.token_hex(5)
 
 
 def loggable_target(target: str) -> str:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import secrets
 import sys
 import time
 from collections import defaultdict
@@ -147,6 +148,11 @@ def _fmt_labels(labels: Labels) -> str:
 
 def _num(value: float) -> str:
     return repr(float(value)) if not float(value).is_integer() else str(int(value))
+
+
+def new_error_id() -> str:
+    """A correlation id for an error: the client gets it in the answer, the log line carries it."""
+    return "e-" + secrets.token_hex(5)
 
 
 def session_log_id(session_id: str) -> str:

@@ -6,11 +6,14 @@ The whole task tree lives here; read this file to see who owns what::
     ├── embedded redis-server              (only without --redis-url; outlives the rest)
     └── run_service()                      service nursery
         ├── signal watcher                 SIGINT/SIGTERM -> Server.stop
-        ├── listener (trio.serve_tcp)      own cancel scope: shutdown stops accepting first
+        ├── listener (listener.py)         own cancel scope: shutdown stops accepting first;
+        │                                  EMFILE backs off, never crashes
         ├── SessionEvents.run              pub/sub -> this process's connections
         ├── run_market_updater             leader-elected; ticks, revalues sessions
-        └── connections nursery            one handle_tcp per TCP connection
+        └── connections nursery            one handle_tcp per TCP connection (max_connections)
             └── serve_front_door           HTTP routes, or hand-off of a WebSocket upgrade
+                └── _serve_websocket       handshake checks: Origin, per-address count,
+                                           credential, then (creating only) rate and cap
                 └── Connection.run         see connection.py for the subtree:
                     ├── reader / writer / events / control loop
                     └── AnalysisRunner     own cancel scope
