@@ -147,7 +147,7 @@ class FakePeer:
     def metrics_text(self) -> str:
         return ""
 
-    async def new_session(self) -> dict[str, object]:
+    async def new_session(self, request: object) -> dict[str, object]:
         await trio.lowlevel.checkpoint()
         session = self._session(secrets.token_urlsafe(18))
         return {"session_id": session.session_id, "portfolio": session.portfolio()}

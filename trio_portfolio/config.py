@@ -27,6 +27,7 @@ Pure: no trio, no redis, no I/O other than reading the named TOML file.
 
 import argparse
 import enum
+import ipaddress
 import math
 import re
 import tomllib
@@ -203,6 +204,10 @@ def _anything(value: object) -> bool:
     return True
 
 
+def _is_bool(value: object) -> bool:
+    return isinstance(value, bool)
+
+
 def _member_of(cls: type[enum.Enum]) -> Callable[[object], bool]:
     """A check that a value is a member of ``cls``, not just its string."""
     return lambda value: isinstance(value, cls)
@@ -211,6 +216,51 @@ def _member_of(cls: type[enum.Enum]) -> Callable[[object], bool]:
 def _mask_repr(value: str | None) -> str:
     return repr(value if value is None else mask_url(value))
 
+
+def _secret_repr(value: str | None) -> str:
+    return repr(value if value is None else _MASK)
+
+
+MIN_SECRET_CHARS = 16
+
+
+def _valid_secret(value: str | None) -> bool:
+    return value is None or len(value) >= MIN_SECRET_CHARS
+
+
+def _valid_networks(value: tuple[str, ...]) -> bool:
+    try:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _valid_origins(value: tuple[str, ...]) -> bool:
+    return all(item in ("*", "null") or _ORIGIN_RE.fullmatch(item) for item in value)
+
+
+def _valid_hosts(value: tuple[str, ...]) -> bool:
+    return all(_HOST_RE.fullmatch(item) for item in value)
+
+
+_ORIGIN_RE = re.compile(r"https?://(\[[0-9a-f:.]+\]|[a-z0-9.\-]+)(:[0-9]{1,5})?")
+"""``scheme://host[:port]``, lower case, no path: what a browser sends as ``Origin``."""
+_HOST_RE = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9.\-]+)(:[0-9]{1,5})?")
+
+
+def _shown(name: str, value: object) -> str:
+    """``value`` as an error message may show it: secrets masked."""
+    if name == "redis_url" and isinstance(value, str):
+        return repr(mask_url(value))
+    if name in _SECRETS and value is not None:
+        return repr(_MASK)
+    return repr(value)
+
+
+_SECRETS = frozenset({"auth_secret"})
+"""Settings shown only as ``***`` (besides the password in ``redis_url``)."""
 
 _POSITIVE_INT = "an integer > 0"
 _POSITIVE_NUMBER = "a number > 0"
@@ -404,14 +454,150 @@ class Settings:
             "grace period for connections at shutdown", "a number >= 0", _non_negative, "SECONDS"
         ),
     )
+    max_sessions: int = attrs.field(
+        default=100_000,
+        metadata=_rule(
+            "live sessions in the store; creating more is refused (503)",
+            _POSITIVE_INT,
+            _positive,
+            "N",
+        ),
+    )
+    sessions_per_second: float = attrs.field(
+        default=10.0,
+        metadata=_rule(
+            "sustained new sessions per second per client address (over it: 429)",
+            _POSITIVE_NUMBER,
+            _positive,
+            "RATE",
+        ),
+    )
+    session_burst: int = attrs.field(
+        default=100,
+        metadata=_rule(
+            "new sessions a client address may create in a burst above the rate",
+            _POSITIVE_INT,
+            _positive,
+            "N",
+        ),
+    )
+    max_tracked_addresses: int = attrs.field(
+        default=100_000,
+        metadata=_rule(
+            "client addresses the new-session rate limit remembers (least recent forgotten)",
+            _POSITIVE_INT,
+            _positive,
+            "N",
+        ),
+    )
+    max_connections_per_address: int = attrs.field(
+        default=2000,
+        metadata=_rule(
+            "concurrent WebSocket connections per client address (over it: 429)",
+            _POSITIVE_INT,
+            _positive,
+            "N",
+        ),
+    )
+    trusted_proxies: tuple[str, ...] = attrs.field(
+        default=(),
+        metadata=_rule(
+            "proxies (CIDRs) whose X-Forwarded-For names the client address",
+            "comma-separated IP networks like 127.0.0.1/32,10.0.0.0/8",
+            _valid_networks,
+            "CIDR,...",
+        ),
+    )
+    allowed_origins: tuple[str, ...] = attrs.field(
+        default=(),
+        metadata=_rule(
+            "Origins allowed besides the server's own (empty: loopback origins; * any)",
+            "comma-separated scheme://host[:port] in lower case, or * or null",
+            _valid_origins,
+            "ORIGIN,...",
+        ),
+    )
+    allowed_hosts: tuple[str, ...] = attrs.field(
+        default=(),
+        metadata=_rule(
+            "Host header values served (DNS rebinding guard; empty: any)",
+            "comma-separated host or host:port in lower case",
+            _valid_hosts,
+            "HOST,...",
+        ),
+    )
+    auth_secret: str | None = attrs.field(
+        default=None,
+        repr=_secret_repr,
+        metadata=_rule(
+            "turns on session credentials: the HMAC key (unset: no authentication)",
+            f"a secret of at least {MIN_SECRET_CHARS} characters",
+            _valid_secret,
+            "SECRET",
+        ),
+    )
+    auth_secret_file: Path | None = attrs.field(
+        default=None,
+        metadata=_rule(
+            "like --auth-secret, read from this file (surrounding whitespace stripped)",
+            "a path",
+            _anything,
+            "FILE",
+        ),
+    )
+    client_idle_timeout_seconds: float = attrs.field(
+        default=1800.0,
+        metadata=_rule(
+            "advertised to browser pages: close the socket after this long without "
+            "user activity (0: never)",
+            "a number >= 0",
+            _non_negative,
+            "SECONDS",
+        ),
+    )
+    client_auto_reconnect: bool = attrs.field(
+        default=True,
+        metadata=_rule(
+            "advertised to browser pages: reconnect after the socket drops",
+            "true or false",
+            _is_bool,
+            "true|false",
+        ),
+    )
 
     def __attrs_post_init__(self) -> None:
         for field in attrs.fields(type(self)):
             rule: _Rule = field.metadata["rule"]
             value = getattr(self, field.name)
             if not rule.check(value):
-                shown = _mask_repr(value) if field.name == "redis_url" else repr(value)
+                shown = _shown(field.name, value)
                 raise ConfigError(f"{field.name}: expected {rule.expect}, got {shown}")
+        if self.auth_secret is not None and self.auth_secret_file is not None:
+            raise ConfigError("auth_secret and auth_secret_file: give one of them, not both")
+
+    def auth_key(self) -> bytes | None:
+        """The HMAC key of session credentials, ``None`` when authentication is off.
+
+        Reads ``auth_secret_file`` when that is the source (on every call:
+        the server calls this once at start).  Raises :class:`ConfigError`
+        when the file cannot be read or holds a secret that is too short.
+        """
+        if self.auth_secret is not None:
+            return self.auth_secret.encode()
+        if self.auth_secret_file is None:
+            return None
+        try:
+            secret = self.auth_secret_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            path = self.auth_secret_file
+            raise ConfigError(f"auth_secret_file: cannot read {path}: {why}") from None
+        if not _valid_secret(secret):
+            raise ConfigError(
+                f"auth_secret_file: {self.auth_secret_file} holds fewer than "
+                f"{MIN_SECRET_CHARS} characters"
+            )
+        return secret.encode()
 
 
 _FIELDS: dict[str, "attrs.Attribute[Any]"] = {f.name: f for f in attrs.fields(Settings)}
@@ -470,6 +656,34 @@ def _to_str(raw: object, _: type) -> str:
 def _to_optional_str(raw: object, _: type) -> str | None:
     """``None`` and the empty string both mean "unset"."""
     return None if raw is None or raw == "" else _to_str(raw, str)
+
+
+def _to_bool(raw: object, _: type) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str):
+        text = raw.strip().lower()
+        if text in ("true", "yes", "on", "1"):
+            return True
+        if text in ("false", "no", "off", "0"):
+            return False
+    raise _Invalid
+
+
+def _to_strings(raw: object, _: type) -> tuple[str, ...]:
+    """From ``a,b`` (empty text: none) or a TOML array of strings; each stripped, lower case."""
+    items: Sequence[object]
+    if isinstance(raw, str):
+        items = [item for item in raw.split(",") if item.strip()]
+    elif isinstance(raw, list | tuple):
+        items = raw
+    else:
+        raise _Invalid
+    return tuple(_to_str(item, str).lower().rstrip("/") for item in items)
+
+
+def _to_optional_path(raw: object, _: type) -> Path | None:
+    return None if raw is None or raw == "" else _to_path(raw, Path)
 
 
 def _to_path(raw: object, _: type) -> Path:
@@ -539,6 +753,9 @@ _converter.register_structure_hook(str, _to_str)
 _converter.register_structure_hook(Path, _to_path)
 _converter.register_structure_hook_func(lambda t: t == str | None, _to_optional_str)
 _converter.register_structure_hook_func(lambda t: t == tuple[float, float], _to_delay)
+_converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _to_strings)
+_converter.register_structure_hook_func(lambda t: t == Path | None, _to_optional_path)
+_converter.register_structure_hook(bool, _to_bool)
 _converter.register_structure_hook_func(lambda t: t == dict[str, float], _to_holdings)
 _converter.register_structure_hook_func(lambda t: t is MemorySize, _to_memory_size)
 for _enum in (
@@ -553,6 +770,8 @@ for _enum in (
 
 _converter.register_unstructure_hook(Path, str)
 _converter.register_unstructure_hook_func(lambda t: t == tuple[float, float], list)
+_converter.register_unstructure_hook_func(lambda t: t == tuple[str, ...], list)
+_converter.register_unstructure_hook_func(lambda t: t == Path | None, lambda v: v and str(v))
 
 
 # -- loading ----------------------------------------------------------------
@@ -562,8 +781,7 @@ def _convert(name: str, raw: object, source: str) -> Any:
     """Turn one raw value into the field's type, or a :class:`ConfigError`."""
     field = _FIELDS[name]
     rule: _Rule = field.metadata["rule"]
-    shown = mask_url(raw) if name == "redis_url" and isinstance(raw, str) else raw
-    problem = f"{source}: expected {rule.expect}, got {shown!r}"
+    problem = f"{source}: expected {rule.expect}, got {_shown(name, raw)}"
     try:
         value = _converter.structure(raw, field.type or object)
     except _Invalid as exc:
@@ -622,7 +840,9 @@ def load_settings(
     for source, layer in layers:
         for name, raw in layer.items():
             values[name] = _convert(name, raw, source(name))
-    return Settings(**values)
+    settings = Settings(**values)
+    settings.auth_key()  # an unreadable secret file is a configuration error, now
+    return settings
 
 
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -653,6 +873,10 @@ def _flag_text(value: object) -> str:
     """A value as one would type it after its flag (``2,5``, ``AAPL:100``)."""
     if value is None:
         return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+        return ",".join(value) if value else "none"
     if isinstance(value, tuple):
         return ",".join(_short_number(v) for v in value)
     if isinstance(value, dict):
@@ -669,6 +893,10 @@ def settings_as_dict(settings: Settings, *, mask_secrets: bool = True) -> dict[s
     out: dict[str, Any] = _converter.unstructure(settings)
     if mask_secrets and settings.redis_url is not None:
         out["redis_url"] = mask_url(settings.redis_url)
+    if mask_secrets:
+        for name in _SECRETS:
+            if out[name] is not None:
+                out[name] = _MASK
     return out
 
 

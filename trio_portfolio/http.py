@@ -25,6 +25,21 @@ the first request head with h11, always under a deadline, and then either:
   ``max_incomplete_event_size``), bodies over ``max_body_bytes`` are 413
   (refused from ``Content-Length`` before reading it when possible).
 
+Admission.  The front door itself only applies the ``Host`` allowlist
+(``host_allowed``, answered 421) and, for a connection the server is over
+capacity for, ``refuse`` (its status for the first request, then close);
+every other policy is the app's, which gets the request as a
+:class:`RequestInfo` (peer address and headers) and refuses by raising
+:class:`HttpError` with a status, machine code and headers (``Retry-After``).
+An upgrade's :class:`RequestInfo` travels with the hand-off on
+:attr:`PrefixedStream.request`, since wsproto keeps ``Host`` to itself.
+
+Hygiene.  A reason or detail from the app is split by :func:`public_reason`:
+what precedes the first ``": "`` is sent, with an ``error_id`` when more was
+cut; the whole text is logged under that id.  Request targets are logged
+through :func:`loggable_target` (no query string, session ids shortened), so
+credentials never reach a log.
+
 Errors never escape.  A malformed request is 400, a half-sent one that
 times out 408; both close the connection (``Connection: close``), as does
 every 5xx, because after them the byte stream may be out of sync.  An
@@ -64,6 +79,7 @@ import h11
 import orjson
 import trio
 
+from trio_portfolio.logs import new_error_id
 from trio_portfolio.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 log = logging.getLogger(__name__)
@@ -100,6 +116,29 @@ _PAGE_HEADERS = (
 """Sent with the dashboard: it loads nothing but its own assets and socket."""
 
 
+@attrs.frozen
+class RequestInfo:
+    """What a route handler may know of a request besides its path.
+
+    ``peer`` is the TCP peer's IP address (``None`` when the stream is not
+    a socket); ``headers`` are h11's (lower-case names, raw values).
+    """
+
+    peer: str | None
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    def header(self, name: bytes) -> str | None:
+        """The first value of header ``name`` (lower case) as text, else ``None``."""
+        for key, value in self.headers:
+            if key == name:
+                return value.decode("latin-1")
+        return None
+
+    def header_values(self, name: bytes) -> list[bytes]:
+        """Every value of header ``name``, in order (``X-Forwarded-For`` may repeat)."""
+        return [value for key, value in self.headers if key == name]
+
+
 class HttpApp(Protocol):
     """What the front door needs from the server; implemented in ``server.py``."""
 
@@ -114,16 +153,65 @@ class HttpApp(Protocol):
         """The server's metrics, in the Prometheus text format 0.0.4 (rendered elsewhere)."""
         ...
 
-    async def new_session(self) -> dict[str, object]:
+    async def new_session(self, request: RequestInfo) -> dict[str, object]:
         """Create a session under a fresh unguessable id: ``{"session_id", "portfolio", ...}``.
 
-        May raise :class:`ServiceUnavailable` (answered 503) when the store is down.
+        May raise :class:`HttpError` (answered with its status), e.g.
+        :class:`ServiceUnavailable` (503) when the store is down.
         """
         ...
 
 
-class ServiceUnavailable(Exception):
+class HttpError(Exception):
+    """Raised by an :class:`HttpApp` method: answer ``status`` with ``{"error", "detail"}``.
+
+    ``detail`` follows the convention of :func:`public_reason`: the part
+    before the first ``": "`` is sent, the rest only logged (with the
+    ``error_id`` the client also gets).  ``code`` defaults to the status
+    phrase in snake case; ``headers`` (e.g. ``Retry-After``) are added.
+    """
+
+    status = 500
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        super().__init__(detail)
+        if status is not None:
+            self.status = status
+        self.detail = detail
+        self.code = code
+        self.headers = headers
+
+
+class ServiceUnavailable(HttpError):
     """Raised by an :class:`HttpApp` method: answer 503 with ``str(exc)`` as the reason."""
+
+    status = 503
+
+
+def public_reason(reason: str) -> tuple[str, str | None]:
+    """Split ``"what: private detail"`` into what a client may see and what only the log may.
+
+    Reasons and details built by the server name the problem first and may
+    append, after ``": "``, text from an exception (a Redis address, an OS
+    error): that part never leaves the process.
+    """
+    public, sep, private = reason.partition(": ")
+    return public, (private if sep else None)
+
+
+def loggable_target(target: str) -> str:
+    """A request target fit for a log: no query (credentials), session ids shortened."""
+    path = target.partition("?")[0].partition("#")[0]
+    if path.startswith(_WS_PREFIX) and len(path) > len(_WS_PREFIX) + 4:
+        return path[: len(_WS_PREFIX) + 4] + "…"
+    return path
 
 
 @attrs.frozen
@@ -154,8 +242,16 @@ class PrefixedStream(trio.abc.Stream):
     raises :class:`trio.ClosedResourceError`, as for any Trio stream.
     """
 
-    def __init__(self, transport_stream: trio.abc.Stream, prefix: bytes) -> None:
+    def __init__(
+        self,
+        transport_stream: trio.abc.Stream,
+        prefix: bytes,
+        *,
+        request: RequestInfo | None = None,
+    ) -> None:
         self.transport_stream = transport_stream
+        self.request = request
+        """The handed-off request head as h11 parsed it (``Host`` included), when known."""
         self._prefix = bytes(prefix)
         self._receiving = False
         self._closed = False
@@ -281,6 +377,18 @@ def _error(
     return _json(status, {"error": code, "detail": detail}, headers=headers, close=close)
 
 
+def _app_error(exc: HttpError) -> _Response:
+    """The response to an :class:`HttpError`; its private detail goes to the log only."""
+    status = exc.status
+    code = exc.code or HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    public, private = public_reason(exc.detail)
+    body: dict[str, object] = {"error": code, "detail": public}
+    if private is not None:
+        body["error_id"] = error_id = new_error_id()
+        log.warning("http: %d %s (%s): %s", status, code, error_id, exc.detail)
+    return _json(status, body, headers=exc.headers, close=status >= 500)
+
+
 def _peer(stream: trio.abc.Stream) -> str:
     """``host:port`` of the client, for logs; the stream type when not a socket."""
     if isinstance(stream, trio.SocketStream):
@@ -290,6 +398,27 @@ def _peer(stream: trio.abc.Stream) -> str:
             return "socket (disconnected)"
         return f"{host}:{port}"
     return type(stream).__name__
+
+
+def peer_address(stream: trio.abc.Stream) -> str | None:
+    """The IP address of the client of ``stream`` (through a :class:`PrefixedStream`)."""
+    while isinstance(stream, PrefixedStream):
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        try:
+            address = stream.socket.getpeername()
+        except OSError:
+            return None
+        if isinstance(address, tuple) and address:
+            return str(address[0])
+    return None
+
+
+def _header(request: h11.Request, name: bytes) -> str | None:
+    for key, value in request.headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
 
 def _wants_websocket(request: h11.Request) -> bool:
@@ -313,17 +442,27 @@ async def serve_front_door(
     app: HttpApp,
     limits: HttpLimits = DEFAULT_LIMITS,
     shutting_down: trio.Event | None = None,
+    host_allowed: Callable[[str | None], bool] | None = None,
+    refuse: tuple[int, str, tuple[tuple[str, str], ...]] | None = None,
 ) -> None:
     """Serve one TCP connection: HTTP routes, or hand a WebSocket upgrade to ``on_websocket``.
 
     See the module docstring for timeouts, limits, errors and closing.
-    Returns when the connection is done; raises only what ``on_websocket``
-    raises (and ``Cancelled``).
+    ``host_allowed`` (the DNS-rebinding guard) sees every request's
+    ``Host``, upgrades included; a refused one is answered 421 and closed.
+    ``refuse`` (``status, detail, headers``) answers the connection's first
+    request with that error, upgrades included, and closes: the server's
+    answer to a connection beyond its capacity.  Returns when the
+    connection is done; raises only what ``on_websocket`` raises (and
+    ``Cancelled``).
     """
     door = _FrontDoor(stream, app, limits, shutting_down)
+    door.host_allowed = host_allowed
+    door.refuse = refuse
     replay = await door.run()
     if replay is not None:
-        await on_websocket(PrefixedStream(stream, replay))
+        info = RequestInfo(peer_address(stream), tuple(door.upgrade_headers))
+        await on_websocket(PrefixedStream(stream, replay, request=info))
 
 
 class _FrontDoor:
@@ -345,6 +484,9 @@ class _FrontDoor:
         self._record: bytearray | None = bytearray()
         self._idle: trio.CancelScope | None = None
         self._got_bytes = False
+        self.upgrade_headers: list[tuple[bytes, bytes]] = []
+        self.host_allowed: Callable[[str | None], bool] | None = None
+        self.refuse: tuple[int, str, tuple[tuple[str, str], ...]] | None = None
 
     # -- the connection ------------------------------------------------------
 
@@ -383,8 +525,17 @@ class _FrontDoor:
             request = await self._read_head(first)
             if request is None:
                 return None
+            if self.refuse is not None:
+                status, detail, headers = self.refuse
+                await self._respond(request, _error(status, detail, headers=headers, close=True))
+                return None
+            if self.host_allowed is not None and not self.host_allowed(_header(request, b"host")):
+                detail = "this server does not answer to that Host name"
+                await self._respond(request, _error(421, detail, close=True))
+                return None
             if _wants_websocket(request):
                 if first and self._record is not None:
+                    self.upgrade_headers = list(request.headers)
                     return bytes(self._record)
                 await self._respond(
                     request,
@@ -528,8 +679,8 @@ class _FrontDoor:
 
     async def _respond(self, request: h11.Request, response: _Response) -> None:
         method = request.method.decode("ascii", "replace")
-        target = request.target.decode("ascii", "replace")
-        if response.status >= 500 or response.status in (400, 408, 413, 431):
+        target = loggable_target(request.target.decode("ascii", "replace"))
+        if response.status >= 500 or response.status in (400, 408, 413, 421, 429, 431):
             log.info("http: %s %s -> %d from %s", method, target, response.status, self.peer)
         else:
             log.debug("http: %s %s -> %d from %s", method, target, response.status, self.peer)
@@ -550,7 +701,7 @@ class _FrontDoor:
             return _error(400, "malformed request target", close=True)
         try:
             await self._read_body(request)  # no route takes a body; read it to reuse the connection
-            return await self._route(method, path)
+            return await self._route(method, path, request)
         except _Refused as exc:
             return _error(exc.status, exc.detail, close=True)
         except h11.RemoteProtocolError as exc:
@@ -558,10 +709,18 @@ class _FrontDoor:
         except (trio.BrokenResourceError, trio.ClosedResourceError, _ClientGone, trio.TooSlowError):
             raise
         except Exception:
-            log.exception("http: %s %s failed", method, path, extra={"remote": self.peer})
-            return _error(500, "internal error; see the server log", close=True)
+            error_id = new_error_id()
+            log.exception(
+                "http: %s %s failed (%s)",
+                method,
+                loggable_target(path),
+                error_id,
+                extra={"remote": self.peer},
+            )
+            body = {"error": "internal_server_error", "detail": "internal error"}
+            return _json(500, {**body, "error_id": error_id}, close=True)
 
-    async def _route(self, method: str, path: str) -> _Response:
+    async def _route(self, method: str, path: str, request: h11.Request) -> _Response:
         allowed: tuple[str, ...]
         handler: Callable[[], Awaitable[_Response]]
         if path == "/health":
@@ -571,7 +730,7 @@ class _FrontDoor:
         elif path == "/metrics":
             allowed, handler = _GET, self._metrics
         elif path == "/session":
-            allowed, handler = _POST, self._new_session
+            allowed, handler = _POST, lambda: self._new_session(request)
         elif path == "/":
             allowed, handler = _GET, lambda: self._static("index.html")
         elif path.startswith(_STATIC_PREFIX):
@@ -580,11 +739,11 @@ class _FrontDoor:
         elif path.startswith(_WS_PREFIX):
             allowed, handler = _GET, self._upgrade_required
         else:
-            return _error(404, f"no such resource: {path}")
+            return _error(404, f"no such resource: {loggable_target(path)}")
         if method not in allowed:
             return _error(
                 405,
-                f"{method} is not allowed on {path}; use {', '.join(allowed)}",
+                f"{method} is not allowed on {loggable_target(path)}; use {', '.join(allowed)}",
                 headers=(("allow", ", ".join(allowed)),),
             )
         return await handler()
@@ -599,26 +758,34 @@ class _FrontDoor:
         with trio.move_on_after(timeout):
             try:
                 ok, reason = await self.app.ready()
-            except ServiceUnavailable as exc:
-                ok, reason = False, str(exc)
+            except HttpError as exc:
+                ok, reason = False, exc.detail
             if ok:
                 return _json(200, {"status": "ready"})
-        return _json(503, {"status": "not_ready", "reason": reason})
+        public, private = public_reason(reason)
+        body: dict[str, object] = {"status": "not_ready", "reason": public}
+        if private is not None:
+            body["error_id"] = error_id = new_error_id()
+            log.info("http: not ready (%s): %s", error_id, reason)
+        return _json(503, body)
 
     async def _metrics(self) -> _Response:
         await trio.lowlevel.checkpoint()
         text = self.app.metrics_text()
         return _Response(200, text.encode(), METRICS_CONTENT_TYPE)
 
-    async def _new_session(self) -> _Response:
+    async def _new_session(self, request: h11.Request) -> _Response:
         timeout = self.limits.session_timeout
-        reason = f"creating the session did not finish within {timeout:g} s"
+        info = RequestInfo(peer_address(self.stream), tuple(request.headers))
+        failure: HttpError = ServiceUnavailable(
+            f"creating the session did not finish within {timeout:g} s"
+        )
         with trio.move_on_after(timeout):
             try:
-                return _json(201, await self.app.new_session())
-            except ServiceUnavailable as exc:
-                reason = str(exc)
-        return _json(503, {"error": "service_unavailable", "detail": reason})
+                return _json(201, await self.app.new_session(info))
+            except HttpError as exc:
+                failure = exc
+        return _app_error(failure)
 
     async def _static(self, name: str) -> _Response:
         asset = await STATIC_FILES.get(name)

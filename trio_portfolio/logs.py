@@ -9,14 +9,33 @@ a busy server's log.  Metrics are :mod:`trio_portfolio.metrics`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import secrets
 import sys
 import time
 
 
+def new_error_id() -> str:
+    """A correlation id for an error: the client gets it in the answer, the log line carries it."""
+    return "e-" + secrets.token_hex(5)
+
+
+def session_log_id(session_id: str) -> str:
+    """How a session id appears in logs: ``s-`` and 12 hex digits of its SHA-256.
+
+    Ids are bearer names (with authentication off, knowing one is owning it),
+    so logs carry a stable pseudonym that correlates lines, never the id.
+    """
+    return "s-" + hashlib.sha256(session_id.encode()).hexdigest()[:12]
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line, with any ``extra`` ids (connection, session, analysis)."""
+    """One JSON object per line, with any ``extra`` ids (connection, session, analysis).
+
+    ``session_id`` is written as :func:`session_log_id`, never as given.
+    """
 
     FIELDS = ("connection_id", "session_id", "analysis_id", "remote")
 
@@ -30,7 +49,7 @@ class JsonFormatter(logging.Formatter):
         for field in self.FIELDS:
             value = getattr(record, field, None)
             if value is not None:
-                entry[field] = value
+                entry[field] = session_log_id(str(value)) if field == "session_id" else value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)

@@ -104,6 +104,13 @@ class Refusal(enum.StrEnum):
     """Refusals counted under ``errors`` that are not ``error`` frames (``ErrorCode``)."""
 
     TOO_MANY_CONNECTIONS = "too_many_connections"  # handshake answered 503
+    TOO_MANY_CONNECTIONS_PER_ADDRESS = "too_many_connections_per_address"  # 429
+    SESSION_RATE_LIMITED = "session_rate_limited"  # POST /session or a creating connect: 429
+    TOO_MANY_SESSIONS = "too_many_sessions"  # the global cap on live sessions: 503
+    ORIGIN_NOT_ALLOWED = "origin_not_allowed"  # handshake or POST /session: 403
+    CREDENTIAL_MISSING = "credential_missing"  # authentication on, none presented: 401
+    CREDENTIAL_INVALID = "credential_invalid"  # wrong, or another session's: 403
+    NOT_READY = "not_ready"  # a handshake before the store is open: 503
     FLOOD = "flood"  # closed with 1008 for flooding past the rate limit
     MESSAGE_TOO_BIG = "message_too_big"  # closed with 1009 by trio-websocket
 

@@ -6,11 +6,14 @@ The whole task tree lives here; read this file to see who owns what::
     ├── embedded redis-server              (only without --redis-url; supervised; outlives the rest)
     └── run_service()                      service nursery
         ├── signal watcher                 SIGINT/SIGTERM -> Server.stop
-        ├── listener (trio.serve_tcp)      own cancel scope: shutdown stops accepting first
+        ├── listener (listener.py)         own cancel scope: shutdown stops accepting first;
+        │                                  EMFILE backs off, never crashes
         ├── SessionEvents.run              pub/sub -> this process's connections
         ├── run_market_updater             leader-elected; ticks, revalues sessions
-        └── connections nursery            one handle_tcp per TCP connection
+        └── connections nursery            one handle_tcp per TCP connection (max_connections)
             └── serve_front_door           HTTP routes, or hand-off of a WebSocket upgrade
+                └── _serve_websocket       handshake checks: Origin, per-address count,
+                                           credential, then (creating only) rate and cap
                 └── Connection.run         see connection.py for the subtree:
                     ├── reader / writer / events / control loop
                     └── AnalysisRunner     own cancel scope
@@ -43,23 +46,58 @@ import orjson
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
 
+from trio_portfolio.admission import (
+    ConnectionCounts,
+    Refusal,
+    SessionRateLimiter,
+    address_key,
+    client_address,
+    connection_cap_refusal,
+    parse_networks,
+    session_cap_refusal,
+)
+from trio_portfolio.auth import check_credential, choose_subprotocol, mint_credential
 from trio_portfolio.config import Settings
 from trio_portfolio.connection import Connection, Services
 from trio_portfolio.embedded import run_embedded_redis
-from trio_portfolio.http import ServiceUnavailable, serve_front_door
+from trio_portfolio.http import (
+    HttpError,
+    HttpLimits,
+    PrefixedStream,
+    RequestInfo,
+    ServiceUnavailable,
+    peer_address,
+    public_reason,
+    serve_front_door,
+)
+from trio_portfolio.listener import (
+    FDS_PER_CONNECTION_HEADROOM,
+    raise_open_file_limit,
+    serve_listener,
+)
 from trio_portfolio.market import MarketData, TickReport, run_market_updater
-from trio_portfolio.metrics import Refusal, ServerMetrics
+from trio_portfolio.metrics import Refusal as RefusalCode
+from trio_portfolio.metrics import ServerMetrics
+from trio_portfolio.models import METRICS
+from trio_portfolio.origins import HostPolicy, OriginPolicy
 from trio_portfolio.protocol import Dialect, choose_dialect, render_portfolio, validate_session_id
 from trio_portfolio.redis_io import RedisClient, StoreUnavailable, open_redis
 from trio_portfolio.redis_pubsub import PubSub, open_pubsub
 from trio_portfolio.replay import market_source_for
 from trio_portfolio.session_events import SessionEvents
 from trio_portfolio.store import SessionStore, open_store
+from trio_portfolio.websocket_failures import FailureClosingStream
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
 WS_PATH_PREFIX = "/ws/"
+REFUSAL_SLOTS = 64
+"""Connections beyond ``max_connections`` answered 503 at once; more are closed unanswered."""
+REFUSAL_LIMITS = HttpLimits(head_timeout=2.0, drain_timeout=0.5, send_timeout=2.0)
+"""Deadlines of such an answer: it must cost little and end fast."""
+ADMISSION_TIMEOUT = 2.0
+"""Seconds the handshake's session check (exists? how many live?) may take in Redis."""
 
 
 @attrs.frozen
@@ -99,6 +137,18 @@ class Server:
         self.all_closed = trio.Event()
         self.all_closed.set()
         self.http_app = ServerHttpApp(self)
+        self.auth_key = settings.auth_key()
+        """The credential key; ``None`` when authentication is off (see ``auth.py``)."""
+        self.origins = OriginPolicy.from_settings(settings.allowed_origins)
+        self.hosts = HostPolicy.from_settings(settings.allowed_hosts)
+        self.trusted_proxies = parse_networks(settings.trusted_proxies)
+        self.session_rate = SessionRateLimiter(
+            settings.sessions_per_second, settings.session_burst, settings.max_tracked_addresses
+        )
+        self.address_connections = ConnectionCounts(settings.max_connections_per_address)
+        self.tcp_connections = 0
+        """Open TCP connections, upgraded or not: what ``max_connections`` bounds."""
+        self._refusing = 0
         metrics.watch_connections(lambda: len(self.connections))
         metrics.watch_redis(redis)
         metrics.watch_pubsub(pubsub)
@@ -176,24 +226,55 @@ class Server:
         *,
         task_status: trio.TaskStatus[int],
     ) -> None:
-        """Accept connections until shutdown; reports the bound port."""
+        """Accept connections until shutdown; reports the bound port.
+
+        The soft open-file limit is raised first; running out of descriptors
+        pauses accepting (see ``listener.py``), it never ends the server.
+        """
+        raise_open_file_limit(self.settings.max_connections + FDS_PER_CONNECTION_HEADROOM)
         with self.listen_scope:
             listeners = await trio.open_tcp_listeners(port, host=host)
             task_status.started(listeners[0].socket.getsockname()[1])
-            await trio.serve_listeners(self.handle_tcp, listeners, handler_nursery=handler_nursery)
+            async with trio.open_nursery() as accepting:
+                for listener in listeners:
+                    accepting.start_soon(serve_listener, listener, self.handle_tcp, handler_nursery)
 
     async def handle_tcp(self, stream: trio.abc.Stream) -> None:
-        """HTTP routes or a WebSocket (via the front door); one bad client never hurts others."""
+        """HTTP routes or a WebSocket (via the front door); one bad client never hurts others.
+
+        Every TCP connection counts against ``max_connections`` from accept
+        on.  One beyond it gets a quick 503 (at most ``REFUSAL_SLOTS`` such
+        answers at a time; past those it is closed unanswered).
+        """
+        self.tcp_connections += 1
+        refusing = False
         try:
+            refuse = None
+            limits = None
+            if self.tcp_connections > self.settings.max_connections:
+                self.metrics.error(RefusalCode.TOO_MANY_CONNECTIONS)
+                if self._refusing >= REFUSAL_SLOTS:
+                    return
+                refusing = True
+                self._refusing += 1
+                refusal = connection_cap_refusal()
+                refuse = (refusal.status, refusal.detail, tuple(refusal.headers()))
+                limits = REFUSAL_LIMITS
             await serve_front_door(
                 stream,
                 on_websocket=self._handle_websocket,
                 app=self.http_app,
                 shutting_down=self.shutting_down,
+                host_allowed=self.hosts.allows if self.hosts.enabled else None,
+                refuse=refuse,
+                **({"limits": limits} if limits is not None else {}),
             )
         except Exception:
             log.exception("connection handler failed")
         finally:
+            self.tcp_connections -= 1
+            if refusing:
+                self._refusing -= 1
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
 
@@ -206,27 +287,85 @@ class Server:
             finally:
                 nursery.cancel_scope.cancel()
 
+    async def _reject(self, request: WebSocketRequest, refusal: Refusal) -> None:
+        """Refuse the handshake with ``refusal`` (counted in ``errors`` by its code)."""
+        self.metrics.error(refusal.code)
+        headers = [(name.encode(), value.encode()) for name, value in refusal.headers()]
+        if refusal.status == 401:
+            headers.append((b"www-authenticate", b'Bearer realm="trio-portfolio"'))
+        body = orjson.dumps({"error": refusal.code, "detail": refusal.detail}) + b"\n"
+        headers.append((b"content-type", b"application/json"))
+        await request.reject(refusal.status, extra_headers=headers, body=body)
+
     async def _serve_websocket(self, nursery: trio.Nursery, stream: trio.abc.Stream) -> None:
+        """The handshake's checks, in order, then the connection.
+
+        Path and id (404/400), readiness (503), ``Origin`` (403), capacity
+        (503) and connections per client address (429), the credential
+        (401/403) - all before any session state is read - then, only for
+        a connect that would create its session, the new-session rate
+        (429) and the global session cap (503).
+        """
         settings = self.settings
+        wrapped = FailureClosingStream(stream)
         with trio.move_on_after(HANDSHAKE_TIMEOUT):
             request = await wrap_server_stream(
-                nursery, stream, max_message_size=settings.max_message_bytes
+                nursery, wrapped, max_message_size=settings.max_message_bytes
             )
         if request is None or self.shutting_down.is_set():
             return
-        session_id = await self._route(request)
-        if session_id is None:
+        target = await self._route(request)
+        if target is None:
             return
+        session_id, query = target
         services = self.services
         if services is None:
-            await request.reject(503, body=f"not ready: {self.startup_problem}\n".encode())
+            public, _ = public_reason(self.startup_problem)
+            await self._reject(request, Refusal(503, RefusalCode.NOT_READY, f"not ready: {public}"))
+            return
+        info = stream.request if isinstance(stream, PrefixedStream) else None
+        info = info or RequestInfo(peer_address(stream))
+        if not self.origins.allows(info.header(b"origin"), info.header(b"host")):
+            await self._reject(request, _origin_refusal())
             return
         if len(self.connections) >= settings.max_connections:
-            self.metrics.error(Refusal.TOO_MANY_CONNECTIONS)
-            await request.reject(503, body=b"too many connections, try again later\n")
+            await self._reject(request, connection_cap_refusal())
             return
+        address = client_address(
+            info.peer, info.header_values(b"x-forwarded-for"), self.trusted_proxies
+        )
+        key = address_key(address)
+        refusal = self.address_connections.open(key)
+        if refusal is not None:
+            await self._reject(request, refusal)
+            return
+        try:
+            refusal = check_credential(
+                self.auth_key,
+                session_id,
+                query,
+                request.proposed_subprotocols,
+                (info.header(b"authorization") or "").encode("latin-1") or None,
+            )
+            if refusal is None:
+                refusal = await self._admit_connect(services, session_id, key)
+            if refusal is not None:
+                await self._reject(request, refusal)
+                return
+            await self._run_connection(services, request, session_id, wrapped)
+        finally:
+            self.address_connections.close(key)
+
+    async def _run_connection(
+        self,
+        services: Services,
+        request: WebSocketRequest,
+        session_id: str,
+        wrapped: FailureClosingStream,
+    ) -> None:
         dialect = choose_dialect(request.proposed_subprotocols)
-        ws = await request.accept(subprotocol=dialect.subprotocol)
+        ws = await request.accept(subprotocol=choose_subprotocol(request.proposed_subprotocols))
+        wrapped.watch(ws)
         connection = Connection(services, ws, session_id, dialect)
         self.connections.add(connection)
         self.all_closed = trio.Event()
@@ -240,9 +379,34 @@ class Server:
                 self.all_closed.set()
             log.info("connection closed", extra=ids)
 
-    async def _route(self, request: WebSocketRequest) -> str | None:
-        """The session id of a valid ``/ws/{session_id}`` path, else reject and ``None``."""
-        path = unquote(urlsplit(request.path).path)
+    async def _admit_connect(self, services: Services, session_id: str, key: str) -> Refusal | None:
+        """Rate and cap for a connect that would create its session; ``None`` to go ahead.
+
+        One round trip: does the session exist, and how many live sessions
+        does the store's index hold (``SCARD``; it may briefly count expired
+        sessions until the market updater prunes them).  Without an answer
+        from Redis the connect is charged as a creation but not capped: the
+        connection reports the outage itself.
+        """
+        keys = services.store.keys
+        try:
+            exists, live = await self.redis.pipeline(
+                [("EXISTS", keys.session(session_id)), ("SCARD", keys.index)],
+                timeout=ADMISSION_TIMEOUT,
+            )
+        except StoreUnavailable:
+            exists, live = 0, 0
+        if isinstance(exists, int) and exists > 0:
+            return None
+        refusal = self.session_rate.take(key, trio.current_time())
+        if refusal is None and isinstance(live, int):
+            refusal = session_cap_refusal(live, self.settings.max_sessions)
+        return refusal
+
+    async def _route(self, request: WebSocketRequest) -> tuple[str, str] | None:
+        """``(session_id, query)`` of a ``/ws/{session_id}`` target, else reject and ``None``."""
+        target = urlsplit(request.path)
+        path = unquote(target.path)
         if not path.startswith(WS_PATH_PREFIX):
             await request.reject(404, body=b"not found: WebSocket endpoint is /ws/{session_id}\n")
             return None
@@ -250,7 +414,7 @@ class Server:
         if not validate_session_id(session_id):
             await request.reject(400, body=b"bad session id: 1-64 characters of A-Z a-z 0-9 _ -\n")
             return None
-        return session_id
+        return session_id, target.query
 
     async def shutdown(self, timeout: float) -> None:
         """Stop accepting, close every connection with 1001, wait up to ``timeout``."""
@@ -290,19 +454,84 @@ class ServerHttpApp:
         """Every series of this server, rendered by ``prometheus_client``."""
         return self.server.metrics.exposition().decode()
 
-    async def new_session(self) -> dict[str, object]:
-        """A session under a fresh unguessable id, with the default holdings."""
-        services = self.server.services
+    async def new_session(self, request: RequestInfo) -> dict[str, object]:
+        """A session under a fresh unguessable id, with the default holdings.
+
+        Refused like a creating WebSocket connect: a disallowed ``Origin``
+        (403), the client address's new-session rate (429, ``Retry-After``),
+        the global session cap (503).  The answer carries ``config`` (what
+        the original service's page reads, see :func:`session_config`) and,
+        with authentication on, the session's ``credential``.
+        """
+        server = self.server
+        services = server.services
         if services is None:
-            raise ServiceUnavailable(self.server.startup_problem)
+            raise ServiceUnavailable(server.startup_problem)
+        if not server.origins.allows(request.header(b"origin"), request.header(b"host")):
+            raise _http_error(server, _origin_refusal())
+        address = client_address(
+            request.peer, request.header_values(b"x-forwarded-for"), server.trusted_proxies
+        )
+        refusal = server.session_rate.take(address_key(address), trio.current_time())
+        if refusal is not None:
+            raise _http_error(server, refusal)
         session_id = secrets.token_urlsafe(24)
         try:
+            live = await server.redis.execute("SCARD", services.store.keys.index)
+            refusal = session_cap_refusal(int(live), server.settings.max_sessions)
+            if refusal is not None:
+                raise _http_error(server, refusal)
             portfolio = await services.create_session(session_id)
         except StoreUnavailable as exc:
             raise ServiceUnavailable(f"store unavailable: {exc}") from None
         rendered = render_portfolio(portfolio, Dialect.V2)
         assert rendered is not None
-        return {"session_id": session_id, "portfolio": orjson.loads(rendered)}
+        answer: dict[str, object] = {
+            "session_id": session_id,
+            "portfolio": orjson.loads(rendered),
+            "config": session_config(server.settings),
+        }
+        if server.auth_key is not None:
+            answer["credential"] = mint_credential(server.auth_key, session_id)
+        return answer
+
+
+def session_config(settings: Settings) -> dict[str, object]:
+    """``config`` of ``POST /session``: what the original service's browser page reads.
+
+    ``features["client-connectivity"].settings`` (``idle-timeout-seconds``,
+    ``auto-reconnect``), ``features["client-ui"].settings["default-holdings"]``
+    and ``features.analysis.settings.metrics`` (the five names), from settings.
+    """
+    return {
+        "features": {
+            "client-connectivity": {
+                "enabled": True,
+                "settings": {
+                    "idle-timeout-seconds": settings.client_idle_timeout_seconds,
+                    "auto-reconnect": settings.client_auto_reconnect,
+                },
+            },
+            "client-ui": {
+                "enabled": True,
+                "settings": {"default-holdings": dict(settings.default_holdings)},
+            },
+            "analysis": {"enabled": True, "settings": {"metrics": list(METRICS)}},
+        }
+    }
+
+
+def _origin_refusal() -> Refusal:
+    return Refusal(
+        403, RefusalCode.ORIGIN_NOT_ALLOWED, "this page's origin may not use this server"
+    )
+
+
+def _http_error(server: Server, refusal: Refusal) -> HttpError:
+    server.metrics.error(refusal.code)
+    return HttpError(
+        refusal.detail, status=refusal.status, code=refusal.code, headers=tuple(refusal.headers())
+    )
 
 
 async def serve(

@@ -1,11 +1,18 @@
 // Portfolio dashboard: one v2 session over one WebSocket, no build step, no dependencies.
 //
 // Flow: POST /session (or reuse the id in the URL fragment) -> ws://host/ws/{id} with the
-// "portfolio.v2" subprotocol -> render every server event. The server is the source of
+// "portfolio.v2" subprotocol -> render every server event. With authentication on, POST
+// /session also returns the session's credential: it is kept in the fragment (never sent to
+// a server in a URL) and presented as a second subprotocol "portfolio.auth.<credential>".
+// POST /session's config says whether to reconnect after a drop and after how long without
+// user activity to let the socket go (it comes back on the next click or key). The server is the source of
 // truth: the page keeps a small model (portfolio, analyses, value series) that only server
 // frames change, and re-renders from it. All text goes through textContent, never HTML.
 
 const SUBPROTOCOL = "portfolio.v2";
+const AUTH_PREFIX = "portfolio.auth.";
+const CREDENTIAL_RE = /^[A-Za-z0-9_-]{1,256}$/;
+const CONFIG_KEY = "portfolio.client-config";
 const METRICS = ["portfolio_risk", "concentration", "correlation", "momentum", "allocation_score"];
 const METRIC_LABELS = {
   portfolio_risk: "Portfolio risk",
@@ -36,6 +43,10 @@ const $ = (id) => document.getElementById(id);
 
 const state = {
   sessionId: null,
+  credential: null,
+  config: loadConfig(), // {idleTimeoutSeconds, autoReconnect}, from POST /session
+  lastActivity: Date.now(),
+  idle: false,
   ws: null,
   retryDelay: 500,
   portfolio: null, // {holdings, prices, total_value, portfolio_version}
@@ -105,16 +116,47 @@ function showError(code, detail) {
 
 // -- session and socket ---------------------------------------------------------------------
 
+function fragmentValue(name, pattern) {
+  const match = new RegExp(`(?:^#|&)${name}=([^&]+)`).exec(location.hash);
+  const value = match ? decodeURIComponent(match[1]) : null;
+  return value && pattern.test(value) ? value : null;
+}
+
 function sessionFromFragment() {
-  const match = /(?:^#|&)session=([^&]+)/.exec(location.hash);
-  const id = match ? decodeURIComponent(match[1]) : null;
-  return id && SESSION_RE.test(id) ? id : null;
+  return fragmentValue("session", SESSION_RE);
 }
 
 function rememberSession(id) {
   state.sessionId = id;
   $("session-id").textContent = id;
-  history.replaceState(null, "", `#session=${encodeURIComponent(id)}`);
+  let fragment = `#session=${encodeURIComponent(id)}`;
+  if (state.credential) fragment += `&credential=${encodeURIComponent(state.credential)}`;
+  history.replaceState(null, "", fragment);
+}
+
+function loadConfig() {
+  const fallback = { idleTimeoutSeconds: 0, autoReconnect: true };
+  try {
+    return { ...fallback, ...JSON.parse(sessionStorage.getItem(CONFIG_KEY) || "{}") };
+  } catch {
+    return fallback;
+  }
+}
+
+function applyConfig(config) {
+  // The shape the original service's page reads (see POST /session in the protocol).
+  const connectivity = config?.features?.["client-connectivity"]?.settings ?? {};
+  const idle = connectivity["idle-timeout-seconds"];
+  const reconnect = connectivity["auto-reconnect"];
+  state.config = {
+    idleTimeoutSeconds: typeof idle === "number" && idle >= 0 ? idle : 0,
+    autoReconnect: typeof reconnect === "boolean" ? reconnect : true,
+  };
+  try {
+    sessionStorage.setItem(CONFIG_KEY, JSON.stringify(state.config));
+  } catch {
+    // storage may be unavailable (private mode): the config then lasts for this page only
+  }
 }
 
 async function createSession() {
@@ -123,6 +165,8 @@ async function createSession() {
   if (!response.ok || typeof body.session_id !== "string") {
     throw new Error(body.detail || body.reason || `POST /session answered ${response.status}`);
   }
+  if (body.config && typeof body.config === "object") applyConfig(body.config);
+  state.credential = typeof body.credential === "string" ? body.credential : null;
   if (body.portfolio && typeof body.portfolio === "object") applyPortfolio(body.portfolio);
   return body.session_id;
 }
@@ -142,7 +186,11 @@ function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const url = `${scheme}://${location.host}/ws/${encodeURIComponent(state.sessionId)}`;
   setConnection("connecting", "Connecting…");
-  const ws = new WebSocket(url, [SUBPROTOCOL]);
+  const protocols = [SUBPROTOCOL];
+  if (state.credential) protocols.push(AUTH_PREFIX + state.credential);
+  state.idle = false;
+  state.lastActivity = Date.now();
+  const ws = new WebSocket(url, protocols);
   state.ws = ws;
   ws.addEventListener("open", () => {
     if (ws.protocol !== SUBPROTOCOL) {
@@ -168,12 +216,36 @@ function connect() {
     if (state.ws !== ws) return;
     state.ws = null;
     interruptRunning();
+    const why = event.reason ? ` (${event.code} ${event.reason})` : ` (${event.code})`;
+    if (state.idle) {
+      setConnection("idle", "Idle: disconnected; click or press a key to reconnect");
+      return;
+    }
+    if (!state.config.autoReconnect) {
+      setConnection("closed", `Disconnected${why}; reload to reconnect`);
+      return;
+    }
     const delay = state.retryDelay;
     state.retryDelay = Math.min(delay * 2, 10000);
-    const why = event.reason ? ` (${event.code} ${event.reason})` : ` (${event.code})`;
     setConnection("closed", `Disconnected${why}; retrying in ${Math.round(delay / 1000) || 1} s`);
     setTimeout(connect, delay);
   });
+}
+
+// After config.idleTimeoutSeconds without a click or key press the socket is let go (the
+// server keeps the session); the next activity reconnects.
+function noteActivity() {
+  state.lastActivity = Date.now();
+  if (state.idle && state.ws === null && state.sessionId) connect();
+}
+
+function checkIdle() {
+  const limit = state.config.idleTimeoutSeconds;
+  if (!limit || !state.ws || state.ws.readyState !== WebSocket.OPEN) return;
+  if (Date.now() - state.lastActivity >= limit * 1000) {
+    state.idle = true;
+    state.ws.close(1000, "idle");
+  }
 }
 
 function send(message) {
@@ -661,12 +733,15 @@ function wire() {
   $("cancel-edit").addEventListener("click", finishEditing);
   $("edit-form").addEventListener("submit", saveHoldings);
   $("cancel-analysis").addEventListener("click", cancelAnalysis);
+  for (const kind of ["pointerdown", "keydown"]) addEventListener(kind, noteActivity, { capture: true });
+  setInterval(checkIdle, 1000);
 }
 
 async function main() {
   wire();
   renderChart();
   let id = sessionFromFragment();
+  if (id) state.credential = fragmentValue("credential", CREDENTIAL_RE);
   if (!id) {
     try {
       id = await createSession();
