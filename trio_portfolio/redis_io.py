@@ -113,9 +113,19 @@ from typing import Any
 import attrs
 import hiredis
 import trio
-from redis._parsers.encoders import Encoder
-from redis.connection import PythonRespSerializer, parse_url
-from redis.exceptions import DataError
+
+try:
+    from redis._parsers.encoders import Encoder
+    from redis.connection import PythonRespSerializer, parse_url
+    from redis.exceptions import DataError
+except ImportError as exc:  # pragma: no cover - only with a redis-py outside the pin
+    raise ImportError(
+        "trio_portfolio.redis_io reuses redis-py's command encoder "
+        "(redis._parsers.encoders.Encoder, redis.connection.PythonRespSerializer, parse_url), "
+        f"which the installed redis-py does not have where expected: {exc}. "
+        "Install a redis-py inside the range pyproject.toml pins, or adapt redis_io.py "
+        "(tests/test_redis_py_compat.py lists what is borrowed)."
+    ) from exc
 
 from trio_portfolio.redis_errors import (
     CommandError,
