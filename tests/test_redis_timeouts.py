@@ -125,7 +125,9 @@ async def test_a_short_deadline_fails_only_its_own_call(sleepy_redis: str) -> No
                     await redis.execute("ECHO", "impatient", timeout=0.5)
                 assert info.value.reason is Unavailable.TIMEOUT
                 assert info.value.maybe_executed
+                assert redis.statistics().in_flight == 21, "20 writes and the abandoned ECHO"
             await assert_echoes_own_tokens(redis)
+            assert redis.statistics().in_flight == 0
         assert sorted(written) == list(range(1, 21)), "every write got its own reply"
         assert await redis.execute("GET", key) == "20"
         stats = redis.statistics()
