@@ -45,7 +45,7 @@ def services_of(server: LiveServer) -> Services:
     return services
 
 
-POOLED = "trio_portfolio.redis_io."
+POOLED = ("trio_portfolio.redis_io.", "trio_portfolio.redis_mux.")  # the adapter's connections
 """Tasks of the Redis client's pooled connections, which it opens lazily under load."""
 
 

@@ -1,6 +1,6 @@
 """What the adapter borrows from redis-py and hiredis is still there and still behaves.
 
-:mod:`trio_portfolio.redis_io` reuses redis-py's command encoder (one
+:mod:`trio_portfolio.redis_wire` reuses redis-py's command encoder (one
 *private* name, ``redis._parsers.encoders.Encoder``, plus
 ``redis.connection.PythonRespSerializer`` and ``parse_url``) and hiredis'
 reader with our own reply-error factory.  A redis-py or hiredis release that
@@ -50,8 +50,8 @@ def test_redis_py_still_has_the_names_the_adapter_imports(module: str, name: str
     except (ImportError, AttributeError) as exc:
         pytest.fail(
             f"redis-py {REDIS_PY} no longer provides {module}.{name}, which "
-            "trio_portfolio/redis_io.py imports (it is private API). Find where this "
-            "redis-py moved it, update the import in redis_io.py, and adjust the redis "
+            "trio_portfolio/redis_wire.py imports (it is private API). Find where this "
+            "redis-py moved it, update the import in redis_wire.py, and adjust the redis "
             f"pin in pyproject.toml. ({type(exc).__name__}: {exc})",
             pytrace=False,
         )

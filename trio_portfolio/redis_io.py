@@ -12,7 +12,7 @@ code is written here.
 A :class:`RedisClient` owns a small, fixed number of *multiplexed*
 connections.  Many tasks share one connection at once:
 
-* A caller encodes its command(s) into a :class:`_Request` and puts it on the
+* A caller encodes its command(s) into a :class:`Request` and puts it on the
   connection's bounded request channel.
 * The connection's **writer** task takes every request waiting (that batching
   is automatic pipelining), appends them to the ``in_flight`` deque *in the
@@ -94,38 +94,24 @@ Resources: every connection's tasks run in the nursery that
 Pub/sub needs its own connection (a subscribed RESP2 connection can issue no
 other command); see :mod:`trio_portfolio.redis_pubsub`.
 
-redis-py's private names used here (``redis._parsers.encoders.Encoder``) are
-checked by ``tests/test_redis_py_compat.py``, which fails with a clear message
-when a redis-py release moves them; ``pyproject.toml`` pins the range known
-to work.
+The adapter's modules: this one (the client), :mod:`~trio_portfolio.redis_errors`
+(the vocabulary, pure), :mod:`~trio_portfolio.redis_wire` (URLs, transports,
+handshake, RESP codec; the only one importing redis-py, whose private names are
+pinned and checked by ``tests/test_redis_py_compat.py``),
+:mod:`~trio_portfolio.redis_mux` (one multiplexed connection) and
+:mod:`~trio_portfolio.redis_pubsub`.
 """
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import math
-import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
-import hiredis
 import trio
-
-try:
-    from redis._parsers.encoders import Encoder
-    from redis.connection import PythonRespSerializer, parse_url
-    from redis.exceptions import DataError
-except ImportError as exc:  # pragma: no cover - only with a redis-py outside the pin
-    raise ImportError(
-        "trio_portfolio.redis_io reuses redis-py's command encoder "
-        "(redis._parsers.encoders.Encoder, redis.connection.PythonRespSerializer, parse_url), "
-        f"which the installed redis-py does not have where expected: {exc}. "
-        "Install a redis-py inside the range pyproject.toml pins, or adapt redis_io.py "
-        "(tests/test_redis_py_compat.py lists what is borrowed)."
-    ) from exc
 
 from trio_portfolio.redis_errors import (
     CommandError,
@@ -134,13 +120,26 @@ from trio_portfolio.redis_errors import (
     ReplyDecodeError,
     StoreUnavailable,
     Unavailable,
-    classify_error_reply,
+)
+from trio_portfolio.redis_mux import Connection, NotSent, RedisStatistics, Request
+from trio_portfolio.redis_wire import (
+    STREAM_ERRORS,
+    CommandArg,
+    ConnectionParams,
+    ProtocolError,
+    encode_command,
+    new_reply_reader,
+    next_reply,
+    open_connection,
+    receive_reply,
 )
 from trio_portfolio.services import open_service_nursery
 
 __all__ = [
     "CommandArg",
     "CommandError",
+    "ConnectionParams",
+    "ProtocolError",
     "RedisAdapterError",
     "RedisClient",
     "RedisStatistics",
@@ -149,69 +148,15 @@ __all__ = [
     "Script",
     "StoreUnavailable",
     "Unavailable",
+    "encode_command",
+    "new_reply_reader",
+    "next_reply",
+    "open_connection",
     "open_redis",
 ]
 
 ReplyError = CommandError
 """The old name of :class:`CommandError`, kept while other modules move to the new one."""
-
-CommandArg = str | bytes | int | float
-
-_ENCODER = Encoder(encoding="utf-8", encoding_errors="strict", decode_responses=False)  # type: ignore[no-untyped-call]
-_SERIALIZER = PythonRespSerializer(6000, _ENCODER.encode)
-_MAX_BATCH = 1024  # requests written by one send_all
-_READ_SIZE = 65536
-
-
-class ProtocolError(StoreUnavailable):
-    """Bytes from Redis that are not RESP: the connection must be dropped.
-
-    hiredis raises this (it is the reader's ``protocolError`` class); for
-    callers it is just a :class:`StoreUnavailable` with reason ``protocol_error``.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"unparseable reply from Redis: {message}", reason=Unavailable.PROTOCOL)
-
-
-def encode_command(args: Sequence[CommandArg]) -> bytes:
-    """Encode one command in RESP2 with redis-py's serializer."""
-    try:
-        return b"".join(_SERIALIZER.pack(*args))  # type: ignore[no-untyped-call]
-    except DataError as exc:
-        raise TypeError(str(exc)) from None
-
-
-def new_reply_reader() -> Any:
-    """A hiredis reader that returns the adapter's own types.
-
-    Bulk strings are decoded as strict UTF-8; error replies come back as
-    values (not raised) of the adapter's classes, from
-    :func:`~trio_portfolio.redis_errors.classify_error_reply`.  Read it with
-    :func:`next_reply`, never ``gets()`` directly.
-    """
-    return hiredis.Reader(
-        protocolError=ProtocolError,
-        replyError=classify_error_reply,
-        encoding="utf-8",
-        errors="strict",
-    )
-
-
-def next_reply(parser: Any) -> Any:
-    """The next complete reply from ``parser``, or ``False`` if more bytes are needed.
-
-    A reply with bytes that are not UTF-8 is returned as a
-    :class:`ReplyDecodeError` value: hiredis consumes such a reply whole
-    before raising, so the stream of replies stays in step.  Raises
-    :class:`ProtocolError` for bytes that are not RESP.
-    """
-    try:
-        return parser.gets()
-    except UnicodeDecodeError as exc:
-        return ReplyDecodeError(
-            f"Redis sent a reply that is not UTF-8 ({exc.reason} at byte {exc.start})"
-        )
 
 
 class Script:
@@ -225,411 +170,6 @@ class Script:
 
     def __repr__(self) -> str:
         return f"Script(sha={self.sha[:12]}...)"
-
-
-@attrs.frozen
-class ConnectionParams:
-    """Where and how to connect, parsed from a ``redis://``, ``rediss://`` or ``unix://`` URL."""
-
-    host: str = "localhost"
-    port: int = 6379
-    path: str | None = None
-    tls: bool = False
-    tls_verify: bool = True
-    username: str | None = None
-    password: str | None = None
-    db: int = 0
-
-    @classmethod
-    def from_url(cls, url: str) -> ConnectionParams:
-        """Parse ``url`` with redis-py's own URL parser; reject other schemes clearly."""
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"Redis URL must start with redis://, rediss:// or unix://: {url!r}")
-        opts = parse_url(url)  # type: ignore[no-untyped-call]
-        return cls(
-            host=str(opts.get("host") or "localhost"),
-            port=int(opts.get("port") or 6379),
-            path=opts.get("path"),
-            tls=url.startswith("rediss://"),
-            tls_verify=opts.get("ssl_cert_reqs", "required") not in ("none", ssl.CERT_NONE),
-            username=opts.get("username"),
-            password=opts.get("password"),
-            db=int(opts.get("db") or 0),
-        )
-
-    def describe(self) -> str:
-        """Where this points, without credentials (safe to log)."""
-        if self.path is not None:
-            return f"unix://{self.path}"
-        return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}/{self.db}"
-
-    def handshake(self) -> list[tuple[CommandArg, ...]]:
-        """Commands that make a fresh connection usable: AUTH, then SELECT."""
-        commands: list[tuple[CommandArg, ...]] = []
-        if self.password is not None:
-            if self.username:
-                commands.append(("AUTH", self.username, self.password))
-            else:
-                commands.append(("AUTH", self.password))
-        if self.db:
-            commands.append(("SELECT", self.db))
-        return commands
-
-
-_STREAM_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
-
-
-async def open_stream(params: ConnectionParams) -> trio.abc.Stream:
-    """Open the transport (TCP, TLS over TCP, or a unix socket) to Redis.
-
-    Raises :class:`StoreUnavailable` (``connect_failed``) if it cannot.
-    """
-    try:
-        if params.path is not None:
-            return await trio.open_unix_socket(params.path)
-        if params.tls:
-            context = ssl.create_default_context()
-            if not params.tls_verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            return await trio.open_ssl_over_tcp_stream(
-                params.host, params.port, ssl_context=context
-            )
-        return await trio.open_tcp_stream(params.host, params.port)
-    except (OSError, trio.BrokenResourceError) as exc:
-        raise StoreUnavailable(
-            f"cannot connect to Redis at {params.describe()}: {exc}",
-            reason=Unavailable.CONNECT_FAILED,
-        ) from exc
-
-
-async def receive_reply(stream: trio.abc.Stream, parser: Any) -> Any:
-    """Read until ``parser`` has one complete reply; return it (errors as values).
-
-    For request/response use of a connection that no other task shares.
-    Raises :class:`StoreUnavailable` if the connection closes or breaks.
-    """
-    while (reply := next_reply(parser)) is False:
-        data = await stream.receive_some(_READ_SIZE)
-        if not data:
-            raise StoreUnavailable(
-                "Redis closed the connection", reason=Unavailable.CONNECTION_LOST
-            )
-        parser.feed(data)
-    return reply
-
-
-async def open_connection(params: ConnectionParams) -> tuple[trio.abc.Stream, Any]:
-    """Connect and run the handshake (AUTH, SELECT); return the stream and its parser.
-
-    The handshake is a plain request/response exchange done before any task
-    shares the stream.  On any failure the stream is closed and
-    :class:`StoreUnavailable` raised (``connect_failed`` or ``auth_failed``).
-    """
-    stream = await open_stream(params)
-    parser = new_reply_reader()
-    try:
-        commands = params.handshake()
-        if commands:
-            await stream.send_all(b"".join(encode_command(c) for c in commands))
-            for command in commands:
-                reply = await receive_reply(stream, parser)
-                if isinstance(reply, Exception):
-                    raise StoreUnavailable(
-                        f"Redis refused {command[0]!s}: {reply}", reason=Unavailable.AUTH_FAILED
-                    )
-    except BaseException as exc:
-        with trio.CancelScope(shield=True):
-            await trio.aclose_forcefully(stream)
-        if isinstance(exc, StoreUnavailable):
-            raise
-        if isinstance(exc, _STREAM_ERRORS):
-            raise StoreUnavailable(
-                f"handshake with {params.describe()} failed: {exc}",
-                reason=Unavailable.CONNECT_FAILED,
-            ) from exc
-        raise
-    return stream, parser
-
-
-@attrs.define
-class RedisStatistics:
-    """Counters for introspection and ``/metrics`` (all since the client opened).
-
-    ``connects`` counts every connection made (first ones included) and
-    ``reconnects`` those that replaced a lost or retired one;
-    ``connections_open`` and ``in_flight`` (requests queued or awaiting a
-    reply) are gauges.  ``timeouts`` are calls that gave up on their own
-    deadline; ``cancelled_in_flight`` calls cancelled by their caller after
-    being queued; ``replies_discarded`` the replies of either kind read and
-    dropped.  ``connections_stalled`` were closed by the watchdog,
-    ``read_only_resets`` are READONLY retirements of every connection.
-    """
-
-    commands: int = 0
-    command_errors: int = 0
-    errors_unavailable: int = 0
-    timeouts: int = 0
-    connects: int = 0
-    reconnects: int = 0
-    connect_failures: int = 0
-    cancelled_in_flight: int = 0
-    replies_discarded: int = 0
-    replies_undecodable: int = 0
-    connections_stalled: int = 0
-    read_only_resets: int = 0
-    probes: int = 0
-    probe_failures: int = 0
-    connections_open: int = 0
-    in_flight: int = 0
-
-
-class _Request:
-    """One call: its encoded bytes, how many replies it expects, and its outcome."""
-
-    __slots__ = (
-        "abandoned",
-        "done",
-        "error",
-        "expected",
-        "payload",
-        "received",
-        "replies",
-        "written",
-    )
-
-    def __init__(self, payload: bytes, expected: int) -> None:
-        self.payload = payload
-        self.expected = expected
-        self.replies: list[Any] = []
-        self.received = 0
-        self.error: StoreUnavailable | None = None
-        self.abandoned = False
-        self.written = False
-        self.done = trio.Event()
-
-    def fail(self, error: StoreUnavailable) -> None:
-        if not self.done.is_set():
-            self.error = error
-            self.done.set()
-
-
-class _NotSent(Exception):
-    """The connection takes no more requests (broken or retired): safe to retry elsewhere."""
-
-
-class _Connection:
-    """One multiplexed connection: writer, reader and watchdog tasks, an in-flight deque."""
-
-    def __init__(
-        self,
-        params: ConnectionParams,
-        stats: RedisStatistics,
-        stall_timeout: float,
-        on_closed: Callable[[_Connection], None],
-    ) -> None:
-        self._params = params
-        self._stats = stats
-        self._stall_timeout = stall_timeout
-        self._on_closed = on_closed
-        self._send, self._receive = trio.open_memory_channel[_Request](_MAX_BATCH)
-        self._in_flight: collections.deque[_Request] = collections.deque()
-        self._cancel_scope = trio.CancelScope()
-        self._last_progress = 0.0
-        self._busy = trio.Event()
-        self._writer_done = False
-        self.retiring = False
-        self.broken: StoreUnavailable | None = None
-
-    @property
-    def usable(self) -> bool:
-        """Whether new requests may be given to this connection."""
-        return self.broken is None and not self.retiring
-
-    @property
-    def load(self) -> int:
-        """Requests queued or in flight: how busy this connection is."""
-        return len(self._in_flight) + self._send.statistics().current_buffer_used
-
-    async def run(self, *, task_status: trio.TaskStatus[_Connection]) -> None:
-        """Connect, authenticate, then serve requests until the connection breaks.
-
-        Failures before ``task_status.started`` raise :class:`StoreUnavailable`
-        to the caller of ``nursery.start``; afterwards this never raises: a
-        broken connection fails its requests and returns.
-        """
-        stream, parser = await open_connection(self._params)
-        self._stats.connects += 1
-        self._stats.connections_open += 1
-        try:
-            with self._cancel_scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._reader, stream, parser)
-                    nursery.start_soon(self._writer, stream)
-                    nursery.start_soon(self._watchdog)
-                    task_status.started(self)
-        finally:
-            self._stats.connections_open -= 1
-            self._break(
-                StoreUnavailable(
-                    f"connection to {self._params.describe()} closed",
-                    reason=Unavailable.CONNECTION_LOST,
-                )
-            )
-            self._on_closed(self)
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(stream)
-
-    async def submit(self, request: _Request) -> None:
-        """Queue ``request`` and wait until it is answered or failed.
-
-        Raises :class:`_NotSent` if the connection takes no more requests.
-        Cancelled, the request is marked abandoned (see the module docstring).
-        """
-        try:
-            self._send.send_nowait(request)
-        except trio.WouldBlock:
-            try:
-                await self._send.send(request)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise _NotSent from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise _NotSent from None
-        try:
-            await request.done.wait()
-        except BaseException:
-            if not request.done.is_set():
-                request.abandoned = True
-            raise
-
-    def retire(self) -> None:
-        """Take no new request; close once every request already taken is answered."""
-        if self.broken is None and not self.retiring:
-            self.retiring = True
-            self._send.close()
-
-    def _break(self, error: StoreUnavailable) -> None:
-        """Mark the connection broken and fail every request on it.
-
-        Idempotent, and called once more when ``run`` ends: the writer may
-        have taken a batch from the channel just before the first call and
-        put it in flight afterwards; the final call fails those too, so no
-        caller is left waiting for its timeout.
-        """
-        if self.broken is None:
-            self.broken = error
-            self._cancel_scope.cancel()
-            self._send.close()
-        error = self.broken
-        while self._in_flight:
-            self._in_flight.popleft().fail(error)
-        while True:
-            try:
-                self._receive.receive_nowait().fail(error)
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
-        self._receive.close()
-
-    def _finish_if_drained(self) -> None:
-        if self.retiring and self._writer_done and not self._in_flight:
-            self._cancel_scope.cancel()
-
-    async def _writer(self, stream: trio.abc.Stream) -> None:
-        try:
-            async for first in self._receive:
-                batch = [first]
-                while len(batch) < _MAX_BATCH:
-                    try:
-                        batch.append(self._receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                        break
-                live = [request for request in batch if not request.abandoned]
-                if not live:
-                    continue
-                if self.broken is not None:
-                    for request in live:  # never written: the caller may retry elsewhere
-                        request.fail(self.broken)
-                    continue
-                if not self._in_flight:
-                    self._last_progress = trio.current_time()
-                    self._busy.set()
-                for request in live:
-                    # Marked before the write: a write cut half-way leaves the
-                    # outcome unknown, which is what ``written`` reports.
-                    request.written = True
-                self._in_flight.extend(live)
-                self._stats.commands += len(live)
-                await stream.send_all(b"".join(request.payload for request in live))
-            self._writer_done = True  # retired and drained
-            self._finish_if_drained()
-        except _STREAM_ERRORS as exc:
-            self._break(
-                StoreUnavailable(
-                    f"lost connection to Redis while writing: {exc}",
-                    reason=Unavailable.CONNECTION_LOST,
-                )
-            )
-
-    async def _reader(self, stream: trio.abc.Stream, parser: Any) -> None:
-        try:
-            while True:
-                data = await stream.receive_some(_READ_SIZE)
-                if not data:
-                    self._break(
-                        StoreUnavailable(
-                            "Redis closed the connection", reason=Unavailable.CONNECTION_LOST
-                        )
-                    )
-                    return
-                self._last_progress = trio.current_time()
-                parser.feed(data)
-                while (reply := next_reply(parser)) is not False:
-                    if not self._in_flight:
-                        raise ProtocolError("a reply nobody asked for")
-                    self._deliver(self._in_flight[0], reply)
-                self._finish_if_drained()
-        except ProtocolError as exc:
-            self._break(exc)
-        except _STREAM_ERRORS as exc:
-            self._break(
-                StoreUnavailable(
-                    f"lost connection to Redis while reading: {exc}",
-                    reason=Unavailable.CONNECTION_LOST,
-                )
-            )
-
-    def _deliver(self, request: _Request, reply: Any) -> None:
-        if isinstance(reply, ReplyDecodeError):
-            self._stats.replies_undecodable += 1
-        request.received += 1
-        if not request.abandoned:
-            request.replies.append(reply)
-        if request.received == request.expected:
-            self._in_flight.popleft()
-            if request.abandoned:
-                self._stats.replies_discarded += 1
-            request.done.set()
-
-    async def _watchdog(self) -> None:
-        """Drop the connection when Redis says nothing for ``stall_timeout`` with work pending."""
-        while True:
-            if not self._in_flight:
-                self._busy = trio.Event()
-                await self._busy.wait()
-                continue
-            deadline = self._last_progress + self._stall_timeout
-            if trio.current_time() >= deadline:
-                self._stats.connections_stalled += 1
-                self._break(
-                    StoreUnavailable(
-                        f"Redis at {self._params.describe()} sent nothing for "
-                        f"{self._stall_timeout:g} s with requests outstanding",
-                        reason=Unavailable.STALLED,
-                        maybe_executed=True,
-                    )
-                )
-                return
-            await trio.sleep_until(deadline)
 
 
 class _Dedicated:
@@ -656,7 +196,7 @@ class _Dedicated:
                 return await receive_reply(stream, parser)
             except BaseException as exc:
                 await self.aclose()
-                if isinstance(exc, _STREAM_ERRORS):
+                if isinstance(exc, STREAM_ERRORS):
                     raise StoreUnavailable(
                         f"lost the probe connection to Redis: {exc}",
                         reason=Unavailable.CONNECTION_LOST,
@@ -705,9 +245,9 @@ class RedisClient:
         self.timeout = timeout
         self.stall_timeout = stall
         self._reconnect_backoff = reconnect_backoff
-        self._slots: list[_Connection | None] = [None] * connections
+        self._slots: list[Connection | None] = [None] * connections
         self._slot_locks = [trio.Lock() for _ in range(connections)]
-        self._open: set[_Connection] = set()
+        self._open: set[Connection] = set()
         self._failed_until = -math.inf
         self._last_failure: StoreUnavailable | None = None
         self._read_only_reset_until = -math.inf
@@ -854,16 +394,16 @@ class RedisClient:
         # the writer could otherwise send it before the caller is woken.
         await trio.lowlevel.checkpoint_if_cancelled()
         seconds = self.timeout if timeout is None else timeout
-        request: _Request | None = None
+        request: Request | None = None
         try:
             with trio.move_on_after(seconds):
                 started = trio.current_time()
                 for attempt in (1, 2):
                     connection = await self._connection()
-                    request = _Request(payload, expected)
+                    request = Request(payload, expected)
                     try:
                         await connection.submit(request)
-                    except _NotSent:
+                    except NotSent:
                         if attempt == 2:
                             raise _copy(connection.broken, written=False) from None
                         continue
@@ -912,10 +452,10 @@ class RedisClient:
         for connection in self._open:
             connection.retire()
 
-    def _closed(self, connection: _Connection) -> None:
+    def _closed(self, connection: Connection) -> None:
         self._open.discard(connection)
 
-    async def _connection(self) -> _Connection:
+    async def _connection(self) -> Connection:
         """A usable connection for the next request, connecting a free slot if worthwhile.
 
         An idle usable connection is used at once; a busy one is used only
@@ -936,8 +476,8 @@ class RedisClient:
             if in_backoff and self._last_failure is not None:
                 raise _copy(self._last_failure, written=False)
             try:
-                connection: _Connection = await self._nursery.start(
-                    _Connection(self.params, self.stats, self.stall_timeout, self._closed).run
+                connection: Connection = await self._nursery.start(
+                    Connection(self.params, self.stats, self.stall_timeout, self._closed).run
                 )
             except StoreUnavailable as exc:
                 self.stats.connect_failures += 1

@@ -45,10 +45,9 @@ from typing import Any
 import attrs
 import trio
 
-from trio_portfolio.redis_io import (
+from trio_portfolio.redis_errors import ReplyDecodeError, StoreUnavailable
+from trio_portfolio.redis_wire import (
     ConnectionParams,
-    ReplyDecodeError,
-    StoreUnavailable,
     encode_command,
     next_reply,
     open_connection,
