@@ -25,7 +25,7 @@ import trio
 
 from trio_portfolio.redis_io import CommandError, ReplyDecodeError, open_redis
 from trio_portfolio.redis_pubsub import open_pubsub
-from trio_portfolio.session_events import AnalysisStarted, SessionEvents
+from trio_portfolio.session_events import AnalysisStarted, SessionEvents, SessionEventsStatistics
 from trio_portfolio.testing import RedisServerInfo
 from trio_portfolio.testing.live_server import open_client, open_live_server, test_settings
 
@@ -92,7 +92,9 @@ async def test_the_events_hub_drops_and_counts_what_is_not_an_event(
                 good = orjson.dumps({"kind": "analysis_started", "analysis_id": "a-1"})
                 await redis.execute("PUBLISH", channel, good)
                 assert await received.receive() == AnalysisStarted(analysis_id="a-1")
-        assert events.malformed == 4
+        assert events.statistics() == SessionEventsStatistics(
+            dropped=0, malformed=4, sessions_watched=0
+        )
         assert pubsub.statistics().messages_dropped_undecodable == 1
         nursery.cancel_scope.cancel()
 

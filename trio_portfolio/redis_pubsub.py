@@ -72,9 +72,9 @@ class PubSubStatistics:
     """Counters of a :class:`PubSub` (since it opened), for metrics.
 
     ``connects`` counts every connection made, ``reconnects`` those after
-    the first; ``messages_dropped_full`` were dropped because the consumer
-    fell behind, ``messages_dropped_undecodable`` because their bytes were
-    not UTF-8.
+    the first; ``dropped`` messages were dropped because the consumer fell
+    behind, ``messages_dropped_undecodable`` because their bytes were not
+    UTF-8.
     """
 
     connected: bool
@@ -83,7 +83,7 @@ class PubSubStatistics:
     channels_wanted: int
     channels_confirmed: int
     messages_received: int
-    messages_dropped_full: int
+    dropped: int
     messages_dropped_undecodable: int
 
 
@@ -119,7 +119,7 @@ class PubSub:
             channels_wanted=len(self._wanted),
             channels_confirmed=len(self._confirmed),
             messages_received=self.messages_received,
-            messages_dropped_full=self.dropped,
+            dropped=self.dropped,
             messages_dropped_undecodable=self.messages_dropped_undecodable,
         )
 

@@ -61,6 +61,20 @@ class AnalysisStarted:
 SessionEvent = PortfolioChanged | AnalysisStarted
 
 
+@attrs.frozen
+class SessionEventsStatistics:
+    """Counters of a :class:`SessionEvents` hub, for metrics.
+
+    ``dropped``: events a watcher's full buffer could not take; ``malformed``:
+    messages on a session channel that were not an event; ``sessions_watched``
+    is a gauge.
+    """
+
+    dropped: int
+    malformed: int
+    sessions_watched: int
+
+
 def parse_event(data: str) -> SessionEvent | None:
     """Decode a published event; ``None`` for anything malformed or unknown."""
     try:
@@ -103,6 +117,10 @@ class SessionEvents:
         self.malformed = 0
         """Messages on a session channel that were not an event we know."""
         self._malformed_logged_at = -math.inf
+
+    def statistics(self) -> SessionEventsStatistics:
+        """A snapshot of the hub's counters."""
+        return SessionEventsStatistics(self.dropped, self.malformed, self.sessions_watched)
 
     @property
     def sessions_watched(self) -> int:
