@@ -174,3 +174,48 @@ def test_relative_imports_resolve_against_the_importing_module(tmp_path: Path) -
     assert graph["pkg.a"] == {"pkg.a.m"}
     assert graph["pkg.a.m"] == {"pkg.x", "pkg.a"}
     assert find_cycles(graph) == [["pkg.a", "pkg.a.m"]]
+
+
+ADAPTER_MODULES = frozenset(
+    {"trio_portfolio.redis_wire", "trio_portfolio.redis_mux", "trio_portfolio.redis_io"}
+)
+"""The Trio Redis adapter: the only modules that may use redis-py's internals."""
+
+REDIS_INTERNALS = ("redis.exceptions", "redis._parsers")
+
+
+def redis_internal_imports(root: Path, package: str) -> dict[str, set[str]]:
+    """For each module, which of redis-py's exception or parser modules it imports."""
+    found: dict[str, set[str]] = {}
+    for module, path in module_files(root, package).items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            hits = {n for n in names if n.startswith(REDIS_INTERNALS)}
+            if hits:
+                found.setdefault(module, set()).update(hits)
+    return found
+
+
+def test_only_the_adapter_imports_redis_py_exceptions_or_parsers() -> None:
+    offenders = {
+        module: sorted(names)
+        for module, names in redis_internal_imports(ROOT, PACKAGE).items()
+        if module not in ADAPTER_MODULES and not module.startswith(f"{PACKAGE}.testing")
+    }
+    assert offenders == {}, f"redis-py internals imported outside the adapter: {offenders}"
+
+
+def test_the_internal_import_check_sees_an_offender(tmp_path: Path) -> None:
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "store.py").write_text(
+        "def f():\n    from redis.exceptions import ConnectionError\n    return ConnectionError\n"
+    )
+    assert redis_internal_imports(tmp_path, "pkg") == {
+        "pkg.store": {"redis.exceptions", "redis.exceptions.ConnectionError"}
+    }

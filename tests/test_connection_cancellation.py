@@ -47,7 +47,7 @@ RUDE_DELAYS = (0.0, 0.1)
 second, so the moments a rude client picks fall on every stage of an analysis."""
 
 
-POOLED = "trio_portfolio.redis_io."
+POOLED = ("trio_portfolio.redis_io.", "trio_portfolio.redis_mux.")  # the adapter's connections
 """Tasks of the Redis client's pooled connections, which it opens lazily under load."""
 
 

@@ -238,7 +238,7 @@ async def test_every_readme_series_is_there_right_after_start_up(
     assert value(samples, "trio_portfolio_redis_commands_total") > 0
     assert value(samples, "trio_portfolio_redis_connects_total") >= 1
     assert value(samples, "trio_portfolio_redis_call_seconds_count") > 0
-    assert value(samples, "trio_portfolio_pubsub_reconnects_total") >= 1
+    assert value(samples, "trio_portfolio_pubsub_connects_total") >= 1
 
 
 async def test_counters_move_after_an_analysis_in_their_own_server_only(

@@ -15,10 +15,12 @@ import trio
 
 from trio_portfolio.embedded import run_embedded_redis
 from trio_portfolio.redis_io import (
+    CommandError,
     ConnectionParams,
     ReplyError,
     Script,
     StoreUnavailable,
+    Unavailable,
     open_redis,
 )
 from trio_portfolio.redis_pubsub import open_pubsub
@@ -31,8 +33,13 @@ async def test_commands_replies_and_errors(real_redis: RedisServerInfo, key_pref
         assert await redis.execute("GET", f"{key_prefix}:k") == "välue"
         assert await redis.execute("INCRBY", f"{key_prefix}:n", 5) == 5
         assert await redis.execute("GET", f"{key_prefix}:missing") is None
-        with pytest.raises(ReplyError, match="WRONGTYPE"):
+        with pytest.raises(CommandError, match="WRONGTYPE") as info:
             await redis.execute("HGET", f"{key_prefix}:k", "f")
+        assert info.value.code == "WRONGTYPE"
+        with pytest.raises(CommandError, match="wrong number of arguments"):
+            await redis.execute("SET", f"{key_prefix}:k")
+        stats = redis.statistics()
+        assert (stats.command_errors, stats.errors_unavailable) == (2, 0)
 
 
 async def test_pipeline_returns_errors_in_place(
@@ -42,7 +49,9 @@ async def test_pipeline_returns_errors_in_place(
         k = f"{key_prefix}:p"
         replies = await redis.pipeline([("SET", k, "1"), ("HGET", k, "x"), ("INCR", k)])
         assert replies[0] == "OK"
-        assert isinstance(replies[1], ReplyError)
+        assert isinstance(replies[1], CommandError)
+        assert replies[1].code == "WRONGTYPE"
+        assert ReplyError is CommandError, "the old name stays an alias for now"
         assert replies[2] == 2
         assert await redis.pipeline([]) == []
 
@@ -123,8 +132,9 @@ async def test_username_password_and_db_are_used(
                 await redis.execute("SET", f"{key_prefix}:db3", "x")
             assert await admin.execute("EXISTS", f"{key_prefix}:db3") == 0
             async with open_redis(f"redis://{user}:wrong@{host_port}/0") as redis:
-                with pytest.raises(StoreUnavailable, match="AUTH"):
+                with pytest.raises(StoreUnavailable, match="AUTH") as info:
                     await redis.ping()
+                assert info.value.reason is Unavailable.AUTH_FAILED
         finally:
             await admin.execute("ACL", "DELUSER", user)
             await admin.pipeline([("SELECT", 3), ("DEL", f"{key_prefix}:db3"), ("SELECT", 0)])
@@ -135,8 +145,10 @@ async def test_unreachable_store_raises_store_unavailable_fast() -> None:
         await sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound but not listening: connections are refused
         async with open_redis(f"redis://127.0.0.1:{port}/0", reconnect_backoff=10) as redis:
-            with pytest.raises(StoreUnavailable, match="cannot connect"):
+            with pytest.raises(StoreUnavailable, match="cannot connect") as info:
                 await redis.ping()
+            assert info.value.reason is Unavailable.CONNECT_FAILED
+            assert str(port) not in info.value.explanation
             with trio.fail_after(0.5):  # within the backoff: no new connect attempt
                 with pytest.raises(StoreUnavailable):
                     await redis.ping()
@@ -159,23 +171,28 @@ async def test_reconnects_after_connection_loss(real_redis: RedisServerInfo) -> 
         assert redis.statistics().connects == 2
 
 
-async def test_timeout_closes_connection_and_next_call_recovers(
+async def test_a_stalled_connection_is_dropped_and_the_next_call_recovers(
     real_redis: RedisServerInfo,
 ) -> None:
+    """The caller's deadline fails its call; the watchdog's stall timeout drops the connection."""
     async with (
         open_tcp_proxy(*real_redis.address) as proxy,
-        open_redis(proxy.url, connections=1, timeout=0.3) as redis,
+        open_redis(proxy.url, connections=1, timeout=0.3, stall_timeout=0.6) as redis,
     ):
         assert await redis.execute("ECHO", "a") == "a"
         proxy.blackhole(True)
-        with trio.fail_after(2), pytest.raises(StoreUnavailable, match="did not answer"):
+        with trio.fail_after(2), pytest.raises(StoreUnavailable, match="did not answer") as info:
             await redis.execute("ECHO", "lost")
+        assert info.value.reason is Unavailable.TIMEOUT
+        assert info.value.maybe_executed
+        assert redis.statistics().connects == 1, "a timeout alone must not cost the connection"
+        await trio.sleep(0.5)  # past the stall timeout: nothing came back
         proxy.blackhole(False)
         with trio.fail_after(2):
             assert await redis.execute("ECHO", "b") == "b"
         stats = redis.statistics()
-        assert stats.timeouts == 1
-        assert stats.connects == 2
+        assert (stats.timeouts, stats.connections_stalled) == (1, 1)
+        assert (stats.connects, stats.reconnects) == (2, 1)
 
 
 async def test_pubsub_delivers_and_resubscribes_after_loss(
@@ -189,7 +206,7 @@ async def test_pubsub_delivers_and_resubscribes_after_loss(
             message = await pubsub.messages.receive()
             assert (message.channel, message.data) == (channel, "one")
             await redis.execute("CLIENT", "KILL", "TYPE", "pubsub")
-            while pubsub.reconnects < 2:  # noqa: ASYNC110 - polls the reconnect counter
+            while pubsub.reconnects < 1:  # noqa: ASYNC110 - polls the reconnect counter
                 await trio.sleep(0.01)
             await pubsub.subscribe(channel)  # waits for the automatic resubscription
             await redis.execute("PUBLISH", channel, "two")
@@ -197,6 +214,8 @@ async def test_pubsub_delivers_and_resubscribes_after_loss(
             pubsub.unsubscribe(channel)
             while await redis.execute("PUBSUB", "NUMSUB", channel) != [channel, 0]:  # noqa: ASYNC110
                 await trio.sleep(0.01)
+        stats = pubsub.statistics()
+        assert (stats.connects, stats.reconnects, stats.messages_received) == (2, 1, 2)
 
 
 async def test_unix_socket_url(tmp_path: Path) -> None:

@@ -263,22 +263,38 @@ REDIS_CLIENT = _group(
     "redis_",
     commands=(Kind.COUNTER, "calls written to Redis (a pipeline or script counts once)"),
     errors_unavailable=(Kind.COUNTER, "calls failed with StoreUnavailable"),
-    timeouts=(Kind.COUNTER, "calls whose reply did not come in time (the connection was closed)"),
+    command_errors=(Kind.COUNTER, "calls answered with a genuine command error"),
+    timeouts=(Kind.COUNTER, "calls whose reply did not come in time (only that call fails)"),
     connects=(Kind.COUNTER, "connections to Redis made (the first ones included)"),
+    reconnects=(Kind.COUNTER, "connections made to replace a lost or retired one"),
     connect_failures=(Kind.COUNTER, "connection attempts to Redis that failed"),
     cancelled_in_flight=(
         Kind.COUNTER,
         "calls cancelled before their reply came (the reply is discarded)",
     ),
+    replies_discarded=(Kind.COUNTER, "late replies of abandoned calls, read and dropped"),
+    replies_undecodable=(Kind.COUNTER, "replies that were not UTF-8 (only that call failed)"),
+    connections_stalled=(Kind.COUNTER, "connections closed by the stall watchdog"),
+    read_only_resets=(Kind.COUNTER, "READONLY replies that retired every connection"),
+    probes=(Kind.COUNTER, "write probes made by /ready on the dedicated connection"),
+    probe_failures=(Kind.COUNTER, "write probes that failed"),
     connections_open=(Kind.GAUGE, "command connections to Redis open now"),
     in_flight=(Kind.GAUGE, "calls queued or written and not yet answered"),
 )
 PUBSUB = _group(
     "PubSub",
     "pubsub_",
-    reconnects=(Kind.COUNTER, "pub/sub connections made (the first one included)"),
+    connects=(Kind.COUNTER, "pub/sub connections made (the first one included)"),
+    reconnects=(Kind.COUNTER, "pub/sub connections made after the first"),
+    messages_received=(Kind.COUNTER, "pub/sub messages received"),
     dropped=(Kind.COUNTER, "pub/sub messages dropped because the events hub lagged"),
+    messages_dropped_undecodable=(
+        Kind.COUNTER,
+        "pub/sub messages dropped because they were not UTF-8",
+    ),
     connected=(Kind.GAUGE, "1 while the pub/sub connection is up"),
+    channels_wanted=(Kind.GAUGE, "channels this process wants subscribed"),
+    channels_confirmed=(Kind.GAUGE, "channels Redis confirmed subscribed"),
 )
 SESSION_EVENTS = StatisticsGroup(
     "SessionEvents",
@@ -290,6 +306,14 @@ SESSION_EVENTS = StatisticsGroup(
                 "session_events_dropped",
                 Kind.COUNTER,
                 "session events dropped by the hub because a watcher's buffer was full",
+            ),
+        ),
+        (
+            "malformed",
+            MetricSpec(
+                "session_events_malformed",
+                Kind.COUNTER,
+                "session events dropped by the hub because they could not be parsed",
             ),
         ),
         (

@@ -26,6 +26,13 @@ used in this project only for prompt notification, never as the record
 Backpressure: the message buffer is bounded; when the consumer falls behind,
 new messages are dropped and counted in ``dropped`` rather than growing
 memory without bound.
+
+Robustness: no bytes Redis sends can end the reader.  A message whose
+channel or payload is not valid UTF-8 is dropped and counted in
+``messages_dropped_undecodable`` (hiredis consumes such a reply whole, so the
+connection stays in step); a reply of an unexpected shape is ignored; bytes
+that are not RESP at all drop the connection, which is then made again like
+after any loss.  :meth:`PubSub.statistics` gathers the counters for metrics.
 """
 
 from __future__ import annotations
@@ -37,17 +44,17 @@ from typing import Any
 
 import attrs
 import trio
-from redis.exceptions import InvalidResponse
 
-from trio_portfolio.redis_io import (
+from trio_portfolio.redis_errors import ReplyDecodeError, StoreUnavailable
+from trio_portfolio.redis_wire import (
     ConnectionParams,
-    StoreUnavailable,
     encode_command,
+    next_reply,
     open_connection,
 )
 from trio_portfolio.services import open_service_nursery
 
-__all__ = ["Message", "PubSub", "open_pubsub"]
+__all__ = ["Message", "PubSub", "PubSubStatistics", "open_pubsub"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +65,26 @@ class Message:
 
     channel: str
     data: str
+
+
+@attrs.frozen
+class PubSubStatistics:
+    """Counters of a :class:`PubSub` (since it opened), for metrics.
+
+    ``connects`` counts every connection made, ``reconnects`` those after
+    the first; ``dropped`` messages were dropped because the consumer fell
+    behind, ``messages_dropped_undecodable`` because their bytes were not
+    UTF-8.
+    """
+
+    connected: bool
+    connects: int
+    reconnects: int
+    channels_wanted: int
+    channels_confirmed: int
+    messages_received: int
+    dropped: int
+    messages_dropped_undecodable: int
 
 
 class PubSub:
@@ -74,8 +101,27 @@ class PubSub:
         self._send, self.messages = trio.open_memory_channel[Message](buffer)
         self.connected = False
         self._last_heard = 0.0
-        self.dropped = 0
+        self.connects = 0
         self.reconnects = 0
+        """Connections made after the first one (each followed a loss)."""
+        self.messages_received = 0
+        self.dropped = 0
+        """Messages dropped because the buffer was full (the consumer fell behind)."""
+        self.messages_dropped_undecodable = 0
+        """Replies dropped because they were not UTF-8 (a ``PUBLISH`` of arbitrary bytes)."""
+
+    def statistics(self) -> PubSubStatistics:
+        """A snapshot of the counters."""
+        return PubSubStatistics(
+            connected=self.connected,
+            connects=self.connects,
+            reconnects=self.reconnects,
+            channels_wanted=len(self._wanted),
+            channels_confirmed=len(self._confirmed),
+            messages_received=self.messages_received,
+            dropped=self.dropped,
+            messages_dropped_undecodable=self.messages_dropped_undecodable,
+        )
 
     async def subscribe(self, *channels: str, timeout: float = 5.0) -> None:
         """Subscribe to ``channels`` and wait until Redis confirms them.
@@ -117,7 +163,9 @@ class PubSub:
                 backoff = min(backoff * 2, 2.0)
                 continue
             backoff = 0.05
-            self.reconnects += 1
+            if self.connects:
+                self.reconnects += 1
+            self.connects += 1
             try:
                 await self._serve(stream, parser)
             finally:
@@ -145,7 +193,7 @@ class PubSub:
             OSError,
             trio.BrokenResourceError,
             trio.ClosedResourceError,
-            InvalidResponse,
+            StoreUnavailable,  # includes the parser's ProtocolError
         ) as group:
             log.warning("pub/sub connection lost: %s", group.exceptions[0])
 
@@ -189,23 +237,30 @@ class PubSub:
                 return
             self._last_heard = trio.current_time()
             parser.feed(data)
-            while (reply := parser.gets()) is not False:
+            while (reply := next_reply(parser)) is not False:
                 self._handle(reply)
 
     def _handle(self, reply: Any) -> None:
-        if not isinstance(reply, list) or not reply:
+        """Act on one reply; total: whatever its shape, it never raises."""
+        if isinstance(reply, ReplyDecodeError):
+            # Only a message can carry bytes we did not send (channel names
+            # are ours), so this was one: it is gone whole, the stream is in step.
+            self.messages_dropped_undecodable += 1
             return
-        kind = reply[0]
-        if kind == "message" and len(reply) == 3:
+        if not (isinstance(reply, list) and len(reply) >= 2 and isinstance(reply[1], str)):
+            return  # PONG, an error reply, or a shape we never subscribed for
+        kind, channel = reply[0], reply[1]
+        if kind == "message" and len(reply) == 3 and isinstance(reply[2], str):
+            self.messages_received += 1
             try:
-                self._send.send_nowait(Message(channel=reply[1], data=reply[2]))
+                self._send.send_nowait(Message(channel=channel, data=reply[2]))
             except trio.WouldBlock:
                 self.dropped += 1
         elif kind == "subscribe":
-            self._confirmed.add(reply[1])
+            self._confirmed.add(channel)
             self._signal_confirmations()
         elif kind == "unsubscribe":
-            self._confirmed.discard(reply[1])
+            self._confirmed.discard(channel)
             self._signal_confirmations()
 
     def _signal_confirmations(self) -> None:

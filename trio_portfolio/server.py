@@ -81,7 +81,7 @@ from trio_portfolio.metrics import ServerMetrics
 from trio_portfolio.models import METRICS
 from trio_portfolio.origins import HostPolicy, OriginPolicy
 from trio_portfolio.protocol import Dialect, choose_dialect, render_portfolio, validate_session_id
-from trio_portfolio.redis_io import RedisClient, StoreUnavailable, open_redis
+from trio_portfolio.redis_io import CommandError, RedisClient, StoreUnavailable, open_redis
 from trio_portfolio.redis_pubsub import PubSub, open_pubsub
 from trio_portfolio.replay import market_source_for
 from trio_portfolio.session_events import SessionEvents
@@ -433,7 +433,14 @@ class ServerHttpApp:
         self.server = server
 
     async def ready(self) -> tuple[bool, str]:
-        """Ready when the store is open, Redis answers and every script is loaded."""
+        """Ready when the store is open, accepts a write, and every script is loaded.
+
+        The write is a ``SET`` with a short expiry on a key of its own, made on
+        the client's dedicated probe connection, so a read-only replica, OOM
+        or a stall reads as not ready and the probe's deadline cannot disturb
+        other requests.  The reason names the condition only (no address, no
+        OS error text).
+        """
         server = self.server
         if server.shutting_down.is_set():
             return False, "shutting down"
@@ -441,13 +448,16 @@ class ServerHttpApp:
             return False, server.startup_problem
         store = server.services.store
         try:
+            await server.redis.probe_write(f"{server.settings.key_prefix}:ready-probe", timeout=1.0)
             loaded = await server.redis.execute(
                 "SCRIPT", "EXISTS", *(script.sha for script in store.scripts), timeout=1.0
             )
             if not all(loaded):
                 await store.load_scripts()  # after SCRIPT FLUSH or a Redis restart
         except StoreUnavailable as exc:
-            return False, f"redis unavailable: {exc}"
+            return False, f"redis unavailable: {exc.explanation}"
+        except CommandError as exc:
+            return False, f"redis refused the readiness check ({exc.code or 'error'})"
         return True, "ok"
 
     def metrics_text(self) -> str:

@@ -13,11 +13,18 @@ buffer was full, or pub/sub was reconnecting) still cannot store or send a
 stale result, because the fenced append checks the version in Redis.  So
 when a watcher's buffer is full the event is dropped and counted, and the
 reader is never blocked by a slow connection.
+
+Anyone who can write to Redis can publish on a session's channel, so a
+message that is not one of our events (not JSON, wrong fields, or bytes
+that are not UTF-8, which :mod:`~trio_portfolio.redis_pubsub` already drops
+and counts) is dropped and counted in ``malformed``, and logged at most once
+per ``_LOG_EVERY`` seconds, so a flood cannot flood the log either.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -29,6 +36,8 @@ from trio_portfolio.redis_io import StoreUnavailable
 from trio_portfolio.redis_pubsub import PubSub
 
 log = logging.getLogger(__name__)
+
+_LOG_EVERY = 10.0  # seconds between two warnings about malformed events
 
 
 @attrs.frozen
@@ -52,6 +61,20 @@ class AnalysisStarted:
 SessionEvent = PortfolioChanged | AnalysisStarted
 
 
+@attrs.frozen
+class SessionEventsStatistics:
+    """Counters of a :class:`SessionEvents` hub, for metrics.
+
+    ``dropped``: events a watcher's full buffer could not take; ``malformed``:
+    messages on a session channel that were not an event; ``sessions_watched``
+    is a gauge.
+    """
+
+    dropped: int
+    malformed: int
+    sessions_watched: int
+
+
 def parse_event(data: str) -> SessionEvent | None:
     """Decode a published event; ``None`` for anything malformed or unknown."""
     try:
@@ -67,7 +90,14 @@ def parse_event(data: str) -> SessionEvent | None:
                 as_of=str(raw.get("as_of") or ""),
                 cause=str(raw.get("cause") or ""),
             )
-    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+    except (
+        orjson.JSONDecodeError,
+        AttributeError,
+        KeyError,
+        TypeError,
+        ValueError,
+        OverflowError,
+    ):
         pass
     return None
 
@@ -83,6 +113,14 @@ class SessionEvents:
         self._buffer = buffer
         self._watchers: dict[str, set[trio.MemorySendChannel[SessionEvent]]] = {}
         self.dropped = 0
+        """Events not delivered because a watcher's buffer was full."""
+        self.malformed = 0
+        """Messages on a session channel that were not an event we know."""
+        self._malformed_logged_at = -math.inf
+
+    def statistics(self) -> SessionEventsStatistics:
+        """A snapshot of the hub's counters."""
+        return SessionEventsStatistics(self.dropped, self.malformed, self.sessions_watched)
 
     @property
     def sessions_watched(self) -> int:
@@ -123,7 +161,7 @@ class SessionEvents:
         async for message in self._pubsub:
             event = parse_event(message.data)
             if event is None:
-                log.warning("ignoring malformed event on %s: %.200s", message.channel, message.data)
+                self._count_malformed(message.channel, message.data)
                 continue
             for send in list(self._watchers.get(message.channel, ())):
                 try:
@@ -132,3 +170,12 @@ class SessionEvents:
                     self.dropped += 1
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
+
+    def _count_malformed(self, channel: str, data: str) -> None:
+        self.malformed += 1
+        now = trio.current_time()
+        if now - self._malformed_logged_at >= _LOG_EVERY:
+            self._malformed_logged_at = now
+            log.warning(
+                "ignoring malformed event on %s (%d so far): %.200r", channel, self.malformed, data
+            )

@@ -23,7 +23,7 @@ import uuid
 import orjson
 
 from trio_portfolio.lua_scripts import load_script
-from trio_portfolio.redis_io import RedisClient, ReplyError
+from trio_portfolio.redis_io import CommandError, RedisClient
 from trio_portfolio.store.base import (
     LUA,
     OPERATIONS,
@@ -77,7 +77,7 @@ async def json_module_available(redis: RedisClient, *, key_prefix: str = "portfo
 
     Raises:
       StoreUnavailable: if Redis cannot be used now.
-      ReplyError: if Redis refuses to load the probe script.
+      CommandError: if Redis refuses to load the probe script.
     """
     probe = load_script(LUA, "json_probe")
     key = f"{key_prefix}:layout-probe:{uuid.uuid4().hex}"
@@ -86,7 +86,7 @@ async def json_module_available(redis: RedisClient, *, key_prefix: str = "portfo
     await redis.load_scripts([probe])
     try:
         answer = await redis.evalsha(probe, [key], ['{"probe":[1,"x"]}'])
-    except ReplyError:
+    except CommandError:
         return False
     try:
         return bool(orjson.loads(answer) == [{"probe": [1, "x"]}])
@@ -106,7 +106,7 @@ async def detect_layout(redis: RedisClient, *, key_prefix: str = "portfolio") ->
 
     Raises:
       StoreUnavailable: if Redis cannot be used now.
-      ReplyError: if the index key is not a set (clobbered), or Redis
+      CommandError: if the index key is not a set (clobbered), or Redis
         refuses to load the probe script.
     """
     keys = SessionKeys(key_prefix)
@@ -148,7 +148,7 @@ async def open_store(
         scripts are loaded).
       StoreUnavailable: if Redis cannot be used now (down, refusing, not
         answering within the adapter's timeout).
-      ReplyError: if Redis refuses a script (scripting disabled, a broken
+      CommandError: if Redis refuses a script (scripting disabled, a broken
         script) or ``auto`` finds the session index clobbered.
     """
     chosen: Layout

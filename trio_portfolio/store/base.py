@@ -57,7 +57,6 @@ from typing import Any, ClassVar, Literal
 
 import attrs
 import orjson
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from trio_portfolio.lua_scripts import load_script, lua_directory
 from trio_portfolio.models import (
@@ -431,8 +430,8 @@ class SessionStore(abc.ABC):
         )
         outcomes: list[RevalueOutcome] = []
         for session_id, reply in zip(session_ids, replies, strict=True):
-            if isinstance(reply, RedisConnectionError):
-                raise StoreUnavailable(f"Redis cannot serve requests: {reply}")
+            if isinstance(reply, StoreUnavailable):
+                raise reply
             if isinstance(reply, ReplyError):
                 log.error("revaluation of session %s failed: %s", session_id, reply)
                 continue
