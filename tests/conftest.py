@@ -61,6 +61,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         )
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """What discovery found, and where from, before any test runs."""
+    lines = ["redis servers found:"]
+    for spec in _pool(config).specs:
+        known = spec.version or "version unknown"
+        lines.append(f"  {spec.name} ({known}; {spec.source or 'emulated'})")
+    return lines
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _POOL in config.stash:
         config.stash[_POOL].close()
