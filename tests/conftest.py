@@ -77,6 +77,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     for spec in _pool(config).specs:
         known = spec.version or "version unknown"
         lines.append(f"  {spec.name} ({known}; {spec.source or 'emulated'})")
+    lines.append(f"cluster and sentinel topologies from: {find_topology_binary() or 'none'}")
     return lines
 
 
