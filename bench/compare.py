@@ -38,7 +38,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -94,8 +94,9 @@ def redis_binary() -> str:
         return found
 
 
-def wait_until(check: object, what: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    assert callable(check)
+def wait_until(
+    check: Callable[[], bool], what: str, process: subprocess.Popen[bytes], log: Path
+) -> None:
     deadline = time.monotonic() + 30.0
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -179,10 +180,8 @@ def run_scenario(
     scenario: str, command: str, path: str | None, args: argparse.Namespace, workdir: Path
 ) -> dict[str, float]:
     log = workdir / "server.log"
-    with fresh_redis(workdir) as redis_url, running_server(command, path, redis_url, log) as (
-        pid,
-        port,
-    ):
+    with fresh_redis(workdir) as redis_url, running_server(command, path, redis_url, log) as server:
+        pid, port = server
         argv = [sys.executable, str(LOADGEN), scenario, "--url", f"ws://127.0.0.1:{port}"]
         argv += ["--server-pid", str(pid)]
         if scenario == "throughput":
@@ -234,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "A": (server_command(args.a_cmd, args.a_path), args.a_path),
         "B": (server_command(args.b_cmd, args.b_path), args.b_path),
     }
-    if args.a_cmd is None and args.a_path is None or args.b_cmd is None and args.b_path is None:
+    if (args.a_cmd is None and args.a_path is None) or (args.b_cmd is None and args.b_path is None):
         parser.error("give --a-path or --a-cmd, and --b-path or --b-cmd")
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     figures: dict[str, dict[str, list[dict[str, float]]]] = {
