@@ -157,10 +157,14 @@ def running_server(
     port = free_port()
     argv = shlex.split(command.format(port=port, redis_url=redis_url))
     env = {**os.environ, **LIFTED_LIMITS, "PORTFOLIO_LOG_FORMAT": "text"}
+    # ``python -m`` puts the working directory first on sys.path, ahead of
+    # PYTHONPATH: run in the tree itself, or in a directory with no package.
+    cwd = log.parent
     if path is not None:
-        env["PYTHONPATH"] = str(Path(path).resolve())
+        cwd = Path(path).resolve()
+        env["PYTHONPATH"] = str(cwd)
     with log.open("wb") as output:
-        process = subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=output, stderr=subprocess.STDOUT)
 
     def ready() -> bool:
         try:
@@ -207,6 +211,22 @@ def server_command(cmd: str | None, path: str | None) -> str:
     return f"{shlex.quote(sys.executable)} -m trio_portfolio serve {SERVER_FLAGS}"
 
 
+def imported_from(path: str | None) -> str:
+    """Where ``trio_portfolio`` comes from for a server of ``path`` (shown in the header)."""
+    if path is None:
+        return "(own command)"
+    tree = Path(path).resolve()
+    probe = [sys.executable, "-c", "import trio_portfolio; print(trio_portfolio.__file__)"]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run(probe, cwd=tree, env=env, capture_output=True, check=False)
+    commit = subprocess.run(
+        ["git", "-C", str(tree), "describe", "--always", "--dirty"],
+        capture_output=True,
+        check=False,
+    )
+    return f"{done.stdout.decode().strip()} @ {commit.stdout.decode().strip() or '?'}"
+
+
 def fmt(value: float) -> str:
     if math.isnan(value):
         return "n/a"
@@ -250,7 +270,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     print(f"run {run + 1} {side} {scenario}: {json.dumps(result)}", flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(figures, indent=1))
-    print(f"\nmedians of {args.runs} alternating runs; A = {sides['A']}, B = {sides['B']}")
+    print(f"\nmedians of {args.runs} alternating runs")
+    for side, (command, path) in sides.items():
+        print(f"{side}: {imported_from(path)}\n   {command}")
     print(f"{'figure':40} {'A':>10} {'B':>10} {'B/A':>7}")
     for scenario, key, label in ROWS:
         if scenario not in scenarios:
