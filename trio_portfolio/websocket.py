@@ -1,4 +1,4 @@
-"""The server side of one WebSocket: trio-websocket's connection, with two gaps filled.
+"""The server side of one WebSocket: trio-websocket's connection, with three gaps filled.
 
 Theory of operation
 ===================
@@ -29,8 +29,16 @@ close frame with wsproto's code first (bounded by :data:`CLOSE_SEND_TIMEOUT`,
 since the peer may not be reading), then lets trio-websocket finish as
 before.  The reader then sees ``ConnectionClosed`` with that code.
 
-Both rely on trio-websocket internals (``_handle_pong_event``,
-``_handle_close_connection_event``, ``_send``, ``_wsproto``,
+*No pong after our close.*  A ping that crosses our close frame would be
+answered by trio-websocket in the ``LOCAL_CLOSING`` state, which wsproto
+refuses with ``LocalProtocolError``, ending the reader task with an error
+(trio-websocket issue #184, fix proposed in PR #198).  We answer pings only
+while the connection is open.  (trio-websocket *clients* still have that
+bug: a client that closes while our ping is in flight can fail the same
+way on its side; the default ping interval makes that rare.)
+
+All three rely on trio-websocket internals (``_handle_pong_event``,
+``_handle_ping_event``, ``_handle_close_connection_event``, ``_send``, ``_wsproto``,
 ``_reader_task``, ``_get_request``), which is why the dependency is pinned
 to the 0.12 series and why ``tests/test_keepalive.py`` checks both
 behaviours over real sockets: an upgrade that changes them fails there.
@@ -89,6 +97,12 @@ class ServerWebSocket(WebSocketConnection):
             self._ping_payload = None
             self._ping_sent_at = None
         await super()._handle_pong_event(event)
+
+    async def _handle_ping_event(self, event: Ping) -> None:
+        if self._wsproto.state is ConnectionState.OPEN:
+            await super()._handle_ping_event(event)
+        # else: our close frame is out (a pong may not follow it, and wsproto would
+        # raise LocalProtocolError in this reader task: trio-websocket issue #184).
 
     async def _handle_close_connection_event(self, event: CloseConnection) -> None:
         if self._wsproto.state is ConnectionState.OPEN:
