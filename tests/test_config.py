@@ -111,6 +111,10 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "messages_per_second": ("1e3", 1000.0),
     "message_burst": ("5", 5),
     "shutdown_timeout_seconds": ("0", 0.0),
+    "ping_interval_seconds": ("0.5", 0.5),
+    "ping_timeout_seconds": ("3", 3.0),
+    "idle_timeout_seconds": ("300", 300.0),
+    "outbox_max_bytes": ("65536", 65536),
 }
 
 

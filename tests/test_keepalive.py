@@ -20,6 +20,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import attrs
 import orjson
@@ -27,6 +28,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
+from trio_portfolio.config import ConfigError, Settings, load_settings
 from trio_portfolio.connection import CLOSE_TIMEOUT, Connection
 from trio_portfolio.metrics import ERRORS, Refusal
 from trio_portfolio.testing import (
@@ -147,6 +149,33 @@ async def until(condition: object, timeout: float = IO) -> None:
     with trio.fail_after(timeout):
         while not condition():  # noqa: ASYNC110 - the server's state, not an event of ours
             await trio.sleep(0.01)
+
+
+# -- the settings -------------------------------------------------------------------------
+
+
+def test_keepalive_and_outbox_settings(tmp_path: Path) -> None:
+    defaults = Settings()
+    assert defaults.ping_interval_seconds == 20.0
+    assert defaults.ping_timeout_seconds == 20.0
+    assert defaults.idle_timeout_seconds == 0.0  # off: v1 clients that only wait stay
+    assert defaults.outbox_max_bytes == 1 << 20
+    toml = tmp_path / "portfolio.toml"
+    toml.write_text("ping_interval_seconds = 0\nidle_timeout_seconds = 60\n", encoding="utf-8")
+    env = {"PORTFOLIO_OUTBOX_MAX_BYTES": "4096", "PORTFOLIO_PING_TIMEOUT_SECONDS": "2.5"}
+    loaded = load_settings({}, env, toml)
+    assert (loaded.ping_interval_seconds, loaded.idle_timeout_seconds) == (0.0, 60.0)
+    assert (loaded.outbox_max_bytes, loaded.ping_timeout_seconds) == (4096, 2.5)
+    for env, message in [
+        ({"PORTFOLIO_PING_INTERVAL_SECONDS": "-1"}, "expected a number >= 0, got '-1'"),
+        ({"PORTFOLIO_PING_TIMEOUT_SECONDS": "0"}, "expected a number > 0, got '0'"),
+        ({"PORTFOLIO_IDLE_TIMEOUT_SECONDS": "soon"}, "expected a number >= 0, got 'soon'"),
+        ({"PORTFOLIO_OUTBOX_MAX_BYTES": "1.5"}, "expected an integer > 0, got '1.5'"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            load_settings({}, env, None)
+        assert str(info.value).startswith(next(iter(env))), info.value
+        assert message in str(info.value)
 
 
 # -- keep-alive ---------------------------------------------------------------------------
