@@ -439,7 +439,9 @@ class AnalysisRunner:
             timestamp=utc_now(),
             portfolio_version=snapshot.portfolio_version,
         )
-        with self._shielded() as shield:
+        status: AppendStatus | None = None
+        stored = False
+        with self._shielded():
             try:
                 status = await self.ctx.store.append_result(self.ctx.session_id, result)
             except StoreUnavailable as exc:
@@ -450,12 +452,15 @@ class AnalysisRunner:
                 attempt.scope.cancel()
                 return
             if status is AppendStatus.STORED:
+                stored = True
                 attempt.committed += 1
                 self._observer.result_committed(result)
                 with trio.move_on_after(self.ctx.send_timeout):
                     await self._observer.send(render_result(result, self.ctx.dialect))
                 return
-        if shield.cancelled_caught:  # abandoned, or no answer within send_timeout
+        if stored:
+            return  # stored; its frame was cut short (abandoned, or not taken in time)
+        if status is None:  # abandoned, or no answer within send_timeout
             if attempt.failure is None:
                 attempt.failure = Failed(ErrorCode.STORE_UNAVAILABLE, "result not stored in time")
             attempt.ending = _Ending.FAILED
