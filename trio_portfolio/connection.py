@@ -99,9 +99,11 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed
 
+from trio_portfolio.admission import session_cap_refusal
 from trio_portfolio.analysis import AnalysisContext, AnalysisRunner
 from trio_portfolio.analysis_outcome import AnalysisId, AnalysisOutcome, SessionGone
 from trio_portfolio.config import Settings
+from trio_portfolio.logs import new_error_id
 from trio_portfolio.market import MarketData
 from trio_portfolio.metrics import Refusal, ServerMetrics
 from trio_portfolio.models import AnalysisResult, AppendStatus, Portfolio, utc_now
@@ -154,6 +156,16 @@ class Services:
         holdings = self.settings.default_holdings
         prices = await self.market.ensure_prices(list(holdings))
         return await self.store.create_if_missing(session_id, holdings, prices, utc_now())
+
+    async def at_session_cap(self) -> bool:
+        """Whether the store already holds ``max_sessions`` live sessions (one ``SCARD``).
+
+        The handshake and ``POST /session`` check this before a creation; a
+        connection checks it again before re-creating a session that expired
+        under it.  Raises :class:`StoreUnavailable` when Redis cannot answer.
+        """
+        live = await self.store.redis.execute("SCARD", self.store.keys.index)
+        return session_cap_refusal(int(live), self.settings.max_sessions) is not None
 
 
 @attrs.define
@@ -292,7 +304,7 @@ class Connection:
             log.warning(
                 "client too slow, closing: %s",
                 why,
-                extra={"connection_id": self.id, "session_id": self.session_id},
+                extra=self._log_ids(),
             )
         self._end(1008, "client too slow")
 
@@ -398,7 +410,7 @@ class Connection:
                     log.info(
                         "no pong for %gs, closing",
                         now - unanswered,
-                        extra={"connection_id": self.id, "session_id": self.session_id},
+                        extra=self._log_ids(),
                     )
                     self._end(1011, "ping timeout")
             elif now >= next_ping:
@@ -489,6 +501,23 @@ class Connection:
         self.services.metrics.error(code)
         await self.send(render_error(code, detail))
 
+    def _log_ids(self) -> dict[str, str]:
+        """The ``extra`` of this connection's log lines (the formatter hashes the session id)."""
+        return {"connection_id": self.id, "session_id": self.session_id}
+
+    async def _send_store_unavailable(self, what: str, exc: StoreUnavailable) -> None:
+        """``store_unavailable`` with the condition only; the raw error goes to the log.
+
+        The client gets an ``error_id`` that the log line carries too, never
+        the store's address or an OS error text.
+        """
+        error_id = new_error_id()
+        log.warning("%s (%s): %s", what, error_id, exc, extra=self._log_ids())
+        await self._send_error(
+            ErrorCode.STORE_UNAVAILABLE,
+            f"{what} ({exc.explanation}); retry shortly (error_id {error_id})",
+        )
+
     # -- session -----------------------------------------------------------
 
     async def _open_session(self) -> None:
@@ -496,12 +525,23 @@ class Connection:
         try:
             await self._greet_session()
         except StoreUnavailable as exc:
-            await self._send_error(
-                ErrorCode.STORE_UNAVAILABLE, f"session not available yet, retry shortly: {exc}"
-            )
+            await self._send_store_unavailable("session not available yet", exc)
+        except ProtocolError as exc:  # too_many_sessions
+            await self._send_error(exc.code, exc.detail)
 
     async def _greet_session(self) -> None:
-        """Create (or resume) the session and send it as a ``session`` frame (v2)."""
+        """Create (or resume) the session and send it as a ``session`` frame (v2).
+
+        Raises :class:`ProtocolError` ``too_many_sessions`` when the session is
+        re-created (it expired under this connection) while the store is at
+        ``max_sessions``; the first creation was admitted at the handshake.
+        """
+        if self._session_epoch > 0 and await self.services.at_session_cap():
+            self._session_ready = False
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_SESSIONS,
+                "the server holds as many sessions as it may; try again later",
+            )
         portfolio = await self.services.create_session(self.session_id)
         self._session_ready = True
         self._session_epoch += 1
@@ -555,7 +595,9 @@ class Connection:
                 else:
                     await self._on_analysis_outcome(item.outcome, item.epoch)
             except StoreUnavailable as exc:
-                await self._send_error(ErrorCode.STORE_UNAVAILABLE, str(exc))
+                await self._send_store_unavailable("the store is unavailable", exc)
+            except ProtocolError as exc:  # too_many_sessions from a re-creation
+                await self._send_error(exc.code, exc.detail)
 
     async def _on_client_frame(self, text: str | bytes) -> None:
         try:

@@ -175,7 +175,7 @@ ERRORS = MetricSpec(
     Kind.COUNTER,
     "error frames and refusals, by code",
     label="code",
-    label_values=_values(ErrorCode) + _values(Refusal),
+    label_values=tuple(dict.fromkeys(_values(ErrorCode) + _values(Refusal))),
 )
 EVENTS_DROPPED = MetricSpec(
     "events_dropped",
