@@ -432,7 +432,9 @@ class Connection:
 
     async def _on_portfolio_changed(self, event: PortfolioChanged) -> None:
         if self._current is not None:
-            await self._current.restart_if_older(event.portfolio_version)
+            await self._current.portfolio_changed(
+                event.portfolio_version, holdings_changed=event.cause != "market"
+            )
         if event.cause == "market":
             await self.send(
                 render_market_update(
@@ -482,6 +484,7 @@ class Connection:
             rng=self.services.rng,
             connection_id=self.id,
             send_timeout=SEND_TIMEOUT,
+            max_staleness=settings.max_staleness_seconds,
         )
 
 
