@@ -81,7 +81,7 @@ LIVE_MARKET = {
 
 
 def test_the_rule_in_python() -> None:
-    base = {
+    base: dict[str, Any] = {
         "current": True,
         "holdings_version": 2,
         "snapshot_holdings_version": 2,
