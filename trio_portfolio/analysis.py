@@ -54,12 +54,17 @@ unconfirmed at the deadline:
    is streamed then (before the attempt's ``analysis_cancelled``), one that
    was not is dropped.  The runner keeps trying (cancellable, backoff up to
    :data:`RETRY_BACKOFF_MAX` s) until the store answers;
-3. if the connection stops the runner meanwhile (switch, cancel, close),
+3. if the connection stops the runner meanwhile (switch, cancel),
    :meth:`AnalysisRunner.stop` makes one more bounded, shielded try before it
-   reports the stop.  Only a store that stays unreachable through all of
-   that leaves a result unresolved: it is logged (``unconfirmed result``,
-   with its id) and never streamed, and, if the lost call did store it, that
-   one result breaks guarantee 4.
+   reports the stop; what is still unknown is left in
+   :attr:`AnalysisRunner.unresolved`, which the connection hands to its next
+   runner.  That runner resolves it the same way *before* its first
+   snapshot (a stored result is streamed then: after its own analysis's
+   ``analysis_cancelled``, before the next ``analysis_started``, so guarantee
+   1 holds), and refuses to start (``store_unavailable``) while it cannot,
+   keeping the results for the next ``analyze``.  Only a client that leaves
+   while the store is still unreachable leaves a result unresolved (it was
+   logged, with its id, when it was handed on).
 
 The append refuses a result (and the attempt ends) when:
 
@@ -101,6 +106,7 @@ from __future__ import annotations
 import enum
 import logging
 import random
+from collections.abc import Sequence
 
 import attrs
 import trio
@@ -174,8 +180,9 @@ class AnalysisContext:
     send_timeout: float = 10.0
     max_staleness: float = 0.0
     """``max_staleness_seconds``: how long results may use superseded prices."""
-    commit_timeout: float = COMMIT_TIMEOUT
-    """Deadline of one shielded commit, re-asks after store faults included."""
+    commit_timeout: float = attrs.field(factory=lambda: COMMIT_TIMEOUT)
+    """Deadline of one shielded commit, re-asks after store faults included
+    (:data:`COMMIT_TIMEOUT` when the context is made)."""
 
 
 @attrs.define
@@ -210,9 +217,16 @@ class AnalysisRunner:
     and :attr:`live_analysis_id`.
     """
 
-    def __init__(self, ctx: AnalysisContext, ticker: str) -> None:
+    def __init__(
+        self, ctx: AnalysisContext, ticker: str, unresolved: Sequence[AnalysisResult] = ()
+    ) -> None:
         self.ctx = ctx
         self.ticker = ticker
+        self.unresolved: list[AnalysisResult] = list(unresolved)
+        """Results of earlier analyses on this connection whose store outcome is still
+        unknown (at most one analysis's five): resolved before this runner's first
+        snapshot; what is still unknown when it ends is for the connection to hand to
+        the next runner."""
         self._observer = ctx.observer
         self.started = False
         """True once the first attempt took its snapshot (``run`` reported ``None``)."""
@@ -263,6 +277,12 @@ class AnalysisRunner:
         reported = False
         try:
             with self._scope:
+                if self.unresolved and not await self._resolve_inherited():
+                    self._outcome = await self._fail(
+                        ErrorCode.STORE_UNAVAILABLE,
+                        "cannot start: results of the previous analysis are not confirmed yet",
+                    )
+                    return self._outcome
                 previous: Attempt | None = None
                 while True:
                     attempt = await self._start_attempt(previous)
@@ -645,14 +665,47 @@ class AnalysisRunner:
                 backoff = min(RETRY_BACKOFF_MAX, backoff * 2)
 
     def _give_up_unconfirmed(self, attempt: Attempt) -> None:
-        """Log (and forget) results that stayed unresolved: the one documented loss."""
-        for result_id in attempt.unconfirmed:
+        """Hand results still unresolved to :attr:`unresolved` (the next runner's job)."""
+        for result_id, result in attempt.unconfirmed.items():
             log.warning(
-                "unconfirmed result %s: the store never answered; it is not streamed",
+                "unconfirmed result %s: the store did not answer; resolved by the next analysis",
                 result_id,
                 extra=self._ids(attempt.analysis_id),
             )
+            self.unresolved.append(result)
         attempt.unconfirmed.clear()
+
+    async def _resolve_inherited(self) -> bool:
+        """Resolve :attr:`unresolved` before the first snapshot; ``False`` if the store failed.
+
+        As :meth:`_resolve_unconfirmed`: make each one's analysis non-current
+        (``finish_analysis``, fenced), then ask again with ``retry=True``; a
+        stored result is streamed now, before anything of this analysis (so
+        guarantee 1 holds), one that was not is dropped.  One bounded,
+        shielded try (``commit_timeout``): the connection's control loop is
+        waiting for this runner to start.
+        """
+        ctx = self.ctx
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + ctx.commit_timeout
+            try:
+                for analysis_id in dict.fromkeys(r.analysis_id for r in self.unresolved):
+                    await ctx.store.finish_analysis(ctx.session_id, analysis_id)
+                while self.unresolved:
+                    result = self.unresolved[0]
+                    status = await ctx.store.append_result(ctx.session_id, result, retry=True)
+                    del self.unresolved[0]
+                    if status in (AppendStatus.STORED, AppendStatus.ALREADY_STORED):
+                        log.info(
+                            "unconfirmed result %s was stored: streaming it",
+                            result.result_id,
+                            extra=self._ids(result.analysis_id),
+                        )
+                        self._observer.result_committed(result)
+                        await self._send_shielded(render_result(result, ctx.dialect))
+            except StoreUnavailable as exc:
+                log.warning("cannot resolve earlier results yet: %s", exc, extra=self._ids())
+        return not self.unresolved
 
     async def _complete(self, attempt: Attempt) -> None:
         attempt.closed = True

@@ -187,6 +187,9 @@ class Connection:
         self._control_scope = trio.CancelScope()
         self._bucket = TokenBucket(settings.messages_per_second, settings.message_burst)
         self._current: AnalysisRunner | None = None
+        self._unresolved: list[AnalysisResult] = []
+        """Results whose store outcome a stopped runner could not learn: the next runner
+        resolves them before its snapshot (see trio_portfolio/analysis.py)."""
         self._close_code = 1000
         self._close_reason = "bye"
         self._session_ready = False
@@ -389,12 +392,13 @@ class Connection:
 
     async def _analyze(self, ticker: str) -> None:
         await self._stop_current(CancelReason.SWITCHED)
-        runner = AnalysisRunner(self._analysis_context(), ticker)
+        runner = AnalysisRunner(self._analysis_context(), ticker, self._unresolved)
         epoch = self._session_epoch
         refused = await self._nursery.start(self._run_analysis, runner, epoch)
         if refused is None:
             self._current = runner
         else:
+            self._unresolved = runner.unresolved
             await self._on_analysis_outcome(refused, epoch)
 
     async def _run_analysis(
@@ -468,6 +472,7 @@ class Connection:
         if runner is None:
             return
         await runner.stop(reason, notify=notify)
+        self._unresolved = runner.unresolved
         # Cleared only now: if the stop is itself cancelled, the connection's
         # final cleanup still finds the runner and finishes it (stop is idempotent).
         self._current = None

@@ -33,7 +33,7 @@ if ids_contain(ids, ARGV[8]) then
 end
 if json_current_analysis_id(doc['$.current_analysis'][1]) ~= ARGV[1] then
   -- Another start cleared the ids: on a re-ask, look for the result itself.
-  if ARGV[9] == '1' and results_hold(json_value(key, '$.analysis_results') or {}, ARGV[8]) then
+  if ARGV[9] == '1' and results_hold(json_array(key, '$.analysis_results'), ARGV[8]) then
     return {'already_stored'}
   end
   return {'superseded'}
