@@ -580,6 +580,8 @@ class AnalysisRunner:
                 if attempt.failure is None:
                     attempt.failure = Failed(ErrorCode.STORE_UNAVAILABLE, "result not confirmed")
             return
+        if status is AppendStatus.ALREADY_STORED:
+            self._observer.write_fenced(status)  # counted: a re-ask found it stored
         if status in (AppendStatus.STORED, AppendStatus.ALREADY_STORED):
             await self._deliver(attempt, result)
             return
