@@ -95,8 +95,9 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "embedded_maxmemory": ("64MB", "64mb"),
     "embedded_maxmemory_policy": ("allkeys-LRU", "allkeys-lru"),
     "session_ttl_seconds": ("60", 60),
-    "market_update_interval_seconds": ("0.25", 0.25),
+    "market_update_interval_seconds": ("5.5", 5.5),  # alone: >= slowest metric + margin
     "metric_delay_seconds": ("0,0", (0.0, 0.0)),
+    "max_staleness_seconds": ("2.5", 2.5),
     "log_level": ("Debug", LogLevel.DEBUG),
     "log_format": ("json", LogFormat.JSON),
     "default_holdings": ("aapl:1, brk.b:2.5", {"AAPL": 1.0, "BRK.B": 2.5}),

@@ -356,7 +356,7 @@ def _real_server(redis_url: str, key_prefix: str, log_path: Path) -> Iterator[st
         "--metric-delay-seconds",
         "0.2,0.6",
         "--market-update-interval-seconds",
-        "1",
+        "1.1",  # >= slowest metric + 0.5 s: guarantee 8's start-up check
         "--log-format",
         "text",
     ]

@@ -395,12 +395,13 @@ def test_v2_session_carries_the_portfolio() -> None:
 
 
 def test_v2_analysis_events() -> None:
-    assert load(render_started("an-1", "AAPL", 7, TS, Dialect.V2)) == {
+    assert load(render_started("an-1", "AAPL", 7, TS, Dialect.V2, as_of=TS)) == {
         "type": "analysis_started",
         "analysis_id": "an-1",
         "ticker": "AAPL",
         "portfolio_version": 7,
         "started_at": TS,
+        "as_of": TS,
     }
     assert load(render_complete("an-1", "AAPL", Dialect.V2)) == {
         "type": "analysis_complete",

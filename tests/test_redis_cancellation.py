@@ -14,26 +14,10 @@ import random
 import trio
 
 from trio_portfolio.redis_io import RedisClient, Script, StoreUnavailable, open_redis
-from trio_portfolio.testing import RedisServerInfo
+from trio_portfolio.testing import BUSY_SCRIPT, RedisServerInfo
 
-# A script that keeps Redis busy for ARGV[1] milliseconds, so a reply is
-# reliably still outstanding when the caller is cancelled.  Redis 8 and
-# Valkey freeze TIME inside a script (a loop on it never ends there), so the
-# clock is os.clock() (CPU time, Redis >= 7.2 and Valkey) where it exists,
-# and TIME only on the older servers that have no os library.
-SLOW = Script(
-    """
-local os_lib = rawget(_G, 'os')
-local function now_us()
-  if os_lib and os_lib.clock then return os_lib.clock() * 1000000 end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-local stop = now_us() + tonumber(ARGV[1]) * 1000
-repeat until now_us() >= stop
-return ARGV[2]
-"""
-)
+SLOW = Script(BUSY_SCRIPT)
+"""Busy for ARGV[1] ms, so a reply is reliably still outstanding when the caller is cancelled."""
 
 
 async def assert_echoes_own_tokens(redis: RedisClient, count: int = 20) -> None:

@@ -373,6 +373,7 @@ def test_factory_builds_a_replay_of_the_file_with_the_tick_interval(tmp_path: Pa
             "replay_file": str(path),
             "replay_speed": "4",
             "market_update_interval_seconds": "0.5",
+            "metric_delay_seconds": "0,0",  # ticks faster than 2-5 s metrics: guarantee 8
             "market_seed": "3",
         },
         {},

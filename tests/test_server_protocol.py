@@ -260,7 +260,14 @@ async def test_v2_analysis_lifecycle(real_redis: RedisServerInfo) -> None:
         frames = await run_analysis(client, "AAPL")
         assert len(frames) == 7, frames
         started, results, complete = frames[0], frames[1:6], frames[6]
-        assert set(started) == {"type", "analysis_id", "ticker", "portfolio_version", "started_at"}
+        assert set(started) == {
+            "type",
+            "analysis_id",
+            "ticker",
+            "portfolio_version",
+            "started_at",
+            "as_of",
+        }
         analysis_id = started["analysis_id"]
         assert isinstance(analysis_id, str)
         assert analysis_id

@@ -189,6 +189,7 @@ async def test_start_analysis_snapshot_and_refusals(
                 total_value=portfolio.total_value,
                 portfolio_version=1,
                 started_at=T2,
+                as_of=T0,  # the prices' time: the creation, before any revaluation
             )
             portfolio = await store.get("s1")
             assert portfolio is not None

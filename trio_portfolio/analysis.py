@@ -18,27 +18,66 @@ what to send and count through an
 :class:`~trio_portfolio.analysis_outcome.AnalysisObserver`, and ends with an
 :data:`~trio_portfolio.analysis_outcome.AnalysisOutcome`.
 
-Each *attempt* takes one snapshot (``start_analysis``: holdings, prices and
-version read atomically while the attempt becomes the session's current
-analysis), computes the five metric values from it, then runs one task per
-metric in a nursery.  Each metric task sleeps its simulated
-latency, then *commits and sends* its result.
+Each *attempt* takes one snapshot (``start_analysis``: holdings, prices,
+versions and the prices' ``as_of``, read atomically while the attempt
+becomes the session's current analysis), computes the five metric values
+from it, then runs one task per metric in a nursery.  Each metric task
+sleeps its simulated latency, counted from the snapshot (so the time spent
+computing is not added to it: guarantee 8's bound), then *commits and
+sends* its result.
 
-Commit-and-send is shielded from cancellation as one unit: the fenced
-append runs in Redis, and only if it stored the result is the frame put in
-the outbox.  So a result is sent if and only if it was stored (guarantee 4),
-and a cancellation that lands mid-commit waits for that one commit to
-finish instead of splitting it.  Every shield has a deadline (the
-adapter's timeout bounds the call, ``send_timeout`` the whole shield), and
-:meth:`AnalysisRunner.abandon` cuts every shield short when the connection's
-grace period is over (a hard shutdown): a commit in flight then may be
-stored and not sent, the one case where guarantee 4 yields to a bounded exit.
+Commit-and-send is shielded from cancellation as one unit, with a deadline
+(:attr:`AnalysisContext.commit_timeout`): the fenced append runs in Redis,
+and only if it stored the result is the frame put in the outbox.  So a
+result is sent if and only if it was stored (guarantee 4), and a
+cancellation that lands mid-commit waits for that one commit to finish
+instead of splitting it.
+
+Exactly once through store faults.  Every result carries an id
+(:meth:`~trio_portfolio.models.AnalysisResult.id_for`: analysis id and
+metric) and the append is idempotent per id.  When an append fails with
+:class:`~trio_portfolio.redis_io.StoreUnavailable` its outcome is unknown
+(the script may have run before the connection broke or the call timed
+out), so the commit asks again, with ``retry=True`` and a short backoff,
+until it gets a definite answer (``STORED`` or ``ALREADY_STORED``: stream
+it; a refusal: do not) or its deadline passes.  The rule for a result still
+unconfirmed at the deadline:
+
+1. the attempt fails: one ``error`` ``store_unavailable``, and the attempt
+   ends (``analysis_cancelled`` / ``cancelled``) only after step 2;
+2. the runner *resolves* the result before it reports the attempt's end:
+   first it makes sure the analysis is no longer current
+   (``finish_analysis``), so that no copy of the append still in flight can
+   store it afterwards, then it asks again; for an analysis that is not
+   current the append can store nothing, and with ``retry=True`` it answers
+   ``ALREADY_STORED`` if an earlier call stored the result.  A stored result
+   is streamed then (before the attempt's ``analysis_cancelled``), one that
+   was not is dropped.  The runner keeps trying (cancellable, backoff up to
+   :data:`RETRY_BACKOFF_MAX` s) until the store answers;
+3. if the connection stops the runner meanwhile (switch, cancel),
+   :meth:`AnalysisRunner.stop` makes one more bounded, shielded try before it
+   reports the stop; what is still unknown is left in
+   :attr:`AnalysisRunner.unresolved`, which the connection hands to its next
+   runner.  That runner resolves it the same way *before* its first
+   snapshot (a stored result is streamed then: after its own analysis's
+   ``analysis_cancelled``, before the next ``analysis_started``, so guarantee
+   1 holds), and refuses to start (``store_unavailable``) while it cannot,
+   keeping the results for the next ``analyze``.  Only a client that leaves
+   while the store is still unreachable leaves a result unresolved (it was
+   logged, with its id, when it was handed on).
+
+Every shield has a deadline, and :meth:`AnalysisRunner.abandon` cuts every
+shield short when the connection's grace period is over (a hard shutdown): a
+commit in flight then may be stored and not sent, the one case where
+guarantee 4 yields to a bounded exit.
 
 The append refuses a result (and the attempt ends) when:
 
-* the portfolio version moved since the snapshot (``STALE``): the runner
-  reports ``analysis_cancelled`` / ``portfolio_changed`` and starts a new
-  attempt on a fresh snapshot (guarantee 3);
+* the result is stale by :mod:`trio_portfolio.staleness` (``STALE``: the
+  holdings changed, or the prices were superseded longer ago than
+  ``max_staleness_seconds``): the runner reports ``analysis_cancelled`` /
+  ``portfolio_changed`` and starts a new attempt on a fresh snapshot
+  (guarantee 3);
 * another analysis became current (``SUPERSEDED``, e.g. another connection
   on the same session): the runner reports ``switched`` and ends
   (:class:`~trio_portfolio.analysis_outcome.Cancelled`);
@@ -49,10 +88,22 @@ The append refuses a result (and the attempt ends) when:
   answers with the one ``session_expired`` error.  A start (or restart) that
   finds the session gone ends the same way, with nothing to report.
 
+Restarts that cannot steal.  A restart's ``start_analysis`` names the
+attempt it replaces, and the script starts it only if that attempt is
+still the session's current one (the replaced attempt is not unfenced
+first, so the swap is one atomic step).  If another analysis became current
+meanwhile, the restart is refused and the runner ends as ``switched``: the
+replaced attempt is reported ``analysis_cancelled`` / ``switched``.  A
+restart is not client activity.
+
 The connection may also ask for a restart before any refusal, when it hears
-(from the session's pub/sub events) that the version moved:
-:meth:`AnalysisRunner.restart_if_older` cancels the attempt's own scope and
-waits until the attempt has ended and its ``analysis_cancelled`` is queued.
+(from the session's pub/sub events) that the portfolio changed:
+:meth:`AnalysisRunner.portfolio_changed`.  A holdings change restarts the
+attempt at once; a valuation change restarts it at once when
+``max_staleness_seconds`` is 0, and otherwise arms the attempt's deadline at
+the moment its results would turn stale
+(:func:`~trio_portfolio.staleness.restart_deadline`), so an attempt that
+finishes in time is not restarted at all.
 """
 
 from __future__ import annotations
@@ -61,7 +112,7 @@ import contextlib
 import enum
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import attrs
 import trio
@@ -95,9 +146,17 @@ from trio_portfolio.protocol import (
     render_started,
 )
 from trio_portfolio.redis_io import StoreUnavailable
+from trio_portfolio.staleness import restart_deadline, to_milliseconds
 from trio_portfolio.store import SessionStore
 
 log = logging.getLogger(__name__)
+
+COMMIT_TIMEOUT = 10.0
+"""Seconds one result's commit may take, re-asks included, before it counts as unconfirmed."""
+
+RETRY_BACKOFF_MIN = 0.05
+RETRY_BACKOFF_MAX = 1.0
+"""Seconds between re-asks of an append whose outcome is unknown (doubling from the minimum)."""
 
 
 class _Ending(enum.Enum):
@@ -125,6 +184,11 @@ class AnalysisContext:
     rng: random.Random
     connection_id: str
     send_timeout: float = 10.0
+    max_staleness: float = 0.0
+    """``max_staleness_seconds``: how long results may use superseded prices."""
+    commit_timeout: float = attrs.field(factory=lambda: COMMIT_TIMEOUT)
+    """Deadline of one shielded commit, re-asks after store faults included
+    (:data:`COMMIT_TIMEOUT` when the context is made)."""
 
 
 @attrs.define
@@ -142,18 +206,33 @@ class Attempt:
     """True once the attempt is reported (complete or cancelled) to the client."""
     committed: int = 0
     """How many of its results were stored (and so sent)."""
+    started_clock: float = attrs.field(factory=trio.current_time)
+    """``trio.current_time()`` when the snapshot came back: metric delays count from it."""
+    superseded_clock: float | None = None
+    """When the runner first heard that a newer valuation superseded the snapshot's."""
+    unconfirmed: dict[str, AnalysisResult] = attrs.field(factory=dict)
+    """Results whose append had no definite answer by the commit deadline, by id
+    (at most one per metric)."""
 
 
 class AnalysisRunner:
     """The analysis of ``ticker`` on one connection, across restarts.
 
     Public surface for the connection: :meth:`run` (in its nursery),
-    :meth:`stop`, :meth:`restart_if_older` and :attr:`live_analysis_id`.
+    :meth:`stop`, :meth:`portfolio_changed` (and :meth:`restart_if_older`)
+    and :attr:`live_analysis_id`.
     """
 
-    def __init__(self, ctx: AnalysisContext, ticker: str) -> None:
+    def __init__(
+        self, ctx: AnalysisContext, ticker: str, unresolved: Sequence[AnalysisResult] = ()
+    ) -> None:
         self.ctx = ctx
         self.ticker = ticker
+        self.unresolved: list[AnalysisResult] = list(unresolved)
+        """Results of earlier analyses on this connection whose store outcome is still
+        unknown (at most one analysis's five): resolved before this runner's first
+        snapshot; what is still unknown when it ends is for the connection to hand to
+        the next runner."""
         self._observer = ctx.observer
         self.started = False
         """True once the first attempt took its snapshot (``run`` reported ``None``)."""
@@ -165,10 +244,11 @@ class AnalysisRunner:
         self._shields: set[trio.CancelScope] = set()
         """The shielded scopes open now; :meth:`abandon` cancels them."""
         self._abandoned = False
-        self._fence: AnalysisId | None = None
-        """The analysis id this runner may have made the session's current one and not
-        yet cleared: set *before* ``start_analysis`` is sent, since a call cancelled
-        after the write still runs in Redis."""
+        self._fences: list[AnalysisId] = []
+        """The analysis ids this runner may have made the session's current one and not
+        yet cleared (at most two: an attempt and its restart): an id is added *before*
+        ``start_analysis`` is sent, since a call cancelled after the write still runs
+        in Redis."""
 
     def _ids(self, analysis_id: str | None = None) -> dict[str, str]:
         """Log ``extra`` naming the connection, session and analysis of a line."""
@@ -206,8 +286,15 @@ class AnalysisRunner:
         reported = False
         try:
             with self._scope:
+                if self.unresolved and not await self._resolve_inherited():
+                    self._outcome = await self._fail(
+                        ErrorCode.STORE_UNAVAILABLE,
+                        "cannot start: results of the previous analysis are not confirmed yet",
+                    )
+                    return self._outcome
+                previous: Attempt | None = None
                 while True:
-                    attempt = await self._start_attempt()
+                    attempt = await self._start_attempt(previous)
                     if not isinstance(attempt, Attempt):
                         self._outcome = attempt
                         break
@@ -218,13 +305,14 @@ class AnalysisRunner:
                     if outcome is not None:
                         self._outcome = outcome
                         break
+                    previous = attempt  # restart: reported when its successor starts
         finally:
-            if self._fence is not None:
-                # Ended by cancellation or an error with a snapshot that may still
-                # fence the session (cancelled mid start_analysis, before the
-                # connection learnt of this runner, or while reporting): clear it
-                # here, because nobody else knows of it.
-                await self._unfence(self._fence)
+            # Ended by cancellation or an error with a snapshot that may still
+            # fence the session (cancelled mid start_analysis, before the
+            # connection learnt of this runner, or while reporting): clear it
+            # here, because nobody else knows of it.
+            for analysis_id in list(self._fences):
+                await self._unfence(analysis_id)
             self._finished.set()
             if not reported:
                 ended = self._outcome
@@ -235,15 +323,17 @@ class AnalysisRunner:
         """Cancel the runner, wait until it has finished, then report and unfence it.
 
         The live attempt, if any, is counted and (``notify``) reported as
-        ``analysis_cancelled`` with ``reason``; unfencing (clearing the
-        session's ``current_analysis`` if it is still this attempt) is
-        shielded, so it happens even while the connection itself is being
-        torn down.  Returns how the runner ended: its own outcome if it had
-        ended by itself, else :class:`Cancelled` with ``reason``.
+        ``analysis_cancelled`` with ``reason``, after its unconfirmed results
+        (if any) had one more bounded try at being resolved; unfencing
+        (clearing the session's ``current_analysis`` if it is still this
+        attempt) is shielded, so it happens even while the connection itself
+        is being torn down.  Returns how the runner ended: its own outcome if
+        it had ended by itself, else :class:`Cancelled` with ``reason``.
 
         Idempotent and safe to cancel: if this call is cancelled (while
         waiting, or while queueing the frame), calling it again finishes the
-        job without reporting anything twice.
+        job without reporting anything twice.  Every shielded step has a
+        deadline (``commit_timeout``, ``send_timeout``).
         """
         self._scope.cancel()
         await self._finished.wait()
@@ -267,13 +357,16 @@ class AnalysisRunner:
             scope.cancel()
 
     @contextlib.contextmanager
-    def _shielded(self) -> Iterator[trio.CancelScope]:
-        """A scope shielded from outside cancellation, for at most ``send_timeout``.
+    def _shielded(self, timeout: float | None = None) -> Iterator[trio.CancelScope]:
+        """A scope shielded from outside cancellation, for at most ``timeout``.
 
-        Cancelled by :meth:`abandon`; check ``cancelled_caught`` after it.
+        ``timeout`` defaults to ``send_timeout``.  Cancelled by :meth:`abandon`;
+        check ``cancelled_caught`` after it.
         """
         scope = trio.CancelScope(shield=True)
-        scope.deadline = trio.current_time() + self.ctx.send_timeout
+        scope.deadline = trio.current_time() + (
+            self.ctx.send_timeout if timeout is None else timeout
+        )
         if self._abandoned:
             scope.cancel()
         self._shields.add(scope)
@@ -283,29 +376,67 @@ class AnalysisRunner:
         finally:
             self._shields.discard(scope)
 
-    async def restart_if_older(self, portfolio_version: int) -> None:
-        """Restart the live attempt if its snapshot predates ``portfolio_version``."""
+    async def portfolio_changed(self, portfolio_version: int, *, holdings_changed: bool) -> None:
+        """The session's portfolio moved to ``portfolio_version``: restart now, or later.
+
+        The restart decision of :mod:`trio_portfolio.staleness`: nothing if
+        the live attempt's snapshot is that version or newer; a holdings
+        change (or any change with ``max_staleness`` 0) restarts the attempt
+        and waits until it has ended and its restart is under way; a
+        valuation change otherwise arms the attempt's deadline at the moment
+        its results would turn stale (from the first supersession heard),
+        and the attempt is restarted then unless it has completed.
+        """
         attempt = self._live_attempt
         if attempt is None or attempt.snapshot.portfolio_version >= portfolio_version:
             return
-        attempt.ending = _Ending.RESTART
-        attempt.scope.cancel()
-        await attempt.ended.wait()
+        if holdings_changed or self.ctx.max_staleness <= 0:
+            if attempt.ending is _Ending.COMPLETE:
+                attempt.ending = _Ending.RESTART  # an ending named already stands
+            attempt.scope.cancel()
+            await attempt.ended.wait()
+            return
+        if attempt.superseded_clock is None:
+            attempt.superseded_clock = trio.current_time()
+            stale_at = restart_deadline(attempt.superseded_clock, self.ctx.max_staleness)
+            attempt.scope.deadline = min(attempt.scope.deadline, stale_at)
+
+    async def restart_if_older(self, portfolio_version: int) -> None:
+        """Restart the live attempt if its snapshot predates ``portfolio_version`` (holdings)."""
+        await self.portfolio_changed(portfolio_version, holdings_changed=True)
 
     async def _close_live_attempt(self, reason: CancelReason, *, notify: bool = True) -> None:
-        """After the attempt stopped: count it, report it (``notify``), unfence it."""
+        """After the attempt stopped: resolve, count, report (``notify``) and unfence it.
+
+        The report is shielded (bounded by ``send_timeout``), so an attempt
+        marked closed always had its ``analysis_cancelled`` queued.
+        """
         attempt = self._live_attempt
         if attempt is None:
             return
+        if attempt.unconfirmed:
+            with self._shielded(self.ctx.commit_timeout):
+                await self._resolve_unconfirmed(attempt)
+            self._give_up_unconfirmed(attempt)
         attempt.closed = True
         self._observer.analysis_cancelled(attempt.analysis_id, reason)
         try:
             if notify:
-                await self._observer.send(
+                await self._send_shielded(
                     render_cancelled(attempt.analysis_id, self.ticker, reason, self.ctx.dialect)
                 )
         finally:
             await self._unfence(attempt.analysis_id)
+
+    async def _send_shielded(self, frame: str | None) -> None:
+        """Queue ``frame`` even while being cancelled, for at most ``send_timeout``."""
+        with self._shielded():
+            await self._observer.send(frame)
+
+    def _forget_fence(self, analysis_id: AnalysisId) -> None:
+        """``analysis_id`` is known not to be current (refused, or replaced by a restart)."""
+        if analysis_id in self._fences:
+            self._fences.remove(analysis_id)
 
     async def _unfence(self, analysis_id: AnalysisId) -> None:
         """Clear the session's current analysis if it is still ``analysis_id`` (once).
@@ -314,9 +445,9 @@ class AnalysisRunner:
         connection is being cancelled; fenced in Redis, so clearing late or
         twice changes nothing.
         """
-        if self._fence != analysis_id:
+        if analysis_id not in self._fences:
             return  # cleared already (or never set)
-        self._fence = None
+        self._fences.remove(analysis_id)
         with self._shielded():
             try:
                 await self.ctx.store.finish_analysis(self.ctx.session_id, analysis_id)
@@ -328,44 +459,72 @@ class AnalysisRunner:
         await self._observer.send_error(code, detail)
         return Failed(code, detail)
 
-    async def _start_attempt(self) -> Attempt | AnalysisOutcome:
-        """A started attempt (``analysis_started`` queued), or why none could start."""
+    async def _start_attempt(self, previous: Attempt | None) -> Attempt | AnalysisOutcome:
+        """A started attempt (``analysis_started`` queued), or why none could start.
+
+        ``previous`` is the attempt being restarted: still fenced and not yet
+        reported.  It is reported here, once the restart's fate is known:
+        ``portfolio_changed`` (restarted, or the restart failed), ``switched``
+        (another analysis is current: the restart was refused) or
+        ``cancelled`` (the session is gone).
+        """
         ctx = self.ctx
-        self._fence = analysis_id = AnalysisId.mint(ctx.connection_id)
+        analysis_id = AnalysisId.mint(ctx.connection_id)
+        self._fences.append(analysis_id)
         try:
             # Shielded (the adapter's timeout bounds it): a start cancelled after
             # its write would still run in Redis, possibly *after* the unfencing
             # finish_analysis sent on another pooled connection.
             with self._shielded() as shield:
                 started = await ctx.store.start_analysis(
-                    ctx.session_id, analysis_id, self.ticker, utc_now()
+                    ctx.session_id,
+                    analysis_id,
+                    self.ticker,
+                    utc_now(),
+                    replacing=None if previous is None else previous.analysis_id,
                 )
         except StoreUnavailable as exc:
+            if previous is not None:
+                await self._close_live_attempt(CancelReason.PORTFOLIO_CHANGED)
             return await self._fail(ErrorCode.STORE_UNAVAILABLE, f"cannot start: {exc}")
         if shield.cancelled_caught:  # abandoned, or no answer within send_timeout
             return await self._fail(ErrorCode.STORE_UNAVAILABLE, "cannot start: no answer in time")
         if isinstance(started, StartRefused):
-            self._fence = None  # refused: nothing was made current
+            self._forget_fence(analysis_id)  # refused: nothing was made current
+            if previous is not None:
+                if started is not StartRefused.NOT_HELD:
+                    self._forget_fence(previous.analysis_id)  # not current (or no session)
+                await self._close_live_attempt(_RESTART_REFUSED[started])
             if started is StartRefused.MISSING:
                 return SessionGone()
+            if started is StartRefused.SWITCHED:
+                return Cancelled(CancelReason.SWITCHED)
             return await self._fail(
                 ErrorCode.TICKER_NOT_HELD, f"{self.ticker} is not in this portfolio's holdings"
             )
+        if previous is not None:
+            self._forget_fence(previous.analysis_id)  # the script replaced it
+            await self._close_live_attempt(CancelReason.PORTFOLIO_CHANGED)
         self._attempt = attempt = Attempt(analysis_id=analysis_id, snapshot=started)
         self._observer.analysis_started(analysis_id)
-        await self._observer.send(
+        await self._send_shielded(
             render_started(
                 analysis_id,
                 self.ticker,
                 started.portfolio_version,
                 started.started_at,
                 ctx.dialect,
+                as_of=started.as_of,
             )
         )
         return attempt
 
     async def _run_attempt(self, attempt: Attempt) -> AnalysisOutcome | None:
-        """Run one attempt to its end and report it; ``None`` means: restart."""
+        """Run one attempt to its end and report it; ``None`` means: restart.
+
+        A restarted attempt is left unreported (and fenced): the next
+        :meth:`_start_attempt` replaces and reports it.
+        """
         try:
             with attempt.scope:
                 values = await self._compute(attempt)
@@ -375,6 +534,13 @@ class AnalysisRunner:
                     async with trio.open_nursery() as nursery:
                         for metric in METRICS:
                             nursery.start_soon(self._metric, attempt, metric, values[metric])
+            if (
+                attempt.scope.cancelled_caught
+                and attempt.ending is _Ending.COMPLETE
+                and attempt.committed < len(METRICS)
+            ):
+                # Only the staleness deadline cancels without naming an ending.
+                attempt.ending = _Ending.RESTART
             if attempt.ending is _Ending.RESTART and attempt.committed == len(METRICS):
                 # The restart came after the last result was stored and sent:
                 # nothing is stale, so the attempt is complete, not cancelled.
@@ -384,11 +550,12 @@ class AnalysisRunner:
                 await self._complete(attempt)
                 return Completed(attempt.analysis_id)
             if ending in (_Ending.STALE, _Ending.RESTART):
-                await self._close_live_attempt(CancelReason.PORTFOLIO_CHANGED)
                 return None
             if ending is _Ending.SUPERSEDED:
                 await self._close_live_attempt(CancelReason.SWITCHED)
                 return Cancelled(CancelReason.SWITCHED)
+            if attempt.unconfirmed:
+                await self._resolve_unconfirmed(attempt)  # cancellable: stop() finishes it
             # SESSION_GONE and FAILED: the contract's reason for "stopped by the
             # server" is ``cancelled``; the error frame says why.
             await self._close_live_attempt(CancelReason.CANCELLED)
@@ -429,7 +596,7 @@ class AnalysisRunner:
 
     async def _metric(self, attempt: Attempt, metric: str, value: float) -> None:
         low, high = self.ctx.metric_delay
-        await trio.sleep(self.ctx.rng.uniform(low, high))
+        await trio.sleep_until(attempt.started_clock + self.ctx.rng.uniform(low, high))
         snapshot = attempt.snapshot
         result = AnalysisResult(
             analysis_id=attempt.analysis_id,
@@ -438,47 +605,159 @@ class AnalysisRunner:
             value=value,
             timestamp=utc_now(),
             portfolio_version=snapshot.portfolio_version,
+            as_of=snapshot.as_of,
+            result_id=AnalysisResult.id_for(attempt.analysis_id, metric),
         )
-        status: AppendStatus | None = None
-        stored = False
-        with self._shielded():
-            try:
-                status = await self.ctx.store.append_result(self.ctx.session_id, result)
-            except StoreUnavailable as exc:
-                attempt.failure = await self._fail(
-                    ErrorCode.STORE_UNAVAILABLE, f"result not stored: {exc}"
-                )
-                attempt.ending = _Ending.FAILED
-                attempt.scope.cancel()
-                return
-            if status is AppendStatus.STORED:
-                stored = True
-                attempt.committed += 1
-                self._observer.result_committed(result)
-                with trio.move_on_after(self.ctx.send_timeout):
-                    await self._observer.send(render_result(result, self.ctx.dialect))
-                return
-        if stored:
-            return  # stored; its frame was cut short (abandoned, or not taken in time)
-        if status is None:  # abandoned, or no answer within send_timeout
-            if attempt.failure is None:
-                attempt.failure = Failed(ErrorCode.STORE_UNAVAILABLE, "result not stored in time")
+        status = await self._commit(attempt, result)
+        if status is None:
+            attempt.unconfirmed[result.result_id] = result
+            first = attempt.ending is not _Ending.FAILED
             attempt.ending = _Ending.FAILED
             attempt.scope.cancel()
+            if first:
+                with self._shielded():
+                    attempt.failure = await self._fail(
+                        ErrorCode.STORE_UNAVAILABLE,
+                        f"result {metric} not confirmed within {self.ctx.commit_timeout:g}s; "
+                        "the analysis stops once the store answers",
+                    )
+                if attempt.failure is None:
+                    attempt.failure = Failed(ErrorCode.STORE_UNAVAILABLE, "result not confirmed")
+            return
+        if status is AppendStatus.ALREADY_STORED:
+            self._observer.write_fenced(status)  # counted: a re-ask found it stored
+        if status in (AppendStatus.STORED, AppendStatus.ALREADY_STORED):
+            await self._deliver(attempt, result)
             return
         self._observer.write_fenced(status)
         if attempt.ending is _Ending.COMPLETE:
             attempt.ending = _FENCED_ENDING[status]
         attempt.scope.cancel()
 
+    async def _commit(self, attempt: Attempt, result: AnalysisResult) -> AppendStatus | None:
+        """The fenced, idempotent append of ``result``; ``None`` if still unknown at the deadline.
+
+        Shielded for at most ``commit_timeout``: a store fault (the outcome of
+        the call unknown) is answered by asking again with ``retry=True``
+        after a backoff, until a definite answer.
+        """
+        ctx = self.ctx
+        backoff = RETRY_BACKOFF_MIN
+        retry = False
+        with self._shielded(ctx.commit_timeout):
+            while True:
+                try:
+                    return await ctx.store.append_result(
+                        ctx.session_id,
+                        result,
+                        holdings_version=attempt.snapshot.holdings_version,
+                        max_staleness_ms=to_milliseconds(ctx.max_staleness),
+                        retry=retry,
+                    )
+                except StoreUnavailable as exc:
+                    log.warning(
+                        "append of %s unanswered, asking again: %s",
+                        result.result_id,
+                        exc,
+                        extra=self._ids(attempt.analysis_id),
+                    )
+                retry = True
+                await trio.sleep(backoff)
+                backoff = min(RETRY_BACKOFF_MAX, backoff * 2)
+        return None
+
+    async def _deliver(self, attempt: Attempt, result: AnalysisResult) -> None:
+        """A stored result: count it and queue its frame (shielded, bounded)."""
+        attempt.committed += 1
+        self._observer.result_committed(result)
+        await self._send_shielded(render_result(result, self.ctx.dialect))
+
+    async def _resolve_unconfirmed(self, attempt: Attempt) -> None:
+        """Settle every unconfirmed result of ``attempt``: stream it if stored, else drop it.
+
+        First the analysis is made non-current (``finish_analysis``), so no
+        copy of a lost append can still store it; then each result is asked
+        again with ``retry=True``, which for a non-current analysis stores
+        nothing and finds a stored result by its id.  Retries store faults
+        with backoff until done; the caller bounds it (a deadline, or
+        cancellation).
+        """
+        ctx = self.ctx
+        backoff = RETRY_BACKOFF_MIN
+        while attempt.unconfirmed:
+            try:
+                if attempt.analysis_id in self._fences:
+                    await ctx.store.finish_analysis(ctx.session_id, attempt.analysis_id)
+                    self._forget_fence(attempt.analysis_id)
+                for result_id, result in list(attempt.unconfirmed.items()):
+                    status = await ctx.store.append_result(
+                        ctx.session_id,
+                        result,
+                        holdings_version=attempt.snapshot.holdings_version,
+                        max_staleness_ms=to_milliseconds(ctx.max_staleness),
+                        retry=True,
+                    )
+                    del attempt.unconfirmed[result_id]
+                    if status in (AppendStatus.STORED, AppendStatus.ALREADY_STORED):
+                        log.info(
+                            "unconfirmed result %s was stored: streaming it",
+                            result_id,
+                            extra=self._ids(attempt.analysis_id),
+                        )
+                        await self._deliver(attempt, result)
+            except StoreUnavailable:
+                await trio.sleep(backoff)
+                backoff = min(RETRY_BACKOFF_MAX, backoff * 2)
+
+    def _give_up_unconfirmed(self, attempt: Attempt) -> None:
+        """Hand results still unresolved to :attr:`unresolved` (the next runner's job)."""
+        for result_id, result in attempt.unconfirmed.items():
+            log.warning(
+                "unconfirmed result %s: the store did not answer; resolved by the next analysis",
+                result_id,
+                extra=self._ids(attempt.analysis_id),
+            )
+            self.unresolved.append(result)
+        attempt.unconfirmed.clear()
+
+    async def _resolve_inherited(self) -> bool:
+        """Resolve :attr:`unresolved` before the first snapshot; ``False`` if the store failed.
+
+        As :meth:`_resolve_unconfirmed`: make each one's analysis non-current
+        (``finish_analysis``, fenced), then ask again with ``retry=True``; a
+        stored result is streamed now, before anything of this analysis (so
+        guarantee 1 holds), one that was not is dropped.  One bounded,
+        shielded try (``commit_timeout``): the connection's control loop is
+        waiting for this runner to start.
+        """
+        ctx = self.ctx
+        with self._shielded(ctx.commit_timeout):
+            try:
+                for analysis_id in dict.fromkeys(r.analysis_id for r in self.unresolved):
+                    await ctx.store.finish_analysis(ctx.session_id, analysis_id)
+                while self.unresolved:
+                    result = self.unresolved[0]
+                    status = await ctx.store.append_result(ctx.session_id, result, retry=True)
+                    del self.unresolved[0]
+                    if status in (AppendStatus.STORED, AppendStatus.ALREADY_STORED):
+                        log.info(
+                            "unconfirmed result %s was stored: streaming it",
+                            result.result_id,
+                            extra=self._ids(result.analysis_id),
+                        )
+                        self._observer.result_committed(result)
+                        await self._send_shielded(render_result(result, ctx.dialect))
+            except StoreUnavailable as exc:
+                log.warning("cannot resolve earlier results yet: %s", exc, extra=self._ids())
+        return not self.unresolved
+
     async def _complete(self, attempt: Attempt) -> None:
         attempt.closed = True
         self._observer.analysis_completed(attempt.analysis_id)
         await self._unfence(attempt.analysis_id)
-        with self._shielded():
-            await self._observer.send(
-                render_complete(attempt.analysis_id, self.ticker, self.ctx.dialect)
-            )
+        await self._send_shielded(
+            render_complete(attempt.analysis_id, self.ticker, self.ctx.dialect)
+        )
 
 
 _FENCED_ENDING = {
@@ -486,7 +765,15 @@ _FENCED_ENDING = {
     AppendStatus.SUPERSEDED: _Ending.SUPERSEDED,
     AppendStatus.MISSING: _Ending.SESSION_GONE,
 }
-"""What a refused append means for its attempt."""
+"""What a refused append means for its attempt (``STORED`` and ``ALREADY_STORED`` are
+not refusals: both mean the result is stored, and it is streamed)."""
+
+_RESTART_REFUSED = {
+    StartRefused.SWITCHED: CancelReason.SWITCHED,
+    StartRefused.MISSING: CancelReason.CANCELLED,
+    StartRefused.NOT_HELD: CancelReason.PORTFOLIO_CHANGED,
+}
+"""How a restarted attempt is reported when its restart is refused."""
 
 
 def _compute_values(snapshot: Snapshot, raw_history: dict[str, str]) -> dict[str, float]:

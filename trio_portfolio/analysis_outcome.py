@@ -131,7 +131,8 @@ class AnalysisObserver(Protocol):
         """``result`` was stored by the fenced append (and is being sent)."""
 
     def write_fenced(self, status: AppendStatus) -> None:
-        """The fenced append refused a result with ``status`` (never ``STORED``)."""
+        """The fenced append refused a result with ``status`` (never ``STORED``;
+        ``ALREADY_STORED``: refused to store it twice, and it is streamed)."""
 
     def analysis_completed(self, analysis_id: AnalysisId) -> None:
         """An attempt delivered all five results."""

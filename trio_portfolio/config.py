@@ -41,6 +41,7 @@ import cattrs
 
 from trio_portfolio.models import DEFAULT_HOLDINGS
 from trio_portfolio.protocol import ProtocolError, normalise_holdings
+from trio_portfolio.staleness import analyses_finish_problem, analysis_duration_bound
 
 ENV_PREFIX = "PORTFOLIO_"
 CONFIG_ENV = "PORTFOLIO_CONFIG"
@@ -347,6 +348,17 @@ class Settings:
             "MIN,MAX seconds with 0 <= MIN <= MAX",
             _valid_delay,
             "MIN,MAX",
+        ),
+    )
+    max_staleness_seconds: float = attrs.field(
+        default=0.0,
+        metadata=_rule(
+            "how long an analysis may keep storing results computed from prices that a "
+            "newer market valuation superseded (0: not at all); a holdings change always "
+            "restarts it",
+            "a number >= 0",
+            _non_negative,
+            "SECONDS",
         ),
     )
     log_level: LogLevel = attrs.field(
@@ -875,7 +887,45 @@ def load_settings(
             values[name] = _convert(name, raw, source(name))
     settings = Settings(**values)
     settings.auth_key()  # an unreadable secret file is a configuration error, now
+    check_analyses_finish(settings)
     return settings
+
+
+def check_analyses_finish(settings: Settings) -> None:
+    """Refuse settings under which market ticks could restart analyses forever.
+
+    Guarantee 8; the rule and the bound it gives are in
+    :mod:`trio_portfolio.staleness`.  :func:`load_settings` (every start-up
+    from flags, environment or file) runs it; a :class:`Settings` built in
+    code is checked field by field only, so tests may compress time below
+    the overhead margin, and code that embeds the server may call this.
+
+    Raises:
+      ConfigError: naming the settings and a value of either that works.
+    """
+    problem = analyses_finish_problem(
+        settings.market_update_interval_seconds,
+        settings.metric_delay_seconds[1],
+        settings.max_staleness_seconds,
+    )
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+def analysis_deadline_seconds(settings: Settings) -> float:
+    """The documented bound on one analysis's duration under ``settings`` (guarantee 8).
+
+    Raises:
+      ConfigError: for settings :func:`check_analyses_finish` refuses.
+    """
+    try:
+        return analysis_duration_bound(
+            settings.market_update_interval_seconds,
+            settings.metric_delay_seconds[1],
+            settings.max_staleness_seconds,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:

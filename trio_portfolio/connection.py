@@ -250,6 +250,9 @@ class Connection:
         self._current: AnalysisRunner | None = None
         self._starting: AnalysisRunner | None = None
         """A runner being started (not yet :attr:`_current`), for :meth:`_close`."""
+        self._unresolved: list[AnalysisResult] = []
+        """Results whose store outcome a stopped runner could not learn: the next runner
+        resolves them before its snapshot (see trio_portfolio/analysis.py)."""
         self._close_code = 1000
         self._close_reason = "bye"
         self._session_ready = False
@@ -624,7 +627,7 @@ class Connection:
 
     async def _analyze(self, ticker: str) -> None:
         await self._stop_current(CancelReason.SWITCHED)
-        runner = AnalysisRunner(self._analysis_context(), ticker)
+        runner = AnalysisRunner(self._analysis_context(), ticker, self._unresolved)
         epoch = self._session_epoch
         self._starting = runner
         try:
@@ -634,6 +637,7 @@ class Connection:
         if refused is None:
             self._current = runner
         else:
+            self._unresolved = runner.unresolved
             await self._on_analysis_outcome(refused, epoch)
 
     async def _run_analysis(
@@ -671,7 +675,9 @@ class Connection:
 
     async def _on_portfolio_changed(self, event: PortfolioChanged) -> None:
         if self._current is not None:
-            await self._current.restart_if_older(event.portfolio_version)
+            await self._current.portfolio_changed(
+                event.portfolio_version, holdings_changed=event.cause != "market"
+            )
         if event.cause == "market":
             await self.send(
                 render_market_update(
@@ -705,6 +711,7 @@ class Connection:
         if runner is None:
             return
         await runner.stop(reason, notify=notify)
+        self._unresolved = runner.unresolved
         # Cleared only now: if the stop is itself cancelled, the connection's
         # final cleanup still finds the runner and finishes it (stop is idempotent).
         self._current = None
@@ -721,6 +728,7 @@ class Connection:
             rng=self.services.rng,
             connection_id=self.id,
             send_timeout=SEND_TIMEOUT,
+            max_staleness=settings.max_staleness_seconds,
         )
 
 

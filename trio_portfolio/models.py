@@ -57,6 +57,18 @@ class AnalysisResult:
     value: float
     timestamp: str
     portfolio_version: int
+    as_of: str = ""
+    """When the prices it was computed from were current (the snapshot's ``as_of``);
+    empty for results stored before the field existed."""
+    result_id: str = ""
+    """The result's identity (:meth:`id_for`), which makes its append idempotent:
+    the store answers ``ALREADY_STORED`` for an id it has stored.  Empty: no
+    identity, every append is a new result (tools and tests only)."""
+
+    @staticmethod
+    def id_for(analysis_id: str, metric: str) -> str:
+        """The id of ``metric``'s result in analysis attempt ``analysis_id``: one per pair."""
+        return f"{analysis_id}:{metric}"
 
 
 @attrs.frozen
@@ -91,6 +103,12 @@ class Snapshot:
     total_value: float
     portfolio_version: int
     started_at: str
+    holdings_version: int = 0
+    """Bumped only by ``set_holdings``: a result whose holdings version is no longer
+    the session's is always stale (:mod:`trio_portfolio.staleness`)."""
+    as_of: str = ""
+    """When its prices were current: the session's last market valuation (its
+    creation time until the first one)."""
 
 
 class StartRefused(enum.Enum):
@@ -98,6 +116,7 @@ class StartRefused(enum.Enum):
 
     MISSING = "missing"  # the session does not exist (expired)
     NOT_HELD = "not_held"  # the ticker is not in the holdings
+    SWITCHED = "switched"  # a restart found another analysis current: it must not take over
 
 
 class AppendStatus(enum.Enum):
@@ -105,8 +124,9 @@ class AppendStatus(enum.Enum):
 
     STORED = "stored"
     SUPERSEDED = "superseded"  # another (or no) analysis is current
-    STALE = "stale"  # the portfolio version moved since the snapshot
+    STALE = "stale"  # holdings changed, or prices superseded too long ago (staleness.py)
     MISSING = "missing"  # the session does not exist
+    ALREADY_STORED = "already_stored"  # this result id was stored before: not again
 
 
 @attrs.frozen

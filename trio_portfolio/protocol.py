@@ -304,6 +304,9 @@ class AnalysisResultEvent(_Event):
     timestamp: str
     analysis_id: str
     portfolio_version: int
+    as_of: str = ""
+    """When the prices the result was computed from were current (its snapshot's);
+    empty for a result stored before the field existed."""
 
     @classmethod
     def from_result(cls, result: AnalysisResult) -> AnalysisResultEvent:
@@ -314,6 +317,7 @@ class AnalysisResultEvent(_Event):
             timestamp=result.timestamp,
             analysis_id=result.analysis_id,
             portfolio_version=result.portfolio_version,
+            as_of=result.as_of,
         )
 
 
@@ -372,6 +376,8 @@ class AnalysisStartedEvent(_Event):
     ticker: str
     portfolio_version: int
     started_at: str
+    as_of: str = ""
+    """When the snapshot's prices were current (guarantee 3)."""
 
 
 @attrs.frozen
@@ -578,7 +584,7 @@ def render_error(code: ErrorCode, detail: str) -> str:
 
 
 def render_result(result: AnalysisResult, dialect: Dialect) -> str:
-    """``analysis_result``: the seed's fields, plus ids and version in v2."""
+    """``analysis_result``: the seed's fields, plus ids, version and ``as_of`` in v2."""
     if dialect is Dialect.V1:
         return render_event(
             AnalysisResultV1Event(
@@ -611,9 +617,15 @@ def render_session(portfolio: Portfolio, dialect: Dialect) -> str | None:
 
 
 def render_started(
-    analysis_id: str, ticker: str, portfolio_version: int, started_at: str, dialect: Dialect
+    analysis_id: str,
+    ticker: str,
+    portfolio_version: int,
+    started_at: str,
+    dialect: Dialect,
+    *,
+    as_of: str = "",
 ) -> str | None:
-    """``analysis_started`` (v2 only): the snapshot was taken."""
+    """``analysis_started`` (v2 only): the snapshot was taken, with prices of ``as_of``."""
     if dialect is Dialect.V1:
         return None
     return render_event(
@@ -622,6 +634,7 @@ def render_started(
             ticker=ticker,
             portfolio_version=portfolio_version,
             started_at=started_at,
+            as_of=as_of,
         )
     )
 

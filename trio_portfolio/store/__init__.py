@@ -27,6 +27,7 @@ from trio_portfolio.redis_io import CommandError, RedisClient
 from trio_portfolio.store.base import (
     LUA,
     OPERATIONS,
+    RESULT_IDS_LIMIT,
     Layout,
     LayoutChoice,
     SessionKeys,
@@ -43,6 +44,7 @@ from trio_portfolio.store.json_layout import JsonSessionStore
 
 __all__ = [
     "OPERATIONS",
+    "RESULT_IDS_LIMIT",
     "HashSessionStore",
     "JsonSessionStore",
     "Layout",

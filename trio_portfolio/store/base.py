@@ -60,6 +60,7 @@ import orjson
 
 from trio_portfolio.lua_scripts import load_script, lua_directory
 from trio_portfolio.models import (
+    METRICS,
     AnalysisResult,
     AppendStatus,
     Portfolio,
@@ -84,6 +85,7 @@ from trio_portfolio.store.codec import (
 __all__ = [
     "LUA",
     "OPERATIONS",
+    "RESULT_IDS_LIMIT",
     "Layout",
     "LayoutChoice",
     "SessionKeys",
@@ -108,6 +110,9 @@ OPERATIONS: tuple[str, ...] = (
     "revalue",
 )
 """The scripts every layout has, as ``lua/<layout>_<operation>.lua``."""
+
+RESULT_IDS_LIMIT = len(METRICS)
+"""Result ids the session records for its current analysis (one per metric)."""
 
 
 @attrs.frozen
@@ -294,15 +299,29 @@ class SessionStore(abc.ABC):
         return status == "touched"
 
     async def start_analysis(
-        self, session_id: str, analysis_id: str, ticker: str, now: str
+        self,
+        session_id: str,
+        analysis_id: str,
+        ticker: str,
+        now: str,
+        *,
+        replacing: str | None = None,
     ) -> Snapshot | StartRefused:
         """Snapshot the portfolio and make ``analysis_id`` the current analysis, atomically.
 
         From this moment every append of an earlier analysis is refused
-        ``SUPERSEDED``.  Publishes ``analysis_started``.  A ticker that is not
-        held is refused (``NOT_HELD``) but still counts as activity; a
-        missing session is refused ``MISSING``.  Refusals are answers, not
-        exceptions.
+        ``SUPERSEDED``.  Publishes ``analysis_started``.  Clears the session's
+        ``superseded_at`` and stored result ids, which belong to the analysis
+        now current (:mod:`trio_portfolio.staleness`).  A ticker that is not
+        held is refused (``NOT_HELD``); a missing session is refused
+        ``MISSING``.  Refusals are answers, not exceptions.
+
+        ``replacing`` is for an automatic restart: the id of the attempt it
+        replaces.  The restart starts only if that attempt is still the
+        session's current one, checked in the script, and is refused
+        ``SWITCHED`` otherwise, so a restart can never take the session back
+        from a newer analysis.  A restart is not client activity; a client's
+        ``analyze`` (no ``replacing``) is, even when refused ``NOT_HELD``.
 
         Raises:
           ValueError: for an invalid session id.
@@ -316,27 +335,59 @@ class SessionStore(abc.ABC):
             ticker,
             now,
             self.session_ttl_seconds,
+            replacing or "",
         )
         if status == "missing":
             return StartRefused.MISSING
         if status == "not_held":
             return StartRefused.NOT_HELD
+        if status == "switched":
+            return StartRefused.SWITCHED
         return snapshot_from_payload(session_id, analysis_id, ticker, now, payload)
 
-    async def append_result(self, session_id: str, result: AnalysisResult) -> AppendStatus:
-        """THE FENCE: store ``result`` only if its analysis is current and its version is.
+    async def append_result(
+        self,
+        session_id: str,
+        result: AnalysisResult,
+        *,
+        holdings_version: int | None = None,
+        max_staleness_ms: int = 0,
+        retry: bool = False,
+    ) -> AppendStatus:
+        """THE FENCE: store ``result`` only if its analysis is current and it is fresh.
 
+        Fresh is the rule of :mod:`trio_portfolio.staleness`:
+        ``holdings_version`` (the snapshot's) is still the session's, and the
+        portfolio version is still ``result.portfolio_version`` or was first
+        superseded at most ``max_staleness_ms`` ago (0: not at all).  Without
+        a ``holdings_version`` only the strict rule can be applied (any new
+        portfolio version, holdings changes included, is stale), so
+        ``max_staleness_ms`` must then be 0.
         ``SUPERSEDED`` if another (or no) analysis is current, ``STALE`` if
-        the portfolio version moved since the snapshot, ``MISSING`` if the
-        session is gone: refusals are answers, not exceptions.  Keeps the
-        newest ``results_limit`` results.  Not activity (the TTL is left
-        alone).
+        not fresh, ``MISSING`` if the session is gone: refusals are answers,
+        not exceptions.  Keeps the newest ``results_limit`` results.  Not
+        activity (the TTL is left alone).
+
+        Idempotent per :attr:`~trio_portfolio.models.AnalysisResult.result_id` (when set):
+        a result already stored is not stored again and is answered
+        ``ALREADY_STORED`` (the session records the ids stored for its
+        current analysis, at most :data:`RESULT_IDS_LIMIT`, cleared by the
+        next start).  ``retry=True`` says the caller lost the answer to an
+        earlier call with this result (:class:`StoreUnavailable`): if its
+        analysis is no longer current, the stored results themselves are
+        searched for it, so the answer is still ``ALREADY_STORED`` if that
+        earlier call stored it, and ``SUPERSEDED`` only if nothing did.  For
+        a non-current analysis nothing can be stored, so a re-ask after the
+        analysis stopped being current is a definite "was it stored?".
 
         Raises:
-          ValueError: for an invalid session id or a non-finite value.
+          ValueError: for an invalid session id, a non-finite value, or a
+            staleness bound without a holdings version.
           StoreDataError: also for a status the fence does not know.
           StoreUnavailable, ReplyError: as every operation.
         """
+        if holdings_version is None and max_staleness_ms > 0:
+            raise ValueError("a staleness bound needs the snapshot's holdings version")
         status, _ = await self._run(
             "append_result",
             session_id,
@@ -345,6 +396,11 @@ class SessionStore(abc.ABC):
             result_json(result),
             self.results_limit,
             self.trim_slack,
+            "" if holdings_version is None else holdings_version,
+            max(0, max_staleness_ms),
+            result.result_id,
+            "1" if retry else "0",
+            RESULT_IDS_LIMIT,
         )
         return append_status(status)
 

@@ -147,6 +147,8 @@ def portfolio_from_document(
                     value=float(r["value"]),
                     timestamp=str(r["timestamp"]),
                     portfolio_version=int(r["portfolio_version"]),
+                    as_of=str(r.get("as_of") or ""),
+                    result_id=str(r.get("result_id") or ""),
                 )
                 for r in results
             ),
@@ -172,6 +174,8 @@ def snapshot_from_payload(
             total_value=float(snapshot["total_value"]),
             portfolio_version=int(snapshot["portfolio_version"]),
             started_at=started_at,
+            holdings_version=int(snapshot["holdings_version"]),
+            as_of=str(snapshot["as_of"] or started_at),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise StoreDataError(f"unreadable snapshot of {session_id}: {exc!r}") from exc

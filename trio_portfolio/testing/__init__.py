@@ -36,7 +36,7 @@ from trio_portfolio.testing.client_helpers import (
     start_analysis,
     store_of,
 )
-from trio_portfolio.testing.faults import ProxyStatistics, TcpProxy, open_tcp_proxy
+from trio_portfolio.testing.faults import BUSY_SCRIPT, ProxyStatistics, TcpProxy, open_tcp_proxy
 from trio_portfolio.testing.live_server import (
     Client,
     Frame,
@@ -100,6 +100,7 @@ from trio_portfolio.testing.server_wheels import (
 )
 
 __all__ = [
+    "BUSY_SCRIPT",
     "CLUSTER_SLOTS",
     "DEFAULT_IMAGE",
     "EMULATED_NOTE",

@@ -72,7 +72,7 @@ METRIC_NAMES: Final = frozenset(
 V1_RESULT_FIELDS: Final = frozenset({"type", "ticker", "metric", "value", "timestamp"})
 """The fields of a v1 ``analysis_result`` frame: exactly these."""
 
-V2_RESULT_FIELDS: Final = V1_RESULT_FIELDS | {"analysis_id", "portfolio_version"}
+V2_RESULT_FIELDS: Final = V1_RESULT_FIELDS | {"analysis_id", "portfolio_version", "as_of"}
 """The fields of a v2 ``analysis_result`` frame without ``as_of``."""
 
 PORTFOLIO_FIELDS: Final = frozenset(

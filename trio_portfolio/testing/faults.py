@@ -18,7 +18,28 @@ import trio
 
 from trio_portfolio.services import open_service_nursery
 
-__all__ = ["ProxyStatistics", "TcpProxy", "open_tcp_proxy"]
+__all__ = ["BUSY_SCRIPT", "ProxyStatistics", "TcpProxy", "open_tcp_proxy"]
+
+BUSY_SCRIPT = """
+local os_lib = rawget(_G, 'os')
+local function now_us()
+  if os_lib and os_lib.clock then return os_lib.clock() * 1000000 end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local stop = now_us() + tonumber(ARGV[1]) * 1000
+repeat until now_us() >= stop
+return ARGV[2]
+"""
+"""Lua that keeps Redis busy for ``ARGV[1]`` milliseconds, then returns ``ARGV[2]``.
+
+A stall like ``DEBUG SLEEP`` (which Redis 7 refuses unless started with
+``enable-debug-command``): every other client waits.  Redis 8 and Valkey
+freeze ``TIME`` inside a script (a loop on it never ends there), so the
+clock is ``os.clock()`` (CPU time, Redis >= 7.2 and Valkey) where it exists,
+and ``TIME`` only on the older servers that have no ``os`` library.  Keep
+``ARGV[1]`` below the server's busy-script limit (5 s by default).
+"""
 
 
 @attrs.frozen

@@ -20,5 +20,10 @@ end
 version = version + 1
 hash_update_numbers(KEYS[3], prices)
 redis.call('HSET', KEYS[1], 'total_value', num(total), 'portfolio_version', int(version))
+-- For trio_portfolio/staleness.py: the first supersession since the snapshot, and when.
+if redis.call('HEXISTS', KEYS[1], 'superseded_at') == 0 then
+  redis.call('HSET', KEYS[1], 'superseded_at', redis_time_ms())
+end
+redis.call('HSET', KEYS[1], 'as_of', ARGV[3])
 publish_portfolio(ARGV[1], version, total, prices, ARGV[3], 'market')
 return {'changed', int(version), num(total)}

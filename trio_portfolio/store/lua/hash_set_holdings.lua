@@ -20,6 +20,7 @@ redis.call('HSET', KEYS[1],
   'total_value', num(total),
   'portfolio_version', int(version),
   'last_activity', now)
+redis.call('HINCRBY', KEYS[1], 'holdings_version', 1)  -- trio_portfolio/staleness.py
 refresh_ttl(ARGV[5])
 publish_portfolio(ARGV[1], version, total, prices, now, 'holdings')
 return {'replaced', hash_document()}

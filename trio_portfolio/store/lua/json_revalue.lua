@@ -22,5 +22,10 @@ version = version + 1
 json_set(key, '$.prices', encode_numbers(prices))
 json_set(key, '$.total_value', num(total))
 json_set(key, '$.portfolio_version', int(version))
+-- For trio_portfolio/staleness.py: the first supersession since the snapshot, and when.
+if type(json_value(key, '$.superseded_at')) ~= 'number' then
+  json_set(key, '$.superseded_at', redis_time_ms())
+end
+json_set(key, '$.as_of', cjson.encode(ARGV[3]))
 publish_portfolio(ARGV[1], version, total, prices, ARGV[3], 'market')
 return {'changed', int(version), num(total)}

@@ -19,6 +19,8 @@ json_set(key, '$.prices', encode_numbers(prices))
 json_set(key, '$.total_value', num(total))
 json_set(key, '$.portfolio_version', int(version))
 json_set(key, '$.last_activity', cjson.encode(now))
+-- holdings_version: trio_portfolio/staleness.py
+json_set(key, '$.holdings_version', int((json_value(key, '$.holdings_version') or 0) + 1))
 redis.call('EXPIRE', key, ARGV[5])
 publish_portfolio(ARGV[1], version, total, prices, now, 'holdings')
 return {'replaced', json_document(key)}

@@ -27,6 +27,13 @@ local function int(x)
   return string.format('%d', x)
 end
 
+-- Redis's clock in milliseconds, as integer text (the clock every script of
+-- one server shares; see claim_expired).
+local function redis_time_ms()
+  local t = redis.call('TIME')
+  return int(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+end
+
 local function sorted_keys(t)
   local keys = {}
   for k in pairs(t) do
@@ -109,12 +116,79 @@ local function current_analysis_text(analysis_id, ticker, version, started_at)
     .. ',"started_at":' .. cjson.encode(started_at) .. '}'
 end
 
--- What start_analysis answers: the part of the portfolio an analysis reads.
-local function snapshot_text(holdings, prices, total, version)
+-- What start_analysis answers: the part of the portfolio an analysis reads,
+-- with the holdings version and the time of its prices (as_of).
+local function snapshot_text(holdings, prices, total, version, holdings_version, as_of)
   return '{"holdings":' .. encode_numbers(holdings)
     .. ',"prices":' .. encode_numbers(prices)
     .. ',"total_value":' .. num(total)
-    .. ',"portfolio_version":' .. int(version) .. '}'
+    .. ',"portfolio_version":' .. int(version)
+    .. ',"holdings_version":' .. int(holdings_version)
+    .. ',"as_of":' .. cjson.encode(as_of) .. '}'
+end
+
+-- THE STALENESS RULE, as defined once in trio_portfolio/staleness.py (read it
+-- there; trio_portfolio.staleness.is_fresh is the same rule in Python).  For
+-- the current analysis: 'stale' if the holdings changed since the snapshot, or
+-- the valuation changed and was first superseded (superseded_at, Redis ms)
+-- more than max_ms ago (any change when max_ms is 0); nil when fresh.  An
+-- unknown snapshot holdings version ('') is checked strictly: max_ms is 0 then.
+local function fence_verdict(holdings_version, snap_holdings_version, version, snap_version,
+                             superseded_at, max_ms)
+  if snap_holdings_version ~= ''
+      and tonumber(holdings_version or 0) ~= tonumber(snap_holdings_version) then
+    return 'stale'
+  end
+  if tonumber(version) == tonumber(snap_version) then
+    return nil
+  end
+  local since = tonumber(superseded_at)
+  local bound = tonumber(max_ms)
+  if bound <= 0 or since == nil then
+    return 'stale'
+  end
+  if tonumber(redis_time_ms()) - since <= bound then
+    return nil
+  end
+  return 'stale'
+end
+
+-- The ids of the results stored for the current analysis: ',id1,id2,' text
+-- (ids hold no comma), cleared by start_analysis, at most `limit` ids.  An
+-- empty id is no id (never recorded, never found).
+local function ids_contain(text, id)
+  return id ~= '' and text ~= nil and string.find(text, ',' .. id .. ',', 1, true) ~= nil
+end
+
+local function ids_add(text, id, limit)
+  if id == '' then
+    return text or ''
+  end
+  local ids = {}
+  for existing in string.gmatch(text or '', '[^,]+') do
+    ids[#ids + 1] = existing
+  end
+  ids[#ids + 1] = id
+  local first = math.max(1, #ids - tonumber(limit) + 1)
+  return ',' .. table.concat(ids, ',', first, #ids) .. ','
+end
+
+-- Whether any of the stored results (JSON texts or decoded tables) has the
+-- result id `id`, newest first.
+local function results_hold(results, id)
+  if id == '' then
+    return false
+  end
+  for i = #results, 1, -1 do
+    local r = results[i]
+    if type(r) == 'string' then
+      r = cjson.decode(r)
+    end
+    if type(r) == 'table' and r.result_id == id then
+      return true
+    end
+  end
+  return false
 end
 
 -- Events (format in docs/adr/002-session-store-layouts.md).

@@ -32,3 +32,22 @@ local function json_current_analysis_id(current)
   return current.analysis_id
 end
 
+
+-- The array at path, decoded ({} when the key or path does not exist).  A real
+-- RedisJSON answers '[[...]]' (the matches, one array); the fakeredis emulator
+-- drops the outer level for an array of objects, so both shapes are read.
+local function json_array(key, path)
+  local raw = redis.call('JSON.GET', key, path)
+  if not raw then
+    return {}
+  end
+  local matches = cjson.decode(raw)
+  local first = matches[1]
+  if type(first) == 'table' and (first[1] ~= nil or next(first) == nil) then
+    return first
+  end
+  if first == nil then
+    return {}
+  end
+  return matches
+end
