@@ -441,11 +441,41 @@ class LoadClient:
                     lambda f: f.get("type") in ("portfolio", "error"),
                 )  # fmt: skip
             ticker = TICKERS[rounds % len(TICKERS)]
-            end = await self._request(ws, conn, {"action": "analyze", "ticker": ticker}, _ends)
+            end = await self._request(
+                ws, conn, {"action": "analyze", "ticker": ticker}, _AnalysisEnd()
+            )
             if end is not None and end.get("type") == "error":
                 await trio.sleep(0.2)
             else:
                 await trio.sleep(self.think_seconds)
+
+
+@attrs.define
+class _AnalysisEnd:
+    """Whether a frame ends the analysis an ``analyze`` asked for.
+
+    Frames are read in order, so the request's own analysis is the one of
+    the latest ``analysis_started`` (a ``portfolio_changed`` restart starts
+    a new one); it ends with ``analysis_complete`` or a cancellation other
+    than ``portfolio_changed``.  An ``error`` before any ``analysis_started``
+    is the refusal of the request; errors after it (a result not stored)
+    do not end the analysis.
+    """
+
+    analysis_id: str | None = None
+
+    def __call__(self, frame: dict[str, Any]) -> bool:
+        kind = frame.get("type")
+        if kind == "analysis_started":
+            self.analysis_id = frame.get("analysis_id")
+            return False
+        if kind == "error":
+            return self.analysis_id is None
+        if frame.get("analysis_id") != self.analysis_id or self.analysis_id is None:
+            return False
+        if kind == "analysis_cancelled":
+            return frame.get("reason") != "portfolio_changed"
+        return kind == "analysis_complete"
 
 
 _DROPS: Final = (ConnectionClosed, OSError, trio.BrokenResourceError, trio.TooSlowError, HandshakeError)
@@ -457,13 +487,6 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
     return [exc]
-
-
-def _ends(frame: dict[str, Any]) -> bool:
-    kind = frame.get("type")
-    if kind == "analysis_cancelled":
-        return frame.get("reason") != "portfolio_changed"
-    return kind in ("analysis_complete", "error")
 
 
 # -- the store checker -------------------------------------------------------------------
