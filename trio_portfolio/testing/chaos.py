@@ -178,7 +178,9 @@ class ChaosProxy:
         self.cuts += len(scopes)
         return len(scopes)
 
-    async def run(self, *, task_status: trio.TaskStatus[ChaosProxy] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[ChaosProxy] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Listen on 127.0.0.1 and proxy until cancelled."""
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         async with listeners[0] as listener, trio.open_nursery() as nursery:
@@ -405,7 +407,11 @@ class LoadClient:
                     if not all(isinstance(e, _DROPS) for e in leaves):
                         raise
                     if connected:
-                        codes = [e.reason.code for e in leaves if isinstance(e, ConnectionClosed)]
+                        codes = [
+                            e.reason.code
+                            for e in leaves
+                            if isinstance(e, ConnectionClosed) and e.reason is not None
+                        ]
                         self.drops.append((trio.current_time(), next(iter(codes), None)))
                 await trio.sleep(0.1)
         finally:
@@ -417,7 +423,9 @@ class LoadClient:
         self.frames.append((trio.current_time(), conn, frame))
         return frame
 
-    async def _request(self, ws: Any, conn: int, message: dict[str, Any], done: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+    async def _request(
+        self, ws: Any, conn: int, message: dict[str, Any], done: Callable[[dict[str, Any]], bool]
+    ) -> dict[str, Any] | None:
         """Send ``message``, read until ``done``; None (counted) if nothing ends it within IO."""
         await ws.send_message(orjson.dumps(message).decode())
         try:
@@ -478,7 +486,13 @@ class _AnalysisEnd:
         return kind == "analysis_complete"
 
 
-_DROPS: Final = (ConnectionClosed, OSError, trio.BrokenResourceError, trio.TooSlowError, HandshakeError)
+_DROPS: Final = (
+    ConnectionClosed,
+    OSError,
+    trio.BrokenResourceError,
+    trio.TooSlowError,
+    HandshakeError,
+)
 """What ends a client's connection without being a bug of the client."""
 
 
@@ -671,7 +685,9 @@ class _Rig:
         return args
 
 
-async def _read_store(url: str, session_ids: Sequence[str]) -> dict[str, tuple[Portfolio | None, int, str | None]]:
+async def _read_store(
+    url: str, session_ids: Sequence[str]
+) -> dict[str, tuple[Portfolio | None, int, str | None]]:
     """Each session as stored (or the error reading it), with its key's PTTL."""
     out: dict[str, tuple[Portfolio | None, int, str | None]] = {}
     keys = SessionKeys(KEY_PREFIX)
@@ -694,14 +710,16 @@ async def _run_fault(rig: _Rig, fault: str, phase: int) -> FaultRow:
     server = rig.server
     store_url = rig.primary.url
     if fault == "server_sigkill_embedded":
-        server = ServerProcess(rig.server_args(None) + ["--data-dir", "data"],
-                               free_port(), rig.workdir / "embedded")  # fmt: skip
+        args = [*rig.server_args(None), "--data-dir", "data"]
+        server = ServerProcess(args, free_port(), rig.workdir / "embedded")
         await server.start()
     elif not server.alive():
         await server.start()
     rng = random.Random(phase)
     clients = [
-        LoadClient(f"chaos{phase}-{fault[:12]}-{i:03d}", lambda: server.port, config.think_seconds, rng)
+        LoadClient(
+            f"chaos{phase}-{fault[:12]}-{i:03d}", lambda: server.port, config.think_seconds, rng
+        )
         for i in range(config.sessions)
     ]
     config.log(f"{fault}: {len(clients)} sessions")
@@ -709,7 +727,7 @@ async def _run_fault(rig: _Rig, fault: str, phase: int) -> FaultRow:
         for client in clients:
             load.start_soon(client.run)
         with trio.move_on_after(config.warmup_seconds):
-            while not all(c.completions() for c in clients):
+            while not all(c.completions() for c in clients):  # noqa: ASYNC110  # polling
                 await trio.sleep(0.1)
         if not all(c.completions() for c in clients):
             row.notes.append("warm-up: not every client completed an analysis")
@@ -717,7 +735,9 @@ async def _run_fault(rig: _Rig, fault: str, phase: int) -> FaultRow:
             config.log(f"{fault}: injection {k + 1}")
             ended = await _inject(rig, fault, server, clients)
             row.injections += fault != "baseline"
-            recovery = await _await_recovery(clients, ended, max(15.0, 3 * config.recovery_limit_seconds))
+            recovery = await _await_recovery(
+                clients, ended, max(15.0, 3 * config.recovery_limit_seconds)
+            )
             if recovery is None or row.recovery_seconds is None:
                 row.recovery_seconds = None
             else:
@@ -731,6 +751,12 @@ async def _run_fault(rig: _Rig, fault: str, phase: int) -> FaultRow:
             for client in clients:
                 await client.finished.wait()
         load.cancel_scope.cancel()
+    if fault == "bad_publish" and server.alive():
+        seen = await _metric_sum(server.port, ("undecodable", "malformed"))
+        row.notes.append(f"bad payloads counted by the server: {seen:g}")
+        if seen < row.injections * len(clients):
+            row.server_ok = False
+            row.server = f"survived, but counted {seen:g} bad payloads (the fault was not felt)"
     if fault == "server_sigkill_embedded":
         url = server.embedded_url()
         if url is None:
@@ -746,9 +772,12 @@ async def _run_fault(rig: _Rig, fault: str, phase: int) -> FaultRow:
     if fault in DELIBERATE_EXITS:
         exits = server.exits[-row.injections :] if row.injections else []
         bad = [e for e in exits if e[0] == "SIGTERM" and e[1] != 0]
-        slow = [e for e in exits if e[0] == "SIGTERM" and e[2] > config.shutdown_timeout_seconds + 2]
+        slow = [
+            e for e in exits if e[0] == "SIGTERM" and e[2] > config.shutdown_timeout_seconds + 2
+        ]
         row.server = "restarted x{}: {}".format(
-            len(exits), ", ".join(f"{how} exit {code} in {secs:.1f}s" for how, code, secs in exits[:1])
+            len(exits),
+            ", ".join(f"{how} exit {code} in {secs:.1f}s" for how, code, secs in exits[:1]),
         )
         row.server_ok = server.alive() and not bad and not slow
         if not server.alive():
@@ -763,7 +792,27 @@ async def _run_fault(rig: _Rig, fault: str, phase: int) -> FaultRow:
     return row
 
 
-async def _await_recovery(clients: Sequence[LoadClient], ended: float, within: float) -> float | None:
+async def _metric_sum(port: int, words: Sequence[str]) -> float:
+    """The sum of the server's ``/metrics`` samples whose name holds one of ``words``."""
+    request = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    data = bytearray()
+    with trio.fail_after(IO):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(request)
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    total = 0.0
+    for line in bytes(data).decode(errors="replace").splitlines():
+        name, _, value = line.partition(" ")
+        if not line.startswith("#") and any(w in name for w in words) and "_created" not in name:
+            with contextlib.suppress(ValueError):
+                total += float(value)
+    return total
+
+
+async def _await_recovery(
+    clients: Sequence[LoadClient], ended: float, within: float
+) -> float | None:
     """Seconds from ``ended`` until every client completed an analysis; None past ``within``."""
     with trio.move_on_after(within):
         while True:
@@ -774,7 +823,9 @@ async def _await_recovery(clients: Sequence[LoadClient], ended: float, within: f
     return None
 
 
-async def _inject(rig: _Rig, fault: str, server: ServerProcess, clients: Sequence[LoadClient]) -> float:
+async def _inject(
+    rig: _Rig, fault: str, server: ServerProcess, clients: Sequence[LoadClient]
+) -> float:
     """Inject ``fault`` once; the Trio time at which it ended."""
     config = rig.config
     primary = rig.primary
@@ -873,7 +924,9 @@ def _compare(
                 received[(frame["analysis_id"], frame["metric"])] += 1
             elif kind == "analysis_complete":
                 row.analyses += 1
-            version = frame.get("portfolio_version", frame.get("portfolio", {}).get("portfolio_version"))
+            version = frame.get(
+                "portfolio_version", frame.get("portfolio", {}).get("portfolio_version")
+            )
             if isinstance(version, int):
                 seen_version = max(seen_version, version)
         row.streamed += sum(received.values())
@@ -883,7 +936,9 @@ def _compare(
             row.corrupt += 1
             row.notes.append(f"{client.session_id}: {error}")
             continue
-        problems = check_session(portfolio, seen_version=seen_version, results_limit=results_limit, ttl_ms=ttl)
+        problems = check_session(
+            portfolio, seen_version=seen_version, results_limit=results_limit, ttl_ms=ttl
+        )
         if problems:
             row.corrupt += 1
             row.notes.append(f"{client.session_id}: {'; '.join(problems)}")
@@ -944,4 +999,3 @@ async def run_chaos(config: ChaosConfig) -> list[FaultRow]:
                 rows.append(await _run_fault(rig, fault, phase))
                 config.log(format_table(rows[-1:], config.recovery_limit_seconds).splitlines()[-1])
     return rows
-
