@@ -455,7 +455,7 @@ class ServerHttpApp:
             if not all(loaded):
                 await store.load_scripts()  # after SCRIPT FLUSH or a Redis restart
         except StoreUnavailable as exc:
-            return False, f"redis unavailable: {exc.explanation}"
+            return False, f"redis unavailable ({exc.explanation}): {exc}"
         except CommandError as exc:
             return False, f"redis refused the readiness check ({exc.code or 'error'})"
         return True, "ok"
