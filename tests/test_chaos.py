@@ -220,3 +220,14 @@ def test_deliberate_exits_restart_cleanly(chaos_rows: dict[str, FaultRow], fault
     row = chaos_rows[fault]
     assert row.server_ok, _explain(row)
     assert row.dropped >= 1, "the server really went away"
+
+
+def test_a_sigkill_excuses_only_results_shown_on_reconnect() -> None:
+    shown = FaultRow("server_sigkill_embedded", 10, injections=1, dropped=10)
+    shown.stored_not_streamed = shown.shown_on_reconnect = 2
+    assert acceptance(shown) == []
+    shown.shown_on_reconnect = 1
+    assert acceptance(shown) == ["stored_not_streamed=2"]
+    other = FaultRow("server_sigterm", 10, injections=1, stored_not_streamed=2)
+    other.shown_on_reconnect = 2
+    assert acceptance(other) == ["stored_not_streamed=2"], "only a SIGKILL is excused"
