@@ -106,6 +106,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "messages_per_second": ("1e3", 1000.0),
     "message_burst": ("5", 5),
     "shutdown_timeout_seconds": ("0", 0.0),
+    "workers": ("2", 2),
 }
 
 

@@ -28,6 +28,7 @@ Pure: no trio, no redis, no I/O other than reading the named TOML file.
 import argparse
 import enum
 import math
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -161,6 +162,19 @@ def _member_of(cls: type[enum.Enum]) -> Callable[[object], bool]:
 
 def _mask_repr(value: str | None) -> str:
     return repr(value if value is None else mask_url(value))
+
+
+MAX_WORKERS = 64
+"""Most worker processes ``serve --workers`` starts (``auto`` is capped here too)."""
+
+
+def _valid_workers(value: int) -> bool:
+    return 1 <= value <= MAX_WORKERS
+
+
+def cpu_count() -> int:
+    """What ``workers = auto`` means: the CPUs of this machine, at most :data:`MAX_WORKERS`."""
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
 
 
 _POSITIVE_INT = "an integer > 0"
@@ -302,6 +316,16 @@ class Settings:
         default=4.0,
         metadata=_rule(
             "grace period for connections at shutdown", "a number >= 0", _non_negative, "SECONDS"
+        ),
+    )
+
+    workers: int = attrs.field(
+        default=1,
+        metadata=_rule(
+            "worker processes sharing the port (auto: one per CPU); 1 is a single process",
+            f"an integer 1-{MAX_WORKERS} or auto",
+            _valid_workers,
+            "N|auto",
         ),
     )
 
@@ -450,6 +474,8 @@ def _convert(name: str, raw: object, source: str) -> Any:
     rule: _Rule = field.metadata["rule"]
     shown = mask_url(raw) if name == "redis_url" and isinstance(raw, str) else raw
     problem = f"{source}: expected {rule.expect}, got {shown!r}"
+    if name == "workers" and isinstance(raw, str) and raw.strip().lower() == "auto":
+        raw = cpu_count()
     try:
         value = _converter.structure(raw, field.type or object)
     except _Invalid as exc:

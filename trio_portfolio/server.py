@@ -7,6 +7,7 @@ The whole task tree lives here; read this file to see who owns what::
     └── run_service()                      service nursery
         ├── signal watcher                 SIGINT/SIGTERM -> Server.stop
         ├── listener (trio.serve_tcp)      own cancel scope: shutdown stops accepting first
+        ├── WorkerGroup.run                only under serve --workers N: heartbeat, snapshot
         ├── SessionEvents.run              pub/sub -> this process's connections
         ├── run_market_updater             leader-elected; ticks, revalues sessions
         └── connections nursery            one handle_tcp per TCP connection
@@ -27,14 +28,24 @@ connection to stop its analysis, flush and close with 1001, wait for them
 up to ``shutdown_timeout_seconds``, then cancel what is left.  The embedded
 Redis sits in the outermost nursery so it is stopped last, after every
 connection has unfenced its analysis.
+
+As a worker of ``serve --workers N`` (:mod:`trio_portfolio.supervisor`),
+:func:`serve` gets the listening sockets the supervisor bound (it accepts on
+them instead of binding its own) and a :class:`~trio_portfolio.group.GroupSpec`;
+it then runs a :class:`~trio_portfolio.group.WorkerGroup`, so ``/metrics``
+shows every worker and ``/ready`` waits for all of them.  The embedded Redis
+is the supervisor's then, never a worker's.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import secrets
 import signal
+import socket
+from collections.abc import Sequence
 from urllib.parse import unquote, urlsplit
 
 import attrs
@@ -45,6 +56,7 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_strea
 from trio_portfolio.config import Settings
 from trio_portfolio.connection import Connection, Services
 from trio_portfolio.embedded import run_embedded_redis
+from trio_portfolio.group import GroupSpec, WorkerGroup
 from trio_portfolio.http import ServiceUnavailable, serve_front_door
 from trio_portfolio.market import MarketData, TickReport, run_market_updater
 from trio_portfolio.metrics import Refusal, ServerMetrics
@@ -59,6 +71,8 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
 WS_PATH_PREFIX = "/ws/"
+WORKER_HEADER = "x-trio-portfolio-worker"
+"""Under ``serve --workers N``: the pid of the worker that accepted a WebSocket."""
 
 
 @attrs.frozen
@@ -81,8 +95,16 @@ class Server:
         redis: RedisClient,
         pubsub: PubSub,
         metrics: ServerMetrics,
+        *,
+        listen_sockets: Sequence[socket.socket] | None = None,
+        group: GroupSpec | None = None,
     ) -> None:
-        """``metrics`` is this server's own; ``redis`` should report latency to it."""
+        """``metrics`` is this server's own; ``redis`` should report latency to it.
+
+        ``listen_sockets`` (bound and listening, e.g. by the supervisor) are
+        accepted on instead of binding ``settings.host:port``; ``group`` makes
+        this server one worker of a group (see :mod:`trio_portfolio.group`).
+        """
         self.settings = settings
         self.redis = redis
         self.pubsub = pubsub
@@ -97,10 +119,26 @@ class Server:
         self.shutting_down = trio.Event()
         self.all_closed = trio.Event()
         self.all_closed.set()
+        self.listen_sockets = listen_sockets
+        self.group: WorkerGroup | None = None
+        self.handshake_headers: list[tuple[bytes, bytes]] | None = None
+        if group is not None:
+            self.group = WorkerGroup(
+                group, redis, settings.key_prefix, metrics.registry, self._ready_hint
+            )
+            self.handshake_headers = [(WORKER_HEADER.encode(), str(os.getpid()).encode())]
         self.http_app = ServerHttpApp(self)
         metrics.watch_connections(lambda: len(self.connections))
         metrics.watch_redis(redis)
         metrics.watch_pubsub(pubsub)
+
+    def _ready_hint(self) -> tuple[bool, str]:
+        """Readiness without a Redis round trip (what a worker's heartbeat reports)."""
+        if self.shutting_down.is_set():
+            return False, "shutting down"
+        if self.services is None:
+            return False, self.startup_problem
+        return True, "ok"
 
     def stop(self) -> None:
         """Ask for a graceful shutdown (what SIGINT/SIGTERM do)."""
@@ -178,9 +216,19 @@ class Server:
     ) -> None:
         """Accept connections until shutdown; reports the bound port."""
         with self.listen_scope:
-            listeners = await trio.open_tcp_listeners(port, host=host)
+            listeners = await self._open_listeners(host, port)
             task_status.started(listeners[0].socket.getsockname()[1])
             await trio.serve_listeners(self.handle_tcp, listeners, handler_nursery=handler_nursery)
+
+    async def _open_listeners(self, host: str, port: int) -> list[trio.SocketListener]:
+        """Bind ``host:port``, or wrap the pre-bound ``listen_sockets`` (a worker's)."""
+        if self.listen_sockets is None:
+            return await trio.open_tcp_listeners(port, host=host)
+        await trio.lowlevel.checkpoint()
+        return [
+            trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+            for sock in self.listen_sockets
+        ]
 
     async def handle_tcp(self, stream: trio.abc.Stream) -> None:
         """HTTP routes or a WebSocket (via the front door); one bad client never hurts others."""
@@ -226,7 +274,9 @@ class Server:
             await request.reject(503, body=b"too many connections, try again later\n")
             return
         dialect = choose_dialect(request.proposed_subprotocols)
-        ws = await request.accept(subprotocol=dialect.subprotocol)
+        ws = await request.accept(
+            subprotocol=dialect.subprotocol, extra_headers=self.handshake_headers
+        )
         connection = Connection(services, ws, session_id, dialect)
         self.connections.add(connection)
         self.all_closed = trio.Event()
@@ -284,10 +334,17 @@ class ServerHttpApp:
                 await store.load_scripts()  # after SCRIPT FLUSH or a Redis restart
         except StoreUnavailable as exc:
             return False, f"redis unavailable: {exc}"
+        if server.group is not None:  # a worker: ready when all workers are
+            try:
+                return await server.group.check_ready()
+            except StoreUnavailable as exc:
+                return False, f"redis unavailable: {exc}"
         return True, "ok"
 
     def metrics_text(self) -> str:
-        """Every series of this server, rendered by ``prometheus_client``."""
+        """Every series of this server (of every worker, under ``--workers N``)."""
+        if self.server.group is not None:
+            return self.server.group.exposition()
         return self.server.metrics.exposition().decode()
 
     async def new_session(self) -> dict[str, object]:
@@ -309,16 +366,26 @@ async def serve(
     settings: Settings,
     *,
     handle_signals: bool = True,
+    listen_sockets: Sequence[socket.socket] | None = None,
+    group: GroupSpec | None = None,
     task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the server until shut down (a signal, :meth:`Server.stop`, or cancellation)."""
+    """Run the server until shut down (a signal, :meth:`Server.stop`, or cancellation).
+
+    ``listen_sockets`` and ``group``: see :class:`Server` (a worker's).
+    """
     async with trio.open_nursery() as root:
         redis_url = settings.redis_url
         if redis_url is None:
             redis_url = await root.start(run_embedded_redis, settings.data_dir)
             log.info("embedded Redis at %s (data in %s)", redis_url, settings.data_dir)
         await run_service(
-            settings, redis_url, handle_signals=handle_signals, task_status=task_status
+            settings,
+            redis_url,
+            handle_signals=handle_signals,
+            listen_sockets=listen_sockets,
+            group=group,
+            task_status=task_status,
         )
         root.cancel_scope.cancel()
 
@@ -328,6 +395,8 @@ async def run_service(
     redis_url: str,
     *,
     handle_signals: bool = True,
+    listen_sockets: Sequence[socket.socket] | None = None,
+    group: GroupSpec | None = None,
     task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Everything but the embedded Redis: store, market, events, listener, connections."""
@@ -339,12 +408,16 @@ async def run_service(
         open_pubsub(redis_url) as pubsub,
         trio.open_nursery() as service,
     ):
-        server = Server(settings, redis, pubsub, metrics)
+        server = Server(
+            settings, redis, pubsub, metrics, listen_sockets=listen_sockets, group=group
+        )
         if handle_signals:
             service.start_soon(_stop_on_signal, server)
         async with trio.open_nursery() as connections:
             port = await service.start(server.listen, settings.host, settings.port, connections)
             log.info("listening on %s:%d", settings.host, port)
+            if server.group is not None:
+                await service.start(server.group.run)
             with server.startup_scope:
                 services = await server.open_services(service)
                 log.info(
