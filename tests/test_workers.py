@@ -552,3 +552,75 @@ async def test_one_worker_is_one_process_as_before(
         status, body = await http_get(tree.port, "/metrics")
         assert status == 200
         assert b'worker="' not in body
+
+
+async def test_ready_waits_for_every_worker(real_redis: RedisServerInfo, key_prefix: str) -> None:
+    """A stopped worker stops heartbeating: /ready (answered by the other) says 503 naming it."""
+    args = ["--redis-url", real_redis.url, "--key-prefix", key_prefix]
+    async with supervisor(*args) as tree:
+        await wait_until_ready(tree.port)
+        workers = sorted(tree.workers())
+        tree.seen_pids |= set(workers)
+        os.kill(workers[0], signal.SIGSTOP)
+        try:
+            with trio.fail_after(IO):
+                while True:  # the kernel hands every connection to the running worker
+                    status, body = await http_get(tree.port, "/ready")
+                    if status == 503:
+                        break
+                    await trio.sleep(0.2)
+            reason = json.loads(body)["reason"]
+            assert "has not reported" in reason
+            assert "/2" in reason
+        finally:
+            os.kill(workers[0], signal.SIGCONT)
+        await wait_until_ready(tree.port, timeout=IO)
+
+
+# -- the worker's own parts ----------------------------------------------------------------
+
+
+def test_worker_spec_round_trips_with_the_password() -> None:
+    from trio_portfolio.group import GroupSpec
+    from trio_portfolio.testing.live_server import test_settings
+    from trio_portfolio.worker import SPEC_ENV, WorkerSpec, WorkerSpecError
+
+    settings = test_settings("redis://alice:pw@db.example:6380/2", workers=3)
+    spec = WorkerSpec(settings, GroupSpec("g1", size=3, slot=2, parent_pid=1), listen_fds=(7,))
+    assert WorkerSpec.from_environ({SPEC_ENV: spec.encode()}) == spec
+    with pytest.raises(WorkerSpecError, match="is not set"):
+        WorkerSpec.from_environ({})
+    with pytest.raises(WorkerSpecError, match="bad worker spec"):
+        WorkerSpec.decode('{"settings": {"port": "x"}, "group": {}, "listen_fds": []}')
+    bad_slot = spec.encode().replace('"slot":2', '"slot":3')
+    with pytest.raises(WorkerSpecError, match="bad worker spec"):
+        WorkerSpec.decode(bad_slot)
+
+
+async def test_watch_parent_notices_a_new_parent() -> None:
+    from trio_portfolio.worker import watch_parent
+
+    gone = []
+    with trio.fail_after(IO):
+        await watch_parent(-1, lambda: gone.append(True))  # our parent is not pid -1
+    assert gone == [True]
+    with trio.move_on_after(1.2):  # the real parent: never "gone"
+        await watch_parent(os.getppid(), lambda: gone.append(False))
+    assert gone == [True]
+
+
+def test_bind_listeners_binds_once_for_every_worker() -> None:
+    from trio_portfolio.supervisor import bind_listeners
+
+    sockets = bind_listeners("127.0.0.1", 0)
+    try:
+        (sock,) = sockets
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1
+        port = sock.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=IO):
+            pass  # queued by the kernel on the listening socket: it listens
+        with pytest.raises(OSError, match="in use"):
+            bind_listeners("127.0.0.1", port)
+    finally:
+        for sock in sockets:
+            sock.close()
