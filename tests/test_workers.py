@@ -520,7 +520,8 @@ async def test_a_crash_loop_stops_the_server_with_a_message(
         assert tree.process.returncode == 1
         tree.seen_pids |= killed
         assert len(killed) >= 5
-        assert b"crash loop" in tree.stderr
+        last = tree.stderr.decode().strip().splitlines()[-1]
+        assert last.startswith("trio-portfolio: crash loop: workers died 5 times within 30s")
         assert not [pid for pid in killed if alive(pid)]
 
 
@@ -632,3 +633,26 @@ def test_bind_listeners_binds_once_for_every_worker() -> None:
     finally:
         for sock in sockets:
             sock.close()
+
+
+async def test_a_cancelled_supervisor_still_stops_its_workers(
+    real_redis: RedisServerInfo,
+) -> None:
+    """In-process: cancelling run_supervisor (its owner gave up) stops and reaps the workers."""
+    from trio_portfolio.supervisor import Supervisor, run_supervisor
+    from trio_portfolio.testing.live_server import test_settings
+
+    settings = test_settings(real_redis.url, workers=2, port=free_port())
+    async with trio.open_nursery() as nursery:
+        found: Supervisor = await nursery.start(
+            lambda task_status: run_supervisor(
+                settings, handle_signals=False, task_status=task_status
+            )
+        )
+        await wait_until_ready(settings.port)
+        workers = [worker.pid for worker in found.workers.values()]
+        assert len(workers) == 2
+        assert all(alive(pid) for pid in workers)
+        nursery.cancel_scope.cancel()
+    assert not [pid for pid in workers if alive(pid)]
+    assert all(worker.popen.returncode is not None for worker in found.workers.values())

@@ -69,6 +69,7 @@ import trio
 from trio_portfolio.config import Settings
 from trio_portfolio.embedded import run_embedded_redis
 from trio_portfolio.group import GroupSpec
+from trio_portfolio.services import open_service_nursery
 from trio_portfolio.worker import SPEC_ENV, WorkerSpec
 
 __all__ = [
@@ -238,30 +239,45 @@ class Supervisor:
         return _Worker(popen)
 
     async def run(self) -> None:
-        """Run the workers until stopped; raise :class:`CrashLoop` if they keep dying."""
-        async with trio.open_nursery() as nursery:
-            if self.handle_signals:
-                nursery.start_soon(self._watch_signals)
-            for slot in range(self.settings.workers):
-                nursery.start_soon(self._run_slot, slot)
-            await self.stopping.wait()
-            with trio.move_on_after(self.settings.shutdown_timeout_seconds + STOP_GRACE):
-                while self.workers:  # noqa: ASYNC110  # slots remove their workers
-                    await trio.sleep(_POLL)
-            if self.workers:
-                log.warning(
-                    "killing %d worker(s) still running after %gs: %s",
-                    len(self.workers),
-                    self.settings.shutdown_timeout_seconds + STOP_GRACE,
-                    ", ".join(str(w.pid) for w in self.workers.values()),
-                )
-                self.kill()
-            with trio.move_on_after(STOP_GRACE):
-                while self.workers:  # noqa: ASYNC110
-                    await trio.sleep(_POLL)
-            nursery.cancel_scope.cancel()
+        """Run the workers until stopped; raise :class:`CrashLoop` if they keep dying.
+
+        Cancelled (say, because the embedded Redis failed for good), it still
+        stops its workers, shielded and within the same deadlines.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.handle_signals:
+                    nursery.start_soon(self._watch_signals)
+                for slot in range(self.settings.workers):
+                    nursery.start_soon(self._run_slot, slot)
+                await self.stopping.wait()
+                await self._drain()
+                nursery.cancel_scope.cancel()
+        finally:
+            if self._running():
+                with trio.CancelScope(shield=True):
+                    self.stop()
+                    await self._drain()
         if self.failure is not None:
             raise CrashLoop(self.failure)
+
+    def _running(self) -> list[_Worker]:
+        return [worker for worker in self.workers.values() if worker.popen.poll() is None]
+
+    async def _drain(self) -> None:
+        """Wait for the stopping workers; kill those still running after the grace period."""
+        grace = self.settings.shutdown_timeout_seconds + STOP_GRACE
+        with trio.move_on_after(grace):
+            while self._running():  # noqa: ASYNC110  # reaped by their slots or by poll()
+                await trio.sleep(_POLL)
+        left = self._running()
+        if left:
+            pids = ", ".join(str(worker.pid) for worker in left)
+            log.warning("killing %d worker(s) still running after %gs: %s", len(left), grace, pids)
+            self.kill()
+        with trio.move_on_after(STOP_GRACE):
+            while self._running():  # noqa: ASYNC110
+                await trio.sleep(_POLL)
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -335,7 +351,7 @@ async def run_supervisor(
     sockets = await trio.to_thread.run_sync(bind_listeners, settings.host, settings.port)
     try:
         port = sockets[0].getsockname()[1]
-        async with trio.open_nursery() as root:
+        async with open_service_nursery() as root:  # our errors come out unwrapped
             redis_url = settings.redis_url
             if redis_url is None:
                 redis_url = await root.start(run_embedded_redis, settings.data_dir)
@@ -351,10 +367,7 @@ async def run_supervisor(
                 supervisor.group_id,
             )
             task_status.started(supervisor)
-            try:
-                await supervisor.run()
-            finally:
-                root.cancel_scope.cancel()
+            await supervisor.run()
     finally:
         for sock in sockets:
             sock.close()
