@@ -86,7 +86,7 @@ log = logging.getLogger(__name__)
 
 BACKLOG = 4096
 """Connections the kernel queues on the shared listening socket (capped by somaxconn)."""
-STOP_GRACE = 2.0
+STOP_GRACE = 3.0
 """Seconds past ``shutdown_timeout_seconds`` a worker gets to exit before it is killed."""
 _POLL = 0.1
 
