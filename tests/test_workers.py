@@ -568,6 +568,7 @@ async def test_ready_waits_for_every_worker(real_redis: RedisServerInfo, key_pre
     args = ["--redis-url", real_redis.url, "--key-prefix", key_prefix]
     async with supervisor(*args) as tree:
         await wait_until_ready(tree.port)
+        await trio.sleep(1.5)  # the ready answer may precede its own worker's heartbeat
         workers = sorted(tree.workers())
         tree.seen_pids |= set(workers)
         os.kill(workers[0], signal.SIGSTOP)

@@ -7,7 +7,8 @@ The supervisor (:mod:`trio_portfolio.supervisor`) gives every worker a
 :class:`GroupSpec`: the group id (fresh per supervisor run), the group size
 ``N`` and the worker's slot ``0..N-1`` (a restarted worker takes the slot of
 the one it replaces).  Each worker runs :meth:`WorkerGroup.run`, which every
-:data:`HEARTBEAT_INTERVAL` seconds, in one pipeline:
+:data:`HEARTBEAT_INTERVAL` seconds (and at once when its readiness changes,
+:meth:`WorkerGroup.nudge`), in one pipeline:
 
 * writes its *heartbeat* ``<prefix>:workers:<group>:<slot>:ready`` (its pid,
   whether it is ready and why not) and its *snapshot*
@@ -174,7 +175,12 @@ class WorkerGroup:
         self.ready_hint = ready_hint
         self.pid = os.getpid()
         self._others: dict[int, tuple[int, list[Family]]] = {}
+        self._wake = trio.Event()
         self._too_big_logged = False
+
+    def nudge(self) -> None:
+        """Beat now rather than at the next interval (this worker's readiness changed)."""
+        self._wake.set()
 
     def _key(self, slot: int, kind: str) -> str:
         return self.spec.key(self.key_prefix, slot, kind)
@@ -192,7 +198,9 @@ class WorkerGroup:
                     await self.beat()
                 except StoreUnavailable as exc:
                     log.debug("worker heartbeat failed (retrying): %s", exc)
-                await trio.sleep(HEARTBEAT_INTERVAL)
+                with trio.move_on_after(HEARTBEAT_INTERVAL):
+                    await self._wake.wait()
+                self._wake = trio.Event()
         finally:
             with trio.move_on_after(1.0, shield=True):
                 with contextlib.suppress(StoreUnavailable):

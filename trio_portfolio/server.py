@@ -420,6 +420,8 @@ async def run_service(
                 await service.start(server.group.run)
             with server.startup_scope:
                 services = await server.open_services(service)
+                if server.group is not None:
+                    server.group.nudge()  # tell the other workers at once
                 log.info(
                     "serving ws://%s:%d/ws/{session_id} (store layout %s)",
                     settings.host,
@@ -437,6 +439,8 @@ async def run_service(
                 )
             await server.stop_requested.wait()
             log.info("shutting down: closing %d connections", len(server.connections))
+            if server.group is not None:
+                server.group.nudge()  # shutdown() sets shutting_down before it first awaits
             await server.shutdown(settings.shutdown_timeout_seconds)
             connections.cancel_scope.cancel()
         service.cancel_scope.cancel()
