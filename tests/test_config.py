@@ -133,6 +133,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "ping_timeout_seconds": ("3", 3.0),
     "idle_timeout_seconds": ("300", 300.0),
     "outbox_max_bytes": ("65536", 65536),
+    "workers": ("2", 2),
 }
 
 

@@ -1,4 +1,11 @@
-"""Command line: ``trio-portfolio serve | demo | config``."""
+"""Command line: ``trio-portfolio serve | demo | config`` (and the hidden ``worker``).
+
+``serve`` with ``--workers 1`` (the default) is one process; with more it is
+the supervisor of :mod:`trio_portfolio.supervisor`, which runs itself again
+as ``python -m trio_portfolio worker`` once per worker.  ``worker`` is not
+for people: it reads what to do from the supervisor (see
+:mod:`trio_portfolio.worker`) and is left out of ``--help``.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the server",
         description="Run the WebSocket server on ws://HOST:PORT/ws/{session_id}. Without "
         "--redis-url it starts its own redis-server, keeping data in --data-dir. "
+        "With --workers N, N processes share the port and the Redis. "
         "SIGINT/SIGTERM shut it down gracefully.",
     )
     add_setting_flags(serve)
@@ -53,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "secrets masked.",
     )
     add_setting_flags(config)
+    commands.add_parser("worker")  # no help=: not listed; see the module docstring
     return parser
 
 
@@ -81,9 +90,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit(trio.run(lambda: run_demo(args.url, timeout=args.timeout)))
         except (OSError, trio.TooSlowError) as exc:
             sys.exit(f"trio-portfolio demo: {exc or 'timed out'}")
+    elif args.command == "worker":
+        _worker()
     else:
         settings = _settings(args)
         configure_logging(settings.log_level.value, settings.log_format.value)
+        if settings.workers > 1:
+            _supervise(settings)
+            return
         from trio_portfolio.server import serve
 
         # A worker thread computing metrics holds the GIL for up to the switch
@@ -94,6 +108,33 @@ def main(argv: Sequence[str] | None = None) -> None:
             trio.run(serve, settings)
         except* ConfigError as group:  # found at start-up, e.g. a bad --replay-file
             sys.exit(f"trio-portfolio: configuration error: {_first_leaf(group)}")
+
+
+def _supervise(settings: Settings) -> None:
+    """``serve --workers N``: exit 1 with a message on a crash loop or a start-up failure."""
+    from trio_portfolio.embedded import EmbeddedRedisError
+    from trio_portfolio.supervisor import CrashLoop, run_supervisor
+
+    try:
+        trio.run(run_supervisor, settings)
+    except (CrashLoop, EmbeddedRedisError) as exc:
+        sys.exit(f"trio-portfolio: {exc}")
+    except OSError as exc:
+        sys.exit(f"trio-portfolio: cannot listen on {settings.host}:{settings.port}: {exc}")
+
+
+def _worker() -> None:
+    from trio_portfolio.worker import WorkerSpec, WorkerSpecError, die_with_parent, run_worker
+
+    try:
+        spec = WorkerSpec.from_environ(os.environ)
+    except WorkerSpecError as exc:
+        sys.exit(f"trio-portfolio worker: {exc}")
+    die_with_parent(spec.group.parent_pid)
+    settings = spec.settings
+    configure_logging(settings.log_level.value, settings.log_format.value)
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    trio.run(run_worker, spec)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import argparse
 import enum
 import ipaddress
 import math
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -262,6 +263,19 @@ def _shown(name: str, value: object) -> str:
 
 _SECRETS = frozenset({"auth_secret"})
 """Settings shown only as ``***`` (besides the password in ``redis_url``)."""
+
+MAX_WORKERS = 64
+"""Most worker processes ``serve --workers`` starts (``auto`` is capped here too)."""
+
+
+def _valid_workers(value: int) -> bool:
+    return 1 <= value <= MAX_WORKERS
+
+
+def cpu_count() -> int:
+    """What ``workers = auto`` means: the CPUs of this machine, at most :data:`MAX_WORKERS`."""
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+
 
 _POSITIVE_INT = "an integer > 0"
 _POSITIVE_NUMBER = "a number > 0"
@@ -610,6 +624,16 @@ class Settings:
         ),
     )
 
+    workers: int = attrs.field(
+        default=1,
+        metadata=_rule(
+            "worker processes sharing the port (auto: one per CPU); 1 is a single process",
+            f"an integer 1-{MAX_WORKERS} or auto",
+            _valid_workers,
+            "N|auto",
+        ),
+    )
+
     def __attrs_post_init__(self) -> None:
         for field in attrs.fields(type(self)):
             rule: _Rule = field.metadata["rule"]
@@ -827,6 +851,8 @@ def _convert(name: str, raw: object, source: str) -> Any:
     field = _FIELDS[name]
     rule: _Rule = field.metadata["rule"]
     problem = f"{source}: expected {rule.expect}, got {_shown(name, raw)}"
+    if name == "workers" and isinstance(raw, str) and raw.strip().lower() == "auto":
+        raw = cpu_count()
     try:
         value = _converter.structure(raw, field.type or object)
     except _Invalid as exc:

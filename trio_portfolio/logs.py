@@ -4,7 +4,9 @@
 (the default when stderr is not a terminal) or readable text.  Each JSON
 line carries the ids a log call passes in ``extra`` (connection, session,
 analysis, remote address), so one connection's story can be filtered out of
-a busy server's log.  Metrics are :mod:`trio_portfolio.metrics`.
+a busy server's log.  Every line, JSON or text, names the process (``pid``):
+with ``serve --workers N`` the supervisor and its workers share one stderr,
+and the pid tells them apart.  Metrics are :mod:`trio_portfolio.metrics`.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class JsonFormatter(logging.Formatter):
             "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,
             "message": record.getMessage(),
         }
         for field in self.FIELDS:
@@ -63,7 +66,9 @@ def configure_logging(level: str, fmt: str = "auto") -> None:
         formatter: logging.Formatter = JsonFormatter()
         formatter.converter = time.gmtime
     else:
-        formatter = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        formatter = logging.Formatter(
+            "%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s"
+        )
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

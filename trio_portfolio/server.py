@@ -8,6 +8,7 @@ The whole task tree lives here; read this file to see who owns what::
         ├── signal watcher                 SIGINT/SIGTERM -> Server.stop
         ├── listener (listener.py)         own cancel scope: shutdown stops accepting first;
         │                                  EMFILE backs off, never crashes
+        ├── WorkerGroup.run                only under serve --workers N: heartbeat, snapshot
         ├── SessionEvents.run              pub/sub -> this process's connections
         ├── run_market_updater             leader-elected; ticks, revalues sessions
         └── connections nursery            one handle_tcp per TCP connection (max_connections)
@@ -36,15 +37,25 @@ ends within ``shutdown_timeout_seconds + CLOSE_TIMEOUT`` (plus
 and Redis do.  The embedded Redis sits in the outermost nursery so it is
 stopped last, after every connection has unfenced its analysis (it gets up
 to ``embedded.STOP_TIMEOUT`` more).
+
+As a worker of ``serve --workers N`` (:mod:`trio_portfolio.supervisor`),
+:func:`serve` gets the listening sockets the supervisor bound (it accepts on
+them instead of binding its own) and a :class:`~trio_portfolio.group.GroupSpec`;
+it then runs a :class:`~trio_portfolio.group.WorkerGroup`, so ``/metrics``
+shows every worker and ``/ready`` waits for all of them.  The embedded Redis
+is the supervisor's then, never a worker's.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 import secrets
 import signal
+import socket
+from collections.abc import Sequence
 from urllib.parse import unquote, urlsplit
 
 import attrs
@@ -66,6 +77,7 @@ from trio_portfolio.auth import check_credential, choose_subprotocol, mint_crede
 from trio_portfolio.config import Settings
 from trio_portfolio.connection import CLOSE_TIMEOUT, Connection, Services
 from trio_portfolio.embedded import run_embedded_redis
+from trio_portfolio.group import GroupSpec, WorkerGroup
 from trio_portfolio.http import (
     HttpError,
     HttpLimits,
@@ -106,6 +118,8 @@ REFUSAL_LIMITS = HttpLimits(head_timeout=2.0, drain_timeout=0.5, send_timeout=2.
 """Deadlines of such an answer: it must cost little and end fast."""
 ADMISSION_TIMEOUT = 2.0
 """Seconds the handshake's session check (exists? how many live?) may take in Redis."""
+WORKER_HEADER = "x-trio-portfolio-worker"
+"""Under ``serve --workers N``: the pid of the worker that accepted a WebSocket."""
 
 
 @attrs.frozen
@@ -128,8 +142,16 @@ class Server:
         redis: RedisClient,
         pubsub: PubSub,
         metrics: ServerMetrics,
+        *,
+        listen_sockets: Sequence[socket.socket] | None = None,
+        group: GroupSpec | None = None,
     ) -> None:
-        """``metrics`` is this server's own; ``redis`` should report latency to it."""
+        """``metrics`` is this server's own; ``redis`` should report latency to it.
+
+        ``listen_sockets`` (bound and listening, e.g. by the supervisor) are
+        accepted on instead of binding ``settings.host:port``; ``group`` makes
+        this server one worker of a group (see :mod:`trio_portfolio.group`).
+        """
         self.settings = settings
         self.redis = redis
         self.pubsub = pubsub
@@ -146,6 +168,14 @@ class Server:
         """The shutdown's grace period is over: connections still open are cut short."""
         self.all_closed = trio.Event()
         self.all_closed.set()
+        self.listen_sockets = listen_sockets
+        self.group: WorkerGroup | None = None
+        self.handshake_headers: list[tuple[bytes, bytes]] | None = None
+        if group is not None:
+            self.group = WorkerGroup(
+                group, redis, settings.key_prefix, metrics.registry, self._ready_hint
+            )
+            self.handshake_headers = [(WORKER_HEADER.encode(), str(os.getpid()).encode())]
         self.http_app = ServerHttpApp(self)
         self.auth_key = settings.auth_key()
         """The credential key; ``None`` when authentication is off (see ``auth.py``)."""
@@ -162,6 +192,14 @@ class Server:
         metrics.watch_connections(lambda: len(self.connections))
         metrics.watch_redis(redis)
         metrics.watch_pubsub(pubsub)
+
+    def _ready_hint(self) -> tuple[bool, str]:
+        """Readiness without a Redis round trip (what a worker's heartbeat reports)."""
+        if self.shutting_down.is_set():
+            return False, "shutting down"
+        if self.services is None:
+            return False, self.startup_problem
+        return True, "ok"
 
     def stop(self) -> None:
         """Ask for a graceful shutdown (what SIGINT/SIGTERM do)."""
@@ -243,11 +281,21 @@ class Server:
         """
         raise_open_file_limit(self.settings.max_connections + FDS_PER_CONNECTION_HEADROOM)
         with self.listen_scope:
-            listeners = await trio.open_tcp_listeners(port, host=host)
+            listeners = await self._open_listeners(host, port)
             task_status.started(listeners[0].socket.getsockname()[1])
             async with trio.open_nursery() as accepting:
                 for listener in listeners:
                     accepting.start_soon(serve_listener, listener, self.handle_tcp, handler_nursery)
+
+    async def _open_listeners(self, host: str, port: int) -> list[trio.SocketListener]:
+        """Bind ``host:port``, or wrap the pre-bound ``listen_sockets`` (a worker's)."""
+        if self.listen_sockets is None:
+            return await trio.open_tcp_listeners(port, host=host)
+        await trio.lowlevel.checkpoint()
+        return [
+            trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+            for sock in self.listen_sockets
+        ]
 
     async def handle_tcp(self, stream: trio.abc.Stream) -> None:
         """HTTP routes or a WebSocket (via the front door); one bad client never hurts others.
@@ -372,7 +420,10 @@ class Server:
         session_id: str,
     ) -> None:
         dialect = choose_dialect(request.proposed_subprotocols)
-        ws = await request.accept(subprotocol=choose_subprotocol(request.proposed_subprotocols))
+        ws = await request.accept(
+            subprotocol=choose_subprotocol(request.proposed_subprotocols),
+            extra_headers=self.handshake_headers,
+        )
         assert isinstance(ws, ServerWebSocket)  # made by our wrap_server_stream
         connection = Connection(services, ws, session_id, dialect)
         self.connections.add(connection)
@@ -483,10 +534,17 @@ class ServerHttpApp:
             return False, f"redis unavailable ({exc.explanation}): {exc}"
         except CommandError as exc:
             return False, f"redis refused the readiness check ({exc.code or 'error'})"
+        if server.group is not None:  # a worker: ready when all workers are
+            try:
+                return await server.group.check_ready()
+            except StoreUnavailable as exc:
+                return False, f"redis unavailable ({exc.explanation}): {exc}"
         return True, "ok"
 
     def metrics_text(self) -> str:
-        """Every series of this server, rendered by ``prometheus_client``."""
+        """Every series of this server (of every worker, under ``--workers N``)."""
+        if self.server.group is not None:
+            return self.server.group.exposition()
         return self.server.metrics.exposition().decode()
 
     async def new_session(self, request: RequestInfo) -> dict[str, object]:
@@ -573,6 +631,8 @@ async def serve(
     settings: Settings,
     *,
     handle_signals: bool = True,
+    listen_sockets: Sequence[socket.socket] | None = None,
+    group: GroupSpec | None = None,
     task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the server until shut down (a signal, :meth:`Server.stop`, or cancellation).
@@ -581,6 +641,7 @@ async def serve(
     restarted if it dies (the store answers ``store_unavailable`` meanwhile);
     :class:`~trio_portfolio.embedded.EmbeddedRedisError` (in an
     ``ExceptionGroup``) ends the server when it cannot start or crash-loops.
+    ``listen_sockets`` and ``group``: see :class:`Server` (a worker's).
     """
     async with trio.open_nursery() as root:
         redis_url = settings.redis_url
@@ -594,7 +655,12 @@ async def serve(
             redis_url = await root.start(embedded)
             log.info("embedded Redis at %s (data in %s)", redis_url, settings.data_dir)
         await run_service(
-            settings, redis_url, handle_signals=handle_signals, task_status=task_status
+            settings,
+            redis_url,
+            handle_signals=handle_signals,
+            listen_sockets=listen_sockets,
+            group=group,
+            task_status=task_status,
         )
         root.cancel_scope.cancel()
 
@@ -604,6 +670,8 @@ async def run_service(
     redis_url: str,
     *,
     handle_signals: bool = True,
+    listen_sockets: Sequence[socket.socket] | None = None,
+    group: GroupSpec | None = None,
     task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Everything but the embedded Redis: store, market, events, listener, connections."""
@@ -615,14 +683,20 @@ async def run_service(
         open_pubsub(redis_url) as pubsub,
         trio.open_nursery() as service,
     ):
-        server = Server(settings, redis, pubsub, metrics)
+        server = Server(
+            settings, redis, pubsub, metrics, listen_sockets=listen_sockets, group=group
+        )
         if handle_signals:
             service.start_soon(_stop_on_signal, server)
         async with trio.open_nursery() as connections:
             port = await service.start(server.listen, settings.host, settings.port, connections)
             log.info("listening on %s:%d", settings.host, port)
+            if server.group is not None:
+                await service.start(server.group.run)
             with server.startup_scope:
                 services = await server.open_services(service)
+                if server.group is not None:
+                    server.group.nudge()  # tell the other workers at once
                 log.info(
                     "serving ws://%s:%d/ws/{session_id} (store layout %s)",
                     settings.host,
@@ -640,6 +714,8 @@ async def run_service(
                 )
             await server.stop_requested.wait()
             log.info("shutting down: closing %d connections", len(server.connections))
+            if server.group is not None:
+                server.group.nudge()  # shutdown() sets shutting_down before it first awaits
             await server.shutdown(settings.shutdown_timeout_seconds)
             connections.cancel_scope.cancel()
         service.cancel_scope.cancel()
