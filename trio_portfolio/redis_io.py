@@ -184,11 +184,20 @@ class _Dedicated:
         self._params = params
         self._lock = trio.Lock()
         self._conn: tuple[trio.abc.Stream, Any] | None = None
+        self._retargeted = False
+
+    def retarget(self, params: ConnectionParams) -> None:
+        """Use ``params`` from the next call on (Sentinel found another master)."""
+        self._params = params
+        self._retargeted = True
 
     async def call(self, args: Sequence[CommandArg]) -> Any:
         """One command, its reply (errors as values); :class:`StoreUnavailable` if it breaks."""
         async with self._lock:
             try:
+                if self._retargeted:
+                    self._retargeted = False
+                    await self.aclose()
                 if self._conn is None:
                     self._conn = await open_connection(self._params)
                 stream, parser = self._conn
@@ -255,6 +264,8 @@ class RedisClient:
         self.stats = RedisStatistics()
         self.on_latency = on_latency
         """Called with the seconds each completed call took (for a latency histogram)."""
+        self.sharded_pubsub = False
+        """Whether session events must use SPUBLISH/SSUBSCRIBE (a cluster on Redis >= 7)."""
 
     def statistics(self) -> RedisStatistics:
         """A snapshot of the client's counters."""
@@ -442,6 +453,14 @@ class RedisClient:
             elif isinstance(reply, CommandError):
                 self.stats.command_errors += 1
 
+    def retire(self) -> None:
+        """Move every caller to fresh connections; those in use finish what was written, then close.
+
+        For a router that stops using this client (a node left the cluster).
+        """
+        for connection in self._open:
+            connection.retire()
+
     def _retire_after_read_only(self) -> None:
         """The node was demoted: move every caller to fresh connections (rate-limited)."""
         now = trio.current_time()
@@ -449,8 +468,7 @@ class RedisClient:
             return
         self._read_only_reset_until = now + self._reconnect_backoff
         self.stats.read_only_resets += 1
-        for connection in self._open:
-            connection.retire()
+        self.retire()
 
     def _closed(self, connection: Connection) -> None:
         self._open.discard(connection)
@@ -516,6 +534,13 @@ async def open_redis(
 ) -> AsyncIterator[RedisClient]:
     """Open a :class:`RedisClient` whose connections live in a nursery owned by this block.
 
+    ``redis+cluster://host:port[,host:port...]`` (or a plain URL naming a node
+    whose ``INFO cluster`` says ``cluster_enabled:1``) opens a
+    :class:`~trio_portfolio.redis_cluster.ClusterClient`, and
+    ``redis+sentinel://host:port[,...]/<master>[/db]`` a
+    :class:`~trio_portfolio.redis_sentinel.SentinelClient`: each is
+    a ``RedisClient`` to its callers.
+
     Connections are made lazily, so this succeeds even while Redis is down
     (the first call then raises :class:`StoreUnavailable`); call
     :meth:`RedisClient.ping` to insist on a live store.  ``timeout`` is the
@@ -525,7 +550,30 @@ async def open_redis(
     its own timeout).  ``on_latency`` is called with each completed call's
     seconds.  Raises :class:`ValueError` for a bad URL or setting.
     """
+    # Imported here: both modules build on this one.
+    from trio_portfolio.redis_cluster import detect_cluster, is_cluster_url, open_cluster
+    from trio_portfolio.redis_sentinel import is_sentinel_url, open_sentinel
+
+    options: dict[str, Any] = {
+        "timeout": timeout,
+        "connections": connections,
+        "reconnect_backoff": reconnect_backoff,
+        "stall_timeout": stall_timeout,
+        "on_latency": on_latency,
+    }
+    if is_sentinel_url(url):
+        async with open_sentinel(url, **options) as sentinel_client:
+            yield sentinel_client
+        return
+    if is_cluster_url(url):
+        async with open_cluster(url, **options) as cluster_client:
+            yield cluster_client
+        return
     params = ConnectionParams.from_url(url)
+    if params.path is None and await detect_cluster(params, timeout=min(timeout, 1.0)):
+        async with open_cluster([params], **options) as cluster_client:
+            yield cluster_client
+        return
     async with open_service_nursery() as nursery:
         client = RedisClient(
             nursery,
