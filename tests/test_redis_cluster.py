@@ -9,6 +9,7 @@ is under ``fail_after``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -18,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -69,7 +71,7 @@ class LocalCluster:
     def client(self, port: int) -> sync_redis.Redis:
         return sync_redis.Redis(port=port, decode_responses=True, socket_timeout=5, protocol=2)
 
-    def nodes(self) -> list[dict[str, object]]:
+    def nodes(self) -> list[dict[str, Any]]:
         """CLUSTER NODES of the first answering node, parsed."""
         for port in self.ports:
             try:
@@ -77,7 +79,7 @@ class LocalCluster:
                     text = str(c.execute_command("CLUSTER", "NODES"))
             except sync_redis.RedisError:
                 continue
-            rows = []
+            rows: list[dict[str, Any]] = []
             for line in text.splitlines():
                 f = line.split()
                 rows.append(
@@ -113,7 +115,7 @@ class LocalCluster:
                 rows = self.nodes()
                 if ok and sum(r["master"] for r in rows) == 3 and not any(r["fail"] for r in rows):
                     replicas = [r for r in rows if not r["master"]]
-                    if len(replicas) == 3 and all(self._link_up(int(r["port"])) for r in replicas):  # type: ignore[call-overload]
+                    if len(replicas) == 3 and all(self._link_up(int(r["port"])) for r in replicas):
                         return
             except sync_redis.RedisError:
                 pass
@@ -127,7 +129,7 @@ class LocalCluster:
     def replica_of(self, master_port: int) -> int:
         rows = self.nodes()
         master_id = next(r["id"] for r in rows if r["port"] == master_port)
-        return next(int(r["port"]) for r in rows if r["master_id"] == master_id)  # type: ignore[call-overload]
+        return next(int(r["port"]) for r in rows if r["master_id"] == master_id)
 
     def failover(self, replica_port: int, timeout: float = 30.0) -> None:
         with self.client(replica_port) as c:
@@ -291,11 +293,13 @@ async def test_pipeline_across_nodes_keeps_order(cluster: LocalCluster) -> None:
             [("GET", k) for k in keys] + [("HGET", keys[0], "f"), ("DEL", keys[0], keys[1])]
         )
         assert replies[: len(keys)] == [f"v{i}" for i in range(len(keys))]
-        assert isinstance(replies[-2], CommandError) and replies[-2].code == "WRONGTYPE"
-        assert isinstance(replies[-1], CommandError) and replies[-1].code == "CROSSSLOT"
+        assert isinstance(replies[-2], CommandError)
+        assert replies[-2].code == "WRONGTYPE"
+        assert isinstance(replies[-1], CommandError)
+        assert replies[-1].code == "CROSSSLOT"
         with pytest.raises(CommandError, match="MULTI"):
             await client.pipeline([("MULTI",), ("INCR", keys[0]), ("EXEC",)])
-        nodes = client.cluster_statistics().nodes
+        nodes = as_cluster(client).cluster_statistics().nodes
         assert nodes >= 3
 
 
@@ -318,33 +322,27 @@ async def test_evalsha_many_across_nodes_and_noscript_reload(cluster: LocalClust
 # -- redirects ----------------------------------------------------------------------------
 
 
-def _migrate_slot(local: LocalCluster, slot: int, source: int, target: int, *, finish: bool) -> None:
+def _migrate_slot(
+    local: LocalCluster, slot: int, source: int, target: int, *, finish: bool
+) -> None:
     """Move ``slot`` from ``source`` to ``target``: IMPORTING/MIGRATING, MIGRATE keys, NODE."""
     rows = local.nodes()
-    ids = {int(r["port"]): str(r["id"]) for r in rows}  # type: ignore[call-overload]
+    ids = {int(r["port"]): str(r["id"]) for r in rows}
     with local.client(target) as t, local.client(source) as s:
         t.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
         s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
         keys = s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
         if keys:
             s.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
-        if finish:
-            for port in local.ports:
-                with local.client(port) as c:
-                    try:
-                        c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
-                    except sync_redis.ResponseError:
-                        pass  # a replica refuses SETSLOT; it learns from its master
+    if finish:
+        _finish_migration(local, slot, target)
 
 
 def _finish_migration(local: LocalCluster, slot: int, target: int) -> None:
-    ids = {int(r["port"]): str(r["id"]) for r in local.nodes()}  # type: ignore[call-overload]
+    ids = {int(r["port"]): str(r["id"]) for r in local.nodes()}
     for port in local.ports:
-        with local.client(port) as c:
-            try:
-                c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
-            except sync_redis.ResponseError:
-                pass
+        with local.client(port) as c, contextlib.suppress(sync_redis.ResponseError):
+            c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
 
 
 async def test_moved_after_resharding_a_slot(cluster: LocalCluster) -> None:
@@ -354,8 +352,14 @@ async def test_moved_after_resharding_a_slot(cluster: LocalCluster) -> None:
         router = as_cluster(client)
         await client.execute("SET", key, "before")
         source = cluster.owner_port(slot)
-        target = next(p for p in {cluster.owner_port(0), cluster.owner_port(16383), cluster.owner_port(8000)} if p != source)
-        await trio.to_thread.run_sync(lambda: _migrate_slot(cluster, slot, source, target, finish=True))
+        target = next(
+            p
+            for p in {cluster.owner_port(0), cluster.owner_port(16383), cluster.owner_port(8000)}
+            if p != source
+        )
+        await trio.to_thread.run_sync(
+            lambda: _migrate_slot(cluster, slot, source, target, finish=True)
+        )
         with trio.fail_after(10):
             assert await client.execute("GET", key) == "before"
         stats = router.cluster_statistics()
@@ -364,7 +368,9 @@ async def test_moved_after_resharding_a_slot(cluster: LocalCluster) -> None:
         assert await client.execute("SET", key, "after") == "OK"
         assert router.cluster_statistics().moved == 1, "the map was updated: no second MOVED"
         # Put it back.
-        await trio.to_thread.run_sync(lambda: _migrate_slot(cluster, slot, target, source, finish=True))
+        await trio.to_thread.run_sync(
+            lambda: _migrate_slot(cluster, slot, target, source, finish=True)
+        )
         assert await client.execute("GET", key) == "after"
 
 
@@ -376,10 +382,16 @@ async def test_ask_during_migration(cluster: LocalCluster) -> None:
         router = as_cluster(client)
         await client.execute("SET", moved_key, "m")
         source = cluster.owner_port(slot)
-        target = next(p for p in {cluster.owner_port(0), cluster.owner_port(16383), cluster.owner_port(8000)} if p != source)
+        target = next(
+            p
+            for p in {cluster.owner_port(0), cluster.owner_port(16383), cluster.owner_port(8000)}
+            if p != source
+        )
         # Migrating, the existing key moved to the target; a new key is created
         # on the target (the source answers ASK for keys it does not have).
-        await trio.to_thread.run_sync(lambda: _migrate_slot(cluster, slot, source, target, finish=False))
+        await trio.to_thread.run_sync(
+            lambda: _migrate_slot(cluster, slot, source, target, finish=False)
+        )
         try:
             with trio.fail_after(10):
                 assert await client.execute("GET", moved_key) == "m"
@@ -394,7 +406,9 @@ async def test_ask_during_migration(cluster: LocalCluster) -> None:
             await trio.to_thread.run_sync(lambda: _finish_migration(cluster, slot, target))
         with trio.fail_after(10):
             assert await client.execute("GET", staying_key) == "s"
-        await trio.to_thread.run_sync(lambda: _migrate_slot(cluster, slot, target, source, finish=True))
+        await trio.to_thread.run_sync(
+            lambda: _migrate_slot(cluster, slot, target, source, finish=True)
+        )
 
 
 async def test_failover_then_noscript_reload_and_calls_continue(cluster: LocalCluster) -> None:
@@ -413,7 +427,9 @@ async def test_failover_then_noscript_reload_and_calls_continue(cluster: LocalCl
             assert await client.evalsha(script, [key], ["two"]) == "two"
         recovered = trio.current_time() - started
         stats = router.cluster_statistics()
-        print(f"\ncluster failover: calls served by the new master {recovered:.2f} s after CLUSTER FAILOVER")
+        print(
+            f"\ncluster failover: served by the new master {recovered:.2f} s after CLUSTER FAILOVER"
+        )
         assert router.node_for_slot(slot) == f"127.0.0.1:{replica}"
         assert stats.moved >= 1
         assert stats.scripts_reloaded >= 1, "the promoted replica had no script: NOSCRIPT reload"
@@ -491,11 +507,14 @@ async def test_store_operations_on_the_cluster_hash_layout(cluster: LocalCluster
         owners = {cluster.owner_port(key_slot(store.keys.session(s))) for s in sessions}
         assert len(owners) == 3, "the sessions must span all three masters"
         for s in sessions:
-            created = await store.create_if_missing(s, {"AAPL": 2.0}, {"AAPL": 10.0}, "2026-01-01T00:00:00Z")
+            created = await store.create_if_missing(
+                s, {"AAPL": 2.0}, {"AAPL": 10.0}, "2026-01-01T00:00:00Z"
+            )
             assert created.portfolio_version == 1
         for s in sessions:
             got = await store.get(s)
-            assert got is not None and got.holdings == {"AAPL": 2.0}
+            assert got is not None
+            assert got.holdings == {"AAPL": 2.0}
         assert await store.touch(sessions[0], "2026-01-01T00:00:01Z")
         assert as_cluster(client).sharded_pubsub
 
@@ -508,3 +527,64 @@ async def test_unreachable_cluster_is_store_unavailable() -> None:
         with trio.fail_after(5), pytest.raises(StoreUnavailable) as info:
             await client.execute("GET", "x")
         assert info.value.reason in (Unavailable.CONNECT_FAILED, Unavailable.TIMEOUT)
+
+
+# -- sharded fan-out ----------------------------------------------------------------------
+
+
+async def test_store_events_use_sharded_pubsub_on_every_shard(cluster: LocalCluster) -> None:
+    """Scripts SPUBLISH; the hub's subscriber SSUBSCRIBEs on each session's shard."""
+    from trio_portfolio.redis_pubsub import open_pubsub
+    from trio_portfolio.redis_sharded_pubsub import ShardedPubSub
+
+    async with open_redis(cluster.url) as client, open_pubsub(cluster.url) as pubsub:
+        assert isinstance(pubsub, ShardedPubSub)
+        store = await open_store(client, layout="hash", key_prefix=f"t{random.getrandbits(32):x}")
+        sessions = [f"ev-{i}" for i in range(9)]
+        owners = {cluster.owner_port(key_slot(store.keys.session(s))) for s in sessions}
+        assert len(owners) == 3
+        with trio.fail_after(10):
+            await pubsub.subscribe(*(store.events_channel(s) for s in sessions))
+            assert len(pubsub.shards) == 3, "one subscriber connection per shard"
+            for s in sessions:
+                await store.create_if_missing(
+                    s, {"AAPL": 1.0}, {"AAPL": 5.0}, "2026-01-01T00:00:00Z"
+                )
+                await store.set_holdings(s, {"AAPL": 3.0}, {"AAPL": 5.0}, "2026-01-01T00:00:01Z")
+            heard = set()
+            async for message in pubsub:
+                heard.add(message.channel)
+                if len(heard) == len(sessions):
+                    break
+        assert heard == {store.events_channel(s) for s in sessions}
+        # Classic SUBSCRIBE would not hear SPUBLISH: prove the scripts SPUBLISHed.
+        with cluster.client(cluster.ports[0]) as c:
+            assert c.execute_command("PUBSUB", "SHARDNUMSUB", store.events_channel(sessions[0]))
+
+
+async def test_sharded_subscription_follows_a_failover(cluster: LocalCluster) -> None:
+    from trio_portfolio.redis_pubsub import open_pubsub
+    from trio_portfolio.redis_sharded_pubsub import ShardedPubSub
+
+    channel = "fan:{follow-me}:events"
+    slot = key_slot(channel)
+    async with open_redis(cluster.url) as client, open_pubsub(cluster.url) as pubsub:
+        assert isinstance(pubsub, ShardedPubSub)
+        with trio.fail_after(10):
+            await pubsub.subscribe(channel)
+        master = cluster.owner_port(slot)
+        replica = cluster.replica_of(master)
+        await trio.to_thread.run_sync(lambda: cluster.failover(replica))
+        started = trio.current_time()
+        with trio.fail_after(15):
+            while True:
+                await client.execute("SPUBLISH", channel, "after-failover")
+                with trio.move_on_after(0.2):
+                    async for message in pubsub:
+                        if message.data == "after-failover":
+                            break
+                    break
+        print(f"\nsharded pub/sub heard again {trio.current_time() - started:.2f} s after failover")
+        assert pubsub.statistics().channels_wanted == 1
+        assert pubsub.rehomed == 1, "the channel moved to the promoted replica's shard"
+        await trio.to_thread.run_sync(lambda: cluster.failover(master))
