@@ -124,7 +124,7 @@ class LocalCluster:
 
     def _link_up(self, port: int) -> bool:
         with self.client(port) as c:
-            return c.info("replication").get("master_link_status") == "up"
+            return bool(c.info("replication").get("master_link_status") == "up")
 
     def replica_of(self, master_port: int) -> int:
         rows = self.nodes()
