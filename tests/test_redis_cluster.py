@@ -32,13 +32,13 @@ from trio_portfolio.redis_cluster import (
     key_slot,
     parse_cluster_url,
 )
+from trio_portfolio.redis_connect import open_redis
 from trio_portfolio.redis_io import (
     CommandError,
     RedisClient,
     Script,
     StoreUnavailable,
     Unavailable,
-    open_redis,
 )
 from trio_portfolio.store import open_store
 
@@ -534,7 +534,7 @@ async def test_unreachable_cluster_is_store_unavailable() -> None:
 
 async def test_store_events_use_sharded_pubsub_on_every_shard(cluster: LocalCluster) -> None:
     """Scripts SPUBLISH; the hub's subscriber SSUBSCRIBEs on each session's shard."""
-    from trio_portfolio.redis_pubsub import open_pubsub
+    from trio_portfolio.redis_connect import open_pubsub
     from trio_portfolio.redis_sharded_pubsub import ShardedPubSub
 
     async with open_redis(cluster.url) as client, open_pubsub(cluster.url) as pubsub:
@@ -563,7 +563,7 @@ async def test_store_events_use_sharded_pubsub_on_every_shard(cluster: LocalClus
 
 
 async def test_sharded_subscription_follows_a_failover(cluster: LocalCluster) -> None:
-    from trio_portfolio.redis_pubsub import open_pubsub
+    from trio_portfolio.redis_connect import open_pubsub
     from trio_portfolio.redis_sharded_pubsub import ShardedPubSub
 
     channel = "fan:{follow-me}:events"

@@ -23,7 +23,8 @@ import pytest
 import redis as sync_redis
 import trio
 
-from trio_portfolio.redis_io import StoreUnavailable, open_redis
+from trio_portfolio.redis_connect import open_redis
+from trio_portfolio.redis_io import StoreUnavailable
 from trio_portfolio.redis_sentinel import SentinelClient, parse_sentinel_url
 from trio_portfolio.store import open_store
 

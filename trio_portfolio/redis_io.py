@@ -534,12 +534,8 @@ async def open_redis(
 ) -> AsyncIterator[RedisClient]:
     """Open a :class:`RedisClient` whose connections live in a nursery owned by this block.
 
-    ``redis+cluster://host:port[,host:port...]`` (or a plain URL naming a node
-    whose ``INFO cluster`` says ``cluster_enabled:1``) opens a
-    :class:`~trio_portfolio.redis_cluster.ClusterClient`, and
-    ``redis+sentinel://host:port[,...]/<master>[/db]`` a
-    :class:`~trio_portfolio.redis_sentinel.SentinelClient`: each is
-    a ``RedisClient`` to its callers.
+    One node only; :func:`trio_portfolio.redis_connect.open_redis` also
+    opens clusters and Sentinel setups from their URLs.
 
     Connections are made lazily, so this succeeds even while Redis is down
     (the first call then raises :class:`StoreUnavailable`); call
@@ -550,30 +546,7 @@ async def open_redis(
     its own timeout).  ``on_latency`` is called with each completed call's
     seconds.  Raises :class:`ValueError` for a bad URL or setting.
     """
-    # Imported here: both modules build on this one.
-    from trio_portfolio.redis_cluster import detect_cluster, is_cluster_url, open_cluster
-    from trio_portfolio.redis_sentinel import is_sentinel_url, open_sentinel
-
-    options: dict[str, Any] = {
-        "timeout": timeout,
-        "connections": connections,
-        "reconnect_backoff": reconnect_backoff,
-        "stall_timeout": stall_timeout,
-        "on_latency": on_latency,
-    }
-    if is_sentinel_url(url):
-        async with open_sentinel(url, **options) as sentinel_client:
-            yield sentinel_client
-        return
-    if is_cluster_url(url):
-        async with open_cluster(url, **options) as cluster_client:
-            yield cluster_client
-        return
     params = ConnectionParams.from_url(url)
-    if params.path is None and await detect_cluster(params, timeout=min(timeout, 1.0)):
-        async with open_cluster([params], **options) as cluster_client:
-            yield cluster_client
-        return
     async with open_service_nursery() as nursery:
         client = RedisClient(
             nursery,

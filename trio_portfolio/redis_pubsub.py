@@ -274,7 +274,7 @@ class PubSub:
         if not (isinstance(reply, list) and len(reply) >= 2 and isinstance(reply[1], str)):
             return  # PONG, an error reply, or a shape we never subscribed for
         kind, channel = reply[0], reply[1]
-        if self._sharded and kind[:1] == "s":
+        if self._sharded and isinstance(kind, str) and kind[:1] == "s":
             kind = kind[1:]  # smessage, ssubscribe, sunsubscribe
             if kind == "unsubscribe" and channel in self._wanted:
                 # Pushed by Redis (a failover or resharding moved the slot):
@@ -314,21 +314,10 @@ async def open_pubsub(
 ) -> AsyncIterator[PubSub]:
     """A :class:`PubSub` whose connection lives in a nursery owned by this block.
 
-    A cluster (``redis+cluster://``, or a plain URL naming a cluster node) on
-    Redis >= 7 gets a :class:`~trio_portfolio.redis_sharded_pubsub.ShardedPubSub`
-    (SSUBSCRIBE, one connection per shard): the store's scripts SPUBLISH there.
+    One node only; :func:`trio_portfolio.redis_connect.open_pubsub` also
+    opens sharded pub/sub on a cluster.
     """
-    # Imported here: the sharded module builds on this one.
-    from trio_portfolio.redis_cluster import detect_cluster, is_cluster_url
-    from trio_portfolio.redis_sharded_pubsub import open_sharded_pubsub
-
-    params = None if is_cluster_url(url) else ConnectionParams.from_url(url)
-    if params is None or (params.path is None and await detect_cluster(params, timeout=1.0)):
-        async with open_sharded_pubsub(
-            url if params is None else [params], buffer=buffer, heartbeat=heartbeat
-        ) as sharded:
-            yield sharded
-        return
+    params = ConnectionParams.from_url(url)
     pubsub = PubSub(params, buffer=buffer, heartbeat=heartbeat)
     async with open_service_nursery() as nursery:
         await nursery.start(pubsub.run)
