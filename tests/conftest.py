@@ -11,6 +11,11 @@ Fixtures:
   server has the JSON module (ids like ``hash-redis-7.0.15`` or
   ``json-fakeredis-8.0(emulated)``).
 * ``key_prefix`` (function): a unique key prefix, so tests can share servers.
+* ``redis_cluster`` (session): a :class:`RedisCluster` of 3 masters with 1
+  replica each; ``redis_sentinel`` (session): a :class:`RedisSentinelSetup`
+  of 1 master, 1 replica, 3 sentinels.  Started on first use (about 2 s
+  each), from :func:`find_topology_binary`.  Tests that fail over must leave
+  the same shape behind (fail back, or wait until ready again).
 
 Discovery runs once, at collection, and starts nothing; each server starts
 when a test first needs it and stops when the session ends.  The run ends
@@ -25,11 +30,16 @@ import pytest
 
 from trio_portfolio.testing import (
     LayoutUnavailable,
+    RedisCluster,
+    RedisSentinelSetup,
     RedisServerInfo,
     RedisServerPool,
     ServerSpec,
     StoreTarget,
     discover_servers,
+    find_topology_binary,
+    run_redis_cluster,
+    run_redis_sentinel,
     store_target_id,
     store_target_params,
     unique_key_prefix,
@@ -59,6 +69,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             indirect=True,
             scope="session",
         )
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """What discovery found, and where from, before any test runs."""
+    lines = ["redis servers found:"]
+    for spec in _pool(config).specs:
+        known = spec.version or "version unknown"
+        lines.append(f"  {spec.name} ({known}; {spec.source or 'emulated'})")
+    lines.append(f"cluster and sentinel topologies from: {find_topology_binary() or 'none'}")
+    return lines
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -121,3 +141,28 @@ def store_target(request: pytest.FixtureRequest, _redis_pool: RedisServerPool) -
 @pytest.fixture
 def key_prefix() -> str:
     return unique_key_prefix()
+
+
+def _topology_binary() -> str:
+    binary = find_topology_binary()
+    if binary is None:
+        pytest.skip("no redis-server >= 7.0 for a cluster: apt-get install redis-server")
+    return str(binary)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(_redis_pool: RedisServerPool) -> Iterator[RedisCluster]:
+    with run_redis_cluster(_topology_binary()) as cluster:
+        name = f"cluster-{len(cluster.nodes)}-nodes-{cluster.version}"
+        info = RedisServerInfo(name, cluster.url, cluster.version, has_json=False, emulated=False)
+        _redis_pool.record_use("-", info)
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(_redis_pool: RedisServerPool) -> Iterator[RedisSentinelSetup]:
+    with run_redis_sentinel(_topology_binary()) as setup:
+        name = f"sentinel-{len(setup.sentinels)}-sentinels-{setup.version}"
+        info = RedisServerInfo(name, setup.url, setup.version, has_json=False, emulated=False)
+        _redis_pool.record_use("-", info)
+        yield setup

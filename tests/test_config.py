@@ -128,6 +128,10 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "auth_secret_file": ("", None),
     "client_idle_timeout_seconds": ("0", 0.0),
     "client_auto_reconnect": ("off", False),
+    "ping_interval_seconds": ("0.5", 0.5),
+    "ping_timeout_seconds": ("3", 3.0),
+    "idle_timeout_seconds": ("300", 300.0),
+    "outbox_max_bytes": ("65536", 65536),
 }
 
 

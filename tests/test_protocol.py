@@ -294,6 +294,7 @@ def test_every_error_code_is_produced_or_owned_elsewhere() -> None:
         ErrorCode.SESSION_EXPIRED,
         ErrorCode.RATE_LIMITED,
         ErrorCode.INTERNAL_ERROR,
+        ErrorCode.TOO_MANY_SESSIONS,
     }
     assert produced | elsewhere == set(ErrorCode)
     assert not produced & elsewhere

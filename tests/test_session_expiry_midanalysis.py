@@ -205,3 +205,30 @@ async def test_an_action_racing_the_analysis_still_tells_once(
         await client.expect_quiet(1.5)
         assert len(expiry_errors(client.frames)) == 1
         assert not [f for f in client.frames if f.get("reason") == "switched"]
+
+
+async def test_a_re_creation_at_the_session_cap_is_refused_with_an_error_frame(
+    real_redis: RedisServerInfo,
+) -> None:
+    """An open connection whose session vanished may not re-create it past ``max_sessions``.
+
+    The vanished session's id stays in the store's index until the market
+    updater prunes it, so with a cap of one the store still counts one live
+    session: the re-creation is refused with ``too_many_sessions`` (after the
+    one ``session_expired``) and the connection stays usable.
+    """
+    session_id = "cap-" + secrets.token_hex(4)
+    async with (
+        expiry_server(real_redis.url, max_sessions=1) as server,
+        open_client(server, session_id, v2=True) as client,
+    ):
+        await first_frame(client, "session")
+        await delete_session_keys(server, real_redis.url, session_id)
+        await client.send("get_portfolio")
+        expired = await first_frame(client, "error")
+        assert expired["code"] == "session_expired", expired
+        refused = await first_frame(client, "error")
+        assert refused["code"] == "too_many_sessions", refused
+        await client.send("bogus")
+        answer = await first_frame(client, "error")
+        assert answer["code"] == "unknown_action", answer

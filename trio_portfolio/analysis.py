@@ -28,7 +28,11 @@ Commit-and-send is shielded from cancellation as one unit: the fenced
 append runs in Redis, and only if it stored the result is the frame put in
 the outbox.  So a result is sent if and only if it was stored (guarantee 4),
 and a cancellation that lands mid-commit waits for that one commit to
-finish instead of splitting it.  The adapter's timeout bounds the shield.
+finish instead of splitting it.  Every shield has a deadline (the
+adapter's timeout bounds the call, ``send_timeout`` the whole shield), and
+:meth:`AnalysisRunner.abandon` cuts every shield short when the connection's
+grace period is over (a hard shutdown): a commit in flight then may be
+stored and not sent, the one case where guarantee 4 yields to a bounded exit.
 
 The append refuses a result (and the attempt ends) when:
 
@@ -53,9 +57,11 @@ waits until the attempt has ended and its ``analysis_cancelled`` is queued.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import random
+from collections.abc import Iterator
 
 import attrs
 import trio
@@ -156,6 +162,9 @@ class AnalysisRunner:
         self._attempt: Attempt | None = None
         self._outcome: AnalysisOutcome | None = None
         """How the runner ended; ``None`` until it ended by itself or was stopped."""
+        self._shields: set[trio.CancelScope] = set()
+        """The shielded scopes open now; :meth:`abandon` cancels them."""
+        self._abandoned = False
         self._fence: AnalysisId | None = None
         """The analysis id this runner may have made the session's current one and not
         yet cleared: set *before* ``start_analysis`` is sent, since a call cancelled
@@ -243,6 +252,37 @@ class AnalysisRunner:
             self._outcome = Cancelled(reason)
         return self._outcome
 
+    def abandon(self) -> None:
+        """Stop now, shields included: the connection's grace period is over.
+
+        Cancels the runner and every shielded await it has open or opens from
+        now on (a commit, an unfencing, a last frame), so it finishes at its
+        next checkpoint.  A commit cut short may have been stored and not
+        sent, and an unfencing skipped leaves ``current_analysis`` set until
+        the next start replaces it: the price of a bounded shutdown.
+        """
+        self._abandoned = True
+        self._scope.cancel()
+        for scope in list(self._shields):
+            scope.cancel()
+
+    @contextlib.contextmanager
+    def _shielded(self) -> Iterator[trio.CancelScope]:
+        """A scope shielded from outside cancellation, for at most ``send_timeout``.
+
+        Cancelled by :meth:`abandon`; check ``cancelled_caught`` after it.
+        """
+        scope = trio.CancelScope(shield=True)
+        scope.deadline = trio.current_time() + self.ctx.send_timeout
+        if self._abandoned:
+            scope.cancel()
+        self._shields.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._shields.discard(scope)
+
     async def restart_if_older(self, portfolio_version: int) -> None:
         """Restart the live attempt if its snapshot predates ``portfolio_version``."""
         attempt = self._live_attempt
@@ -277,7 +317,7 @@ class AnalysisRunner:
         if self._fence != analysis_id:
             return  # cleared already (or never set)
         self._fence = None
-        with trio.CancelScope(shield=True), trio.move_on_after(self.ctx.send_timeout):
+        with self._shielded():
             try:
                 await self.ctx.store.finish_analysis(self.ctx.session_id, analysis_id)
             except StoreUnavailable as exc:
@@ -296,12 +336,14 @@ class AnalysisRunner:
             # Shielded (the adapter's timeout bounds it): a start cancelled after
             # its write would still run in Redis, possibly *after* the unfencing
             # finish_analysis sent on another pooled connection.
-            with trio.CancelScope(shield=True):
+            with self._shielded() as shield:
                 started = await ctx.store.start_analysis(
                     ctx.session_id, analysis_id, self.ticker, utc_now()
                 )
         except StoreUnavailable as exc:
             return await self._fail(ErrorCode.STORE_UNAVAILABLE, f"cannot start: {exc}")
+        if shield.cancelled_caught:  # abandoned, or no answer within send_timeout
+            return await self._fail(ErrorCode.STORE_UNAVAILABLE, "cannot start: no answer in time")
         if isinstance(started, StartRefused):
             self._fence = None  # refused: nothing was made current
             if started is StartRefused.MISSING:
@@ -397,7 +439,9 @@ class AnalysisRunner:
             timestamp=utc_now(),
             portfolio_version=snapshot.portfolio_version,
         )
-        with trio.CancelScope(shield=True):
+        status: AppendStatus | None = None
+        stored = False
+        with self._shielded():
             try:
                 status = await self.ctx.store.append_result(self.ctx.session_id, result)
             except StoreUnavailable as exc:
@@ -408,11 +452,20 @@ class AnalysisRunner:
                 attempt.scope.cancel()
                 return
             if status is AppendStatus.STORED:
+                stored = True
                 attempt.committed += 1
                 self._observer.result_committed(result)
                 with trio.move_on_after(self.ctx.send_timeout):
                     await self._observer.send(render_result(result, self.ctx.dialect))
                 return
+        if stored:
+            return  # stored; its frame was cut short (abandoned, or not taken in time)
+        if status is None:  # abandoned, or no answer within send_timeout
+            if attempt.failure is None:
+                attempt.failure = Failed(ErrorCode.STORE_UNAVAILABLE, "result not stored in time")
+            attempt.ending = _Ending.FAILED
+            attempt.scope.cancel()
+            return
         self._observer.write_fenced(status)
         if attempt.ending is _Ending.COMPLETE:
             attempt.ending = _FENCED_ENDING[status]
@@ -422,7 +475,7 @@ class AnalysisRunner:
         attempt.closed = True
         self._observer.analysis_completed(attempt.analysis_id)
         await self._unfence(attempt.analysis_id)
-        with trio.CancelScope(shield=True), trio.move_on_after(self.ctx.send_timeout):
+        with self._shielded():
             await self._observer.send(
                 render_complete(attempt.analysis_id, self.ticker, self.ctx.dialect)
             )

@@ -45,7 +45,9 @@ from __future__ import annotations
 import itertools
 import math
 import sys
-from collections.abc import Callable, Mapping
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Final
 
@@ -132,27 +134,42 @@ class MetricInputs:
     periods_per_year: float = DEFAULT_PERIODS_PER_YEAR
 
     def __attrs_post_init__(self) -> None:
-        if self.ticker not in self.holdings:
-            raise ValueError(f"ticker {self.ticker!r} is not held")
-        for name, quantity in self.holdings.items():
-            _check_positive_finite(f"quantity of {name!r}", quantity)
-            if name not in self.prices:
-                raise ValueError(f"no price for held ticker {name!r}")
-            _check_positive_finite(f"price of {name!r}", self.prices[name])
-        _check_positive_finite("periods_per_year", self.periods_per_year)
-        if self.periods_per_year > MAX_PERIODS_PER_YEAR:
-            raise ValueError(f"periods_per_year must be at most {MAX_PERIODS_PER_YEAR:g}")
-        held = [self.history.get(name, ()) for name in self.holdings]
-        try:
-            flat = np.fromiter(
-                itertools.chain.from_iterable(held),
-                dtype=np.float64,
-                count=sum(len(series) for series in held),
-            )
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"history prices must be numbers: {exc}") from None
-        if not (np.isfinite(flat).all() and (flat > 0).all()):
-            raise ValueError("history prices must be finite numbers > 0")
+        _check_scalars(self.ticker, self.holdings, self.prices, self.periods_per_year)
+        _check_history(self.holdings, self.history)
+
+
+def _check_scalars(
+    ticker: str,
+    holdings: Mapping[str, float],
+    prices: Mapping[str, float],
+    periods_per_year: float,
+) -> None:
+    """The :class:`MetricInputs` rules for everything but the history."""
+    if ticker not in holdings:
+        raise ValueError(f"ticker {ticker!r} is not held")
+    for name, quantity in holdings.items():
+        _check_positive_finite(f"quantity of {name!r}", quantity)
+        if name not in prices:
+            raise ValueError(f"no price for held ticker {name!r}")
+        _check_positive_finite(f"price of {name!r}", prices[name])
+    _check_positive_finite("periods_per_year", periods_per_year)
+    if periods_per_year > MAX_PERIODS_PER_YEAR:
+        raise ValueError(f"periods_per_year must be at most {MAX_PERIODS_PER_YEAR:g}")
+
+
+def _check_history(holdings: Iterable[str], history: Mapping[str, Sequence[float]]) -> None:
+    """The :class:`MetricInputs` rule for the held tickers' histories."""
+    held = [history.get(name, ()) for name in holdings]
+    try:
+        flat = np.fromiter(
+            itertools.chain.from_iterable(held),
+            dtype=np.float64,
+            count=sum(len(series) for series in held),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"history prices must be numbers: {exc}") from None
+    if not (np.isfinite(flat).all() and (flat > 0).all()):
+        raise ValueError("history prices must be finite numbers > 0")
 
 
 @attrs.frozen(eq=False)
@@ -170,6 +187,7 @@ class _Prepared:
     weights: FloatArray
     log_prices: FloatArray | None
     returns: FloatArray | None
+    spreads: FloatArray | None
     periods_per_year: float
 
 
@@ -203,29 +221,64 @@ def _normalise_log(log_values: FloatArray) -> FloatArray:
     return normalised
 
 
+@attrs.frozen(eq=False)
+class _Window:
+    """The weight-independent arrays of one set of histories (read-only).
+
+    ``log_prices`` and ``returns`` as in :class:`_Prepared`; ``spreads`` are
+    the row norms of ``returns`` (what :func:`_allocation_score` needs),
+    ``None`` with them.  Built by :func:`_window`, shared through a
+    :class:`HistoryCache` by every analysis that reads the same histories.
+    """
+
+    log_prices: FloatArray | None
+    returns: FloatArray | None
+    spreads: FloatArray | None
+
+
+def _window(tickers: list[str], history: Mapping[str, Sequence[float]]) -> _Window:
+    """Log prices, centred log returns and their norms over the common window."""
+    window = min(len(history.get(t, ())) for t in tickers)
+    if window < MIN_WINDOW:
+        return _Window(log_prices=None, returns=None, spreads=None)
+    matrix = np.empty((len(tickers), window), dtype=np.float64)
+    for row, name in enumerate(tickers):
+        matrix[row] = history[name][-window:]
+    log_prices = np.log(matrix, out=matrix)
+    returns = np.diff(log_prices, axis=1)
+    returns -= returns.mean(axis=1, keepdims=True)
+    spreads = np.sqrt(np.einsum("jt,jt->j", returns, returns))
+    for array in (log_prices, returns, spreads):
+        array.setflags(write=False)
+    return _Window(log_prices=log_prices, returns=returns, spreads=spreads)
+
+
 def _prepare(inputs: MetricInputs) -> _Prepared:
     tickers = sorted(inputs.holdings)
-    quantities = np.array([inputs.holdings[t] for t in tickers], dtype=np.float64)
-    prices = np.array([inputs.prices[t] for t in tickers], dtype=np.float64)
-    log_values = np.log(quantities) + np.log(prices)
-    weights = _market_weights(quantities, prices)
-    window = min(len(inputs.history.get(t, ())) for t in tickers)
-    log_prices: FloatArray | None = None
-    returns: FloatArray | None = None
-    if window >= MIN_WINDOW:
-        matrix = np.empty((len(tickers), window), dtype=np.float64)
-        for row, name in enumerate(tickers):
-            matrix[row] = inputs.history[name][-window:]
-        log_prices = np.log(matrix, out=matrix)
-        returns = np.diff(log_prices, axis=1)
-        returns -= returns.mean(axis=1, keepdims=True)
+    window = _window(tickers, inputs.history)
+    return _prepare_with(
+        inputs.ticker, tickers, inputs.holdings, inputs.prices, window, inputs.periods_per_year
+    )
+
+
+def _prepare_with(
+    ticker: str,
+    tickers: list[str],
+    holdings: Mapping[str, float],
+    prices: Mapping[str, float],
+    window: _Window,
+    periods_per_year: float,
+) -> _Prepared:
+    quantities = np.array([holdings[t] for t in tickers], dtype=np.float64)
+    latest = np.array([prices[t] for t in tickers], dtype=np.float64)
     return _Prepared(
-        index=tickers.index(inputs.ticker),
-        log_values=log_values,
-        weights=weights,
-        log_prices=log_prices,
-        returns=returns,
-        periods_per_year=inputs.periods_per_year,
+        index=tickers.index(ticker),
+        log_values=np.log(quantities) + np.log(latest),
+        weights=_market_weights(quantities, latest),
+        log_prices=window.log_prices,
+        returns=window.returns,
+        spreads=window.spreads,
+        periods_per_year=periods_per_year,
     )
 
 
@@ -327,9 +380,9 @@ def _allocation_score(s: _Prepared) -> float:
     """
     count = len(s.weights)
     weight = float(s.weights[s.index])
-    if s.returns is None:
+    spreads = s.spreads
+    if spreads is None:
         return 1.0 / count - weight
-    spreads = np.sqrt(np.einsum("jt,jt->j", s.returns, s.returns))
     smallest = float(spreads.min())
     if smallest == 0.0:
         return 1.0 / count - weight
@@ -368,4 +421,119 @@ def compute_all(inputs: MetricInputs) -> dict[str, float]:
     into arrays once and shared by all five.
     """
     prepared = _prepare(inputs)
+    return {metric: _METRIC_FUNCTIONS[metric](prepared) for metric in METRICS}
+
+
+DEFAULT_HISTORY_CACHE_ENTRIES: Final[int] = 64
+"""Windows a :class:`HistoryCache` keeps by default.
+
+Between two market ticks every analysis of the same set of held tickers
+reads the same histories, so one entry serves them all; distinct holdings
+sets each take one.  An entry of 100 holdings x 256 ticks is about 400 KB,
+so the default bounds the cache at about 26 MB in the worst case and a
+few KB for the default three-ticker portfolio.
+"""
+
+
+@attrs.frozen
+class HistoryCacheStatistics:
+    """What :meth:`HistoryCache.statistics` reports."""
+
+    entries: int
+    capacity: int
+    hits: int
+    misses: int
+
+
+class HistoryCache:
+    """A bounded, thread-safe LRU of the weight-independent metric arrays.
+
+    The key is ``(held tickers, history_key)`` where ``history_key`` is the
+    caller's fingerprint of the histories (the packed strings read from the
+    store, or the market tick that wrote them): equal keys must mean equal
+    histories.  What is cached is derived from the histories alone (log
+    prices, centred returns, their norms), never from quantities or prices,
+    so a hit gives exactly the numbers a fresh :func:`compute_all` gives.
+    Owned by whoever creates it (one per server process is the intent);
+    worker threads and the event loop may share one.  At most ``capacity``
+    entries, least recently used dropped first.  Raises :class:`ValueError`
+    for a capacity below 1.
+    """
+
+    def __init__(self, capacity: int = DEFAULT_HISTORY_CACHE_ENTRIES) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        self._capacity = capacity
+        self._entries: OrderedDict[Hashable, _Window] = OrderedDict()
+        self._lock = threading.Lock()
+        self._hits = 0
+        self._misses = 0
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def statistics(self) -> HistoryCacheStatistics:
+        with self._lock:
+            return HistoryCacheStatistics(
+                entries=len(self._entries),
+                capacity=self._capacity,
+                hits=self._hits,
+                misses=self._misses,
+            )
+
+    def _get(self, key: Hashable) -> _Window | None:
+        with self._lock:
+            window = self._entries.get(key)
+            if window is None:
+                self._misses += 1
+            else:
+                self._hits += 1
+                self._entries.move_to_end(key)
+            return window
+
+    def _put(self, key: Hashable, window: _Window) -> None:
+        with self._lock:
+            self._entries[key] = window
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
+
+
+def cache_key(holdings: Iterable[str], fingerprint: Hashable) -> Hashable:
+    """The :class:`HistoryCache` key of a computation (for ``key in cache``)."""
+    return (tuple(sorted(holdings)), fingerprint)
+
+
+def compute_all_shared(
+    ticker: str,
+    holdings: Mapping[str, float],
+    prices: Mapping[str, float],
+    *,
+    fingerprint: Hashable,
+    load_history: Callable[[], Mapping[str, Sequence[float]]],
+    cache: HistoryCache,
+    periods_per_year: float = DEFAULT_PERIODS_PER_YEAR,
+) -> dict[str, float]:
+    """:func:`compute_all` with the history arrays shared through ``cache``.
+
+    Same result, bit for bit, as ``compute_all(MetricInputs(ticker,
+    holdings, prices, load_history(), periods_per_year))``, and the same
+    :class:`ValueError` for invalid inputs; but ``load_history`` (e.g. the
+    decoding of packed histories) runs, and the history is validated and
+    turned into arrays, only when ``(held tickers, fingerprint)`` is not
+    cached yet.  ``fingerprint`` must determine the held tickers'
+    histories (the packed strings themselves are a safe choice).
+    Quantities and prices are checked on every call.
+    """
+    _check_scalars(ticker, holdings, prices, periods_per_year)
+    tickers = sorted(holdings)
+    key = cache_key(tickers, fingerprint)
+    window = cache._get(key)
+    if window is None:
+        history = load_history()
+        _check_history(tickers, history)
+        window = _window(tickers, history)
+        cache._put(key, window)
+    prepared = _prepare_with(ticker, tickers, holdings, prices, window, periods_per_year)
     return {metric: _METRIC_FUNCTIONS[metric](prepared) for metric in METRICS}

@@ -555,6 +555,30 @@ class Settings:
             "SECONDS",
         ),
     )
+    ping_interval_seconds: float = attrs.field(
+        default=20.0,
+        metadata=_rule(
+            "ping every WebSocket this often (0: never)", "a number >= 0", _non_negative, "SECONDS"
+        ),
+    )
+    ping_timeout_seconds: float = attrs.field(
+        default=20.0,
+        metadata=_rule(
+            "close (1011) a WebSocket whose pong is this late",
+            _POSITIVE_NUMBER,
+            _positive,
+            "SECONDS",
+        ),
+    )
+    idle_timeout_seconds: float = attrs.field(
+        default=0.0,
+        metadata=_rule(
+            "close (1000) a WebSocket that sent no frame for this long (0: never)",
+            "a number >= 0",
+            _non_negative,
+            "SECONDS",
+        ),
+    )
     client_auto_reconnect: bool = attrs.field(
         default=True,
         metadata=_rule(
@@ -562,6 +586,15 @@ class Settings:
             "true or false",
             _is_bool,
             "true|false",
+        ),
+    )
+    outbox_max_bytes: int = attrs.field(
+        default=1 << 20,
+        metadata=_rule(
+            "bytes of frames queued per connection; more closes it (1008) as too slow",
+            _POSITIVE_INT,
+            _positive,
+            "BYTES",
         ),
     )
 

@@ -7,17 +7,37 @@ Each accepted WebSocket gets a :class:`Connection` whose :meth:`~Connection.run`
 owns a nursery with three helper tasks and runs the *control loop* itself::
 
     connection nursery
-    ├── reader      ws.get_message() -> rate limit -> control channel
+    ├── reader      ws.get_message() -> rate limit -> control channel; idle timeout
     ├── events      session pub/sub events -> control channel (drop when full)
-    ├── writer      outbox channel -> ws.send_message()   (the only sender)
+    ├── writer      outbox channel -> ws.send_message()   (the only sender); pings
     └── analysis    AnalysisRunner in its own cancel scope (at most one)
                     └── metrics nursery: five metric tasks
 
 *One writer.*  Every frame leaves through one bounded outbox channel read by
 one writer task, so frames never interleave, and a client that stops
 reading fills the outbox, which stalls the producers (backpressure) instead
-of growing memory; a send that takes longer than ``send_timeout`` closes
-the connection.
+of growing memory.  The outbox is bounded twice: in frames
+(``outbox_size``: producers wait) and in bytes (``outbox_max_bytes``,
+counting the frames queued and the one being sent): a frame that would take
+it over the byte budget marks the client as too slow, and the connection is
+closed with 1008, its queued frames dropped (a single frame larger than the
+whole budget is still let through when nothing else is queued).  A send
+that takes longer than :data:`SEND_TIMEOUT` closes the connection the same
+way; that send was cut mid-frame, so no close frame can follow it and the
+TCP connection is simply dropped.
+
+*Keep-alive.*  Between frames the writer pings the client every
+``ping_interval_seconds`` (at most one ping in flight,
+:meth:`~trio_portfolio.websocket.ServerWebSocket.send_ping`, which does not
+wait for the pong) and closes with 1011 a connection whose pong is more than
+``ping_timeout_seconds`` late, so a half-open or stalled peer is found
+without a task per connection.  Pongs are answered by trio-websocket's own
+reader, which stops reading while our reader is blocked; so a client whose
+frames the control loop has not taken for a whole ping timeout is taken for
+dead too.  With ``idle_timeout_seconds`` set, the reader closes (1000, reason
+``idle timeout``) a connection whose client sent no frame for that long
+(pongs do not count); off by default, so v1 clients that only wait for
+results stay connected.
 
 *One controller.*  Client frames and session events are handled one at a
 time, in arrival order, by the control loop.  ``analyze`` cancels the
@@ -54,27 +74,36 @@ earlier epoch is answered already, so the client is told once.
 *Activity.*  Every client frame is activity (it refreshes the session's
 TTL); market updates are not (guarantee 5).
 
-*Ending.*  The connection ends when the client goes, the writer fails, or the
-server shuts down (:meth:`Connection.shutdown`).  In every case the running
-analysis is cancelled and unfenced under a shield with a deadline, queued
-frames are flushed, and the socket is closed (1001 on shutdown).
+*Ending.*  The connection ends when the client goes, the writer fails, a
+limit is hit, or the server shuts down (:meth:`Connection.shutdown`).  In
+every case :meth:`Connection._close` runs shielded, in bounded time: within
+``shutdown_timeout_seconds`` the running analysis is stopped and unfenced
+and the queued frames are flushed; whatever is left then is cut short (the
+runner is abandoned, the writer cancelled); then the closing handshake gets
+at most :data:`CLOSE_TIMEOUT` more (1001 on shutdown), and the TCP
+connection is closed.  So a connection ends at most
+``shutdown_timeout_seconds + CLOSE_TIMEOUT`` after it was told to, whatever
+the client and Redis do.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed
 
+from trio_portfolio.admission import session_cap_refusal
 from trio_portfolio.analysis import AnalysisContext, AnalysisRunner
 from trio_portfolio.analysis_outcome import AnalysisId, AnalysisOutcome, SessionGone
 from trio_portfolio.config import Settings
+from trio_portfolio.logs import new_error_id
 from trio_portfolio.market import MarketData
 from trio_portfolio.metrics import Refusal, ServerMetrics
 from trio_portfolio.models import AnalysisResult, AppendStatus, Portfolio, utc_now
@@ -96,11 +125,16 @@ from trio_portfolio.protocol import (
 from trio_portfolio.redis_io import StoreUnavailable
 from trio_portfolio.session_events import AnalysisStarted, PortfolioChanged, SessionEvents
 from trio_portfolio.store import SessionStore
+from trio_portfolio.websocket import ServerWebSocket
 
 log = logging.getLogger(__name__)
 
 SEND_TIMEOUT = 10.0
 """Seconds a single frame may take to reach a client before we give up on it."""
+
+CLOSE_TIMEOUT = 1.0
+"""Seconds the closing handshake may take, after the grace period, before the TCP
+connection is dropped."""
 
 
 @attrs.frozen
@@ -122,6 +156,16 @@ class Services:
         holdings = self.settings.default_holdings
         prices = await self.market.ensure_prices(list(holdings))
         return await self.store.create_if_missing(session_id, holdings, prices, utc_now())
+
+    async def at_session_cap(self) -> bool:
+        """Whether the store already holds ``max_sessions`` live sessions (one ``SCARD``).
+
+        The handshake and ``POST /session`` check this before a creation; a
+        connection checks it again before re-creating a session that expired
+        under it.  Raises :class:`StoreUnavailable` when Redis cannot answer.
+        """
+        live = await self.store.redis.execute("SCARD", self.store.keys.index)
+        return session_cap_refusal(int(live), self.settings.max_sessions) is not None
 
 
 @attrs.define
@@ -174,7 +218,7 @@ class Connection:
     """A client on one session; see the module docstring."""
 
     def __init__(
-        self, services: Services, ws: WebSocketConnection, session_id: str, dialect: Dialect
+        self, services: Services, ws: ServerWebSocket, session_id: str, dialect: Dialect
     ) -> None:
         self.services = services
         self.ws = ws
@@ -183,10 +227,29 @@ class Connection:
         self.id = secrets.token_hex(6)
         settings = services.settings
         self._outbox_send, self._outbox_recv = trio.open_memory_channel[str](settings.outbox_size)
+        self.outbox_bytes = 0
+        """Bytes (characters) of the frames queued, waiting to queue, or being sent."""
+        self.outbox_bytes_peak = 0
+        """The most :attr:`outbox_bytes` ever was (never above the budget, but for
+        a single frame larger than the whole budget)."""
+        self._discarding = False
+        """The client is too slow or gone: frames are dropped, not queued or sent."""
+        self._stream_broken = False
+        """A send was cut mid-frame: no close frame can follow, only a TCP close."""
+        self._notify_on_close = False
+        """Tell the client its running analysis was cancelled (it can still hear us)."""
+        self._writer_scope = trio.CancelScope()
+        self._sending = False
+        """The writer is in a send: cancelling it now cuts a frame."""
+        self._deadline: float | None = None
+        """When the grace period of the ending connection is over (set by :meth:`_end`)."""
+        self._grace: trio.CancelScope | None = None
         self._control_send, self._control_recv = trio.open_memory_channel[_Input](16)
         self._control_scope = trio.CancelScope()
         self._bucket = TokenBucket(settings.messages_per_second, settings.message_burst)
         self._current: AnalysisRunner | None = None
+        self._starting: AnalysisRunner | None = None
+        """A runner being started (not yet :attr:`_current`), for :meth:`_close`."""
         self._close_code = 1000
         self._close_reason = "bye"
         self._session_ready = False
@@ -201,16 +264,52 @@ class Connection:
 
     def shutdown(self) -> None:
         """Server shutdown: stop the analysis, flush, close with 1001."""
-        self._end(1001, "server shutting down")
+        self._end(1001, "server shutting down", notify=True)
 
-    def _end(self, code: int, reason: str) -> None:
+    def abandon(self) -> None:
+        """The grace period is over (server shutdown): cut short whatever is left.
+
+        The running (or starting) analysis is abandoned, shields included, and
+        the writer cancelled; the closing handshake still gets its
+        :data:`CLOSE_TIMEOUT`.  Idempotent.
+        """
+        self._deadline = -math.inf
+        self._end(1001, "server shutting down", notify=True)
+        if self._grace is not None:
+            self._grace.cancel()
+        self._cut_short()
+
+    def _cut_short(self) -> None:
+        for runner in (self._current, self._starting):
+            if runner is not None:
+                runner.abandon()  # its shielded commits and unfencing end now
+        if self._sending:
+            self._stream_broken = True
+        self._writer_scope.cancel()
+
+    def _end(self, code: int, reason: str, *, notify: bool = False) -> None:
+        """End the connection (the first reason wins); ``notify``: the client can hear us."""
         if not self._control_scope.cancel_called:
             self._close_code, self._close_reason = code, reason
+            self._notify_on_close = notify
             self._control_scope.cancel()
+        if self._deadline is None:
+            self._deadline = trio.current_time() + self.services.settings.shutdown_timeout_seconds
+
+    def _too_slow(self, why: str) -> None:
+        """The client does not read fast enough: drop what is queued, close with 1008."""
+        if not self._discarding:
+            self._discarding = True
+            self.services.metrics.error(Refusal.SLOW_CLIENT)
+            log.warning(
+                "client too slow, closing: %s",
+                why,
+                extra=self._log_ids(),
+            )
+        self._end(1008, "client too slow")
 
     async def run(self) -> None:
         """Serve the client until it leaves or the server shuts down; never raises."""
-        settings = self.services.settings
         async with (
             self.services.events.watch(self.session_id) as events,
             trio.open_nursery() as nursery,
@@ -225,46 +324,131 @@ class Connection:
                     await self._open_session()
                     await self._control_loop()
             finally:
-                with (
-                    trio.CancelScope(shield=True),
-                    trio.move_on_after(settings.shutdown_timeout_seconds),
-                ):
-                    notify = self._close_code == 1001
-                    await self._stop_current(CancelReason.CANCELLED, notify=notify)
-                    self._outbox_send.close()
-                    await writer_done.wait()
-                    await self.ws.aclose(self._close_code, self._close_reason)
+                await self._close(writer_done)
                 nursery.cancel_scope.cancel()
 
-    async def _writer(self, done: trio.Event) -> None:
-        """The only task that sends on the socket; drains the outbox until it closes."""
-        alive = True
+    async def _close(self, writer_done: trio.Event) -> None:
+        """Stop the analysis, flush, close the socket: in bounded time, whatever happens.
+
+        Shielded throughout (it runs while the connection is being cancelled),
+        with one deadline, ``shutdown_timeout_seconds`` after the connection was
+        told to end (:meth:`_end`), for stopping the analysis and flushing the
+        outbox; then whatever is not done is cut short (the analysis abandoned,
+        the writer cancelled), and the closing handshake gets at most
+        :data:`CLOSE_TIMEOUT`.  After a send cut mid-frame no close frame is
+        sent: the caller closes the TCP connection.
+        """
+        self._end(1000, "bye")  # sets the deadline if nobody ended us (an outside cancel)
+        with self._grace_period():
+            await self._stop_current(CancelReason.CANCELLED, notify=self._notify_on_close)
+        if self._current is not None:
+            self._current.abandon()  # its shielded commits and unfencing end now
+        # Closing wakes any producer blocked on a full outbox; later sends are dropped.
+        self._outbox_send.close()
+        with self._grace_period():
+            await writer_done.wait()
+        if not writer_done.is_set():  # still sending to a client that does not read
+            self._cut_short()
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+            await writer_done.wait()
+            if not self._stream_broken:
+                await self.ws.aclose(self._close_code, self._close_reason)
+
+    @contextlib.contextmanager
+    def _grace_period(self) -> Iterator[None]:
+        """Shielded until the grace period is over, or :meth:`abandon` is called."""
+        deadline = self._deadline
+        assert deadline is not None
+        self._grace = trio.CancelScope(shield=True, deadline=deadline)
         try:
-            async for frame in self._outbox_recv:
-                if not alive:
-                    continue
-                with trio.move_on_after(SEND_TIMEOUT) as scope:
-                    try:
-                        await self.ws.send_message(frame)
-                    except ConnectionClosed:
-                        alive = False
-                        self._end(1000, "client gone")
-                if scope.cancelled_caught:
-                    alive = False
-                    log.warning(
-                        "client not reading for %gs, closing",
-                        SEND_TIMEOUT,
-                        extra={"connection_id": self.id, "session_id": self.session_id},
-                    )
-                    self._end(1008, "client too slow")
+            with self._grace:
+                yield
+        finally:
+            self._grace = None
+
+    async def _writer(self, done: trio.Event) -> None:
+        """The only task that sends on the socket; drains the outbox until it closes.
+
+        Between frames it pings the client (see the module docstring).  Once the
+        connection is done for (gone, too slow, no pong), frames are dropped.
+        """
+        try:
+            with self._writer_scope:
+                await self._write_until_closed()
         finally:
             done.set()
 
+    async def _write_until_closed(self) -> None:
+        settings = self.services.settings
+        interval = settings.ping_interval_seconds or math.inf
+        next_ping = trio.current_time() + interval
+        while True:
+            wake = next_ping
+            unanswered = self.ws.ping_unanswered_since
+            if unanswered is not None:
+                wake = min(wake, unanswered + settings.ping_timeout_seconds)
+            if self._discarding:
+                wake = math.inf
+            frame = None
+            with trio.move_on_at(wake):
+                try:
+                    frame = await self._outbox_recv.receive()
+                except trio.EndOfChannel:
+                    return
+            if frame is not None:
+                if not self._discarding:
+                    await self._transmit(frame)
+                self.outbox_bytes -= len(frame)
+                continue
+            # Woken for the keep-alive, with no frame to send.
+            now = trio.current_time()
+            unanswered = self.ws.ping_unanswered_since
+            if unanswered is not None:
+                if now >= unanswered + settings.ping_timeout_seconds:
+                    self._discarding = True
+                    self.services.metrics.error(Refusal.PING_TIMEOUT)
+                    log.info(
+                        "no pong for %gs, closing",
+                        now - unanswered,
+                        extra=self._log_ids(),
+                    )
+                    self._end(1011, "ping timeout")
+            elif now >= next_ping:
+                await self._transmit(None)
+                next_ping = now + interval
+
+    async def _transmit(self, frame: str | None) -> None:
+        """Send ``frame`` (``None``: a ping) within :data:`SEND_TIMEOUT`, or end the connection."""
+        with trio.move_on_after(SEND_TIMEOUT):
+            self._sending = True
+            try:
+                if frame is None:
+                    await self.ws.send_ping()
+                else:
+                    await self.ws.send_message(frame)
+            except ConnectionClosed:
+                self._discarding = True
+                self._end(1000, "client gone")
+            finally:
+                self._sending = False
+            return
+        self._stream_broken = True
+        self._too_slow(f"a frame was not taken for {SEND_TIMEOUT:g}s")
+
     async def _reader(self) -> None:
-        """Drain the socket into the control channel, applying the rate limit."""
+        """Drain the socket into the control channel, applying the rate limit.
+
+        Ends the connection after ``idle_timeout_seconds`` without a client frame.
+        """
+        idle = self.services.settings.idle_timeout_seconds or math.inf
         try:
             while True:
-                message = await self.ws.get_message()
+                with trio.move_on_after(idle) as waiting:
+                    message = await self.ws.get_message()
+                if waiting.cancelled_caught:
+                    self.services.metrics.error(Refusal.IDLE_TIMEOUT)
+                    self._end(1000, "idle timeout", notify=True)
+                    return
                 verdict = self._bucket.take(trio.current_time())
                 if verdict == "flood":
                     self.services.metrics.error(Refusal.FLOOD)
@@ -275,6 +459,9 @@ class Connection:
             reason = self.ws.closed
             if reason is not None and reason.code == 1009:
                 self.services.metrics.error(Refusal.MESSAGE_TOO_BIG)
+            elif reason is not None and reason.code == 1007:
+                self.services.metrics.error(Refusal.INVALID_UTF8)
+            self._discarding = True
             self._end(1000, "client gone")
 
     async def _forward_events(self, events: trio.MemoryReceiveChannel[object]) -> None:
@@ -286,15 +473,50 @@ class Connection:
                     self.services.metrics.event_dropped()
 
     async def send(self, frame: str | None) -> None:
-        """Queue ``frame`` for the writer (``None``: not for this dialect)."""
-        if frame is None:
+        """Queue ``frame`` for the writer (``None``: not for this dialect).
+
+        Waits while the outbox is full in frames.  A frame that would take the
+        outbox over ``outbox_max_bytes`` is dropped and the client closed as
+        too slow (1008); so is every frame after that, or after the end.
+        """
+        if frame is None or self._discarding:
             return
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self._outbox_send.send(frame)
+        size = len(frame)
+        budget = self.services.settings.outbox_max_bytes
+        if self.outbox_bytes and self.outbox_bytes + size > budget:
+            self._too_slow(f"more than {budget} bytes queued")
+            return
+        self.outbox_bytes += size
+        self.outbox_bytes_peak = max(self.outbox_bytes_peak, self.outbox_bytes)
+        queued = False
+        try:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._outbox_send.send(frame)
+                queued = True
+        finally:
+            if not queued:
+                self.outbox_bytes -= size
 
     async def _send_error(self, code: ErrorCode, detail: str) -> None:
         self.services.metrics.error(code)
         await self.send(render_error(code, detail))
+
+    def _log_ids(self) -> dict[str, str]:
+        """The ``extra`` of this connection's log lines (the formatter hashes the session id)."""
+        return {"connection_id": self.id, "session_id": self.session_id}
+
+    async def _send_store_unavailable(self, what: str, exc: StoreUnavailable) -> None:
+        """``store_unavailable`` with the condition only; the raw error goes to the log.
+
+        The client gets an ``error_id`` that the log line carries too, never
+        the store's address or an OS error text.
+        """
+        error_id = new_error_id()
+        log.warning("%s (%s): %s", what, error_id, exc, extra=self._log_ids())
+        await self._send_error(
+            ErrorCode.STORE_UNAVAILABLE,
+            f"{what} ({exc.explanation}); retry shortly (error_id {error_id})",
+        )
 
     # -- session -----------------------------------------------------------
 
@@ -303,12 +525,23 @@ class Connection:
         try:
             await self._greet_session()
         except StoreUnavailable as exc:
-            await self._send_error(
-                ErrorCode.STORE_UNAVAILABLE, f"session not available yet, retry shortly: {exc}"
-            )
+            await self._send_store_unavailable("session not available yet", exc)
+        except ProtocolError as exc:  # too_many_sessions
+            await self._send_error(exc.code, exc.detail)
 
     async def _greet_session(self) -> None:
-        """Create (or resume) the session and send it as a ``session`` frame (v2)."""
+        """Create (or resume) the session and send it as a ``session`` frame (v2).
+
+        Raises :class:`ProtocolError` ``too_many_sessions`` when the session is
+        re-created (it expired under this connection) while the store is at
+        ``max_sessions``; the first creation was admitted at the handshake.
+        """
+        if self._session_epoch > 0 and await self.services.at_session_cap():
+            self._session_ready = False
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_SESSIONS,
+                "the server holds as many sessions as it may; try again later",
+            )
         portfolio = await self.services.create_session(self.session_id)
         self._session_ready = True
         self._session_epoch += 1
@@ -362,7 +595,9 @@ class Connection:
                 else:
                     await self._on_analysis_outcome(item.outcome, item.epoch)
             except StoreUnavailable as exc:
-                await self._send_error(ErrorCode.STORE_UNAVAILABLE, str(exc))
+                await self._send_store_unavailable("the store is unavailable", exc)
+            except ProtocolError as exc:  # too_many_sessions from a re-creation
+                await self._send_error(exc.code, exc.detail)
 
     async def _on_client_frame(self, text: str | bytes) -> None:
         try:
@@ -391,7 +626,11 @@ class Connection:
         await self._stop_current(CancelReason.SWITCHED)
         runner = AnalysisRunner(self._analysis_context(), ticker)
         epoch = self._session_epoch
-        refused = await self._nursery.start(self._run_analysis, runner, epoch)
+        self._starting = runner
+        try:
+            refused = await self._nursery.start(self._run_analysis, runner, epoch)
+        finally:
+            self._starting = None
         if refused is None:
             self._current = runner
         else:

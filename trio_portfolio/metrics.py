@@ -113,6 +113,10 @@ class Refusal(enum.StrEnum):
     NOT_READY = "not_ready"  # a handshake before the store is open: 503
     FLOOD = "flood"  # closed with 1008 for flooding past the rate limit
     MESSAGE_TOO_BIG = "message_too_big"  # closed with 1009 by trio-websocket
+    INVALID_UTF8 = "invalid_utf8"  # closed with 1007: a text frame that is not UTF-8
+    SLOW_CLIENT = "slow_client"  # closed with 1008: outbox over its byte budget, or a send stuck
+    PING_TIMEOUT = "ping_timeout"  # closed with 1011: no pong within --ping-timeout-seconds
+    IDLE_TIMEOUT = "idle_timeout"  # closed with 1000: no client frame for --idle-timeout-seconds
 
 
 @attrs.frozen
@@ -171,7 +175,7 @@ ERRORS = MetricSpec(
     Kind.COUNTER,
     "error frames and refusals, by code",
     label="code",
-    label_values=_values(ErrorCode) + _values(Refusal),
+    label_values=tuple(dict.fromkeys(_values(ErrorCode) + _values(Refusal))),
 )
 EVENTS_DROPPED = MetricSpec(
     "events_dropped",

