@@ -1,7 +1,8 @@
 """The cluster router against a real local Redis Cluster (3 masters, 3 replicas).
 
-Started once per module from Debian's ``redis-server`` (>= 7.0) with
-``redis-cli --cluster create``; skipped when neither is installed.  Tests
+The session's cluster from the shared harness (``redis_cluster`` fixture,
+:mod:`trio_portfolio.testing.redis_topologies`); skipped without a
+``redis-server`` >= 7.  Tests
 that change the topology (resharding a slot, failing a master over) put it
 back or leave it whole, so the order of tests does not matter.  Every wait
 is under ``fail_after``.
@@ -10,16 +11,8 @@ is under ``fail_after``.
 from __future__ import annotations
 
 import contextlib
-import os
 import random
-import shutil
 import socket
-import subprocess
-import tempfile
-import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import attrs
 import pytest
@@ -41,9 +34,7 @@ from trio_portfolio.redis_io import (
     Unavailable,
 )
 from trio_portfolio.store import open_store
-
-SERVER = Path("/usr/bin/redis-server")
-CLI = shutil.which("redis-cli", path="/usr/bin") or shutil.which("redis-cli")
+from trio_portfolio.testing import RedisCluster
 
 SLOW = Script(
     """
@@ -56,44 +47,28 @@ return ARGV[2]
 ECHO_KEY = Script("return {KEYS[1], ARGV[1]}")
 
 
-# -- a minimal local cluster (until the shared harness lands in main) ---------------------
+# -- the shared harness's cluster, seen through a few helpers ---------------------------
 
 
 @attrs.frozen
 class LocalCluster:
-    ports: tuple[int, ...]
-    pids: tuple[int, ...]
+    """The session's :class:`RedisCluster` with the lookups these tests need (all blocking)."""
+
+    harness: RedisCluster
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+        return self.harness.url
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return tuple(node.port for node in self.harness.nodes)
 
     def client(self, port: int) -> sync_redis.Redis:
-        return sync_redis.Redis(port=port, decode_responses=True, socket_timeout=5, protocol=2)
+        return self.harness.node_at(port).client(timeout=5)
 
-    def nodes(self) -> list[dict[str, Any]]:
-        """CLUSTER NODES of the first answering node, parsed."""
-        for port in self.ports:
-            try:
-                with self.client(port) as c:
-                    text = str(c.execute_command("CLUSTER", "NODES"))
-            except sync_redis.RedisError:
-                continue
-            rows: list[dict[str, Any]] = []
-            for line in text.splitlines():
-                f = line.split()
-                rows.append(
-                    {
-                        "id": f[0],
-                        "port": int(f[1].split("@")[0].rsplit(":", 1)[1]),
-                        "master": "master" in f[2],
-                        "fail": "fail" in f[2],
-                        "master_id": f[3],
-                        "slots": f[8:],
-                    }
-                )
-            return rows
-        raise RuntimeError("no cluster node answers")
+    def ids(self) -> dict[int, str]:
+        return {v.port: v.node_id for v in self.harness.view(self.harness.nodes[0])}
 
     def owner_port(self, slot: int) -> int:
         with self.client(self.ports[0]) as c:
@@ -102,114 +77,18 @@ class LocalCluster:
                     return int(master[1])
         raise KeyError(slot)
 
-    def wait_ok(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                ok = True
-                for port in self.ports:
-                    with self.client(port) as c:
-                        info = c.execute_command("CLUSTER", "INFO")
-                        if "cluster_state:ok" not in info:
-                            ok = False
-                rows = self.nodes()
-                if ok and sum(r["master"] for r in rows) == 3 and not any(r["fail"] for r in rows):
-                    replicas = [r for r in rows if not r["master"]]
-                    if len(replicas) == 3 and all(self._link_up(int(r["port"])) for r in replicas):
-                        return
-            except sync_redis.RedisError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("cluster not ok in time")
-
-    def _link_up(self, port: int) -> bool:
-        with self.client(port) as c:
-            return bool(c.info("replication").get("master_link_status") == "up")
-
     def replica_of(self, master_port: int) -> int:
-        rows = self.nodes()
-        master_id = next(r["id"] for r in rows if r["port"] == master_port)
-        return next(int(r["port"]) for r in rows if r["master_id"] == master_id)
+        views = self.harness.view(self.harness.nodes[0])
+        master_id = next(v.node_id for v in views if v.port == master_port)
+        return next(v.port for v in views if v.master_id == master_id)
 
-    def failover(self, replica_port: int, timeout: float = 30.0) -> None:
-        with self.client(replica_port) as c:
-            c.execute_command("CLUSTER", "FAILOVER")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            rows = self.nodes()
-            if any(r["port"] == replica_port and r["master"] for r in rows):
-                break
-            time.sleep(0.05)
-        self.wait_ok(timeout)
+    def failover(self, replica_port: int) -> None:
+        self.harness.failover(self.harness.node_at(replica_port))
 
 
-def _free_pair() -> int:
-    for _ in range(200):
-        port = random.randrange(20000, 55000)
-        ok = True
-        for p in (port, port + 10000):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-        if ok:
-            return port
-    raise RuntimeError("no free port pair")
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    if not SERVER.exists() or CLI is None:
-        pytest.skip("needs /usr/bin/redis-server >= 7 and redis-cli")
-    workdir = Path(tempfile.mkdtemp(prefix="portfolio-cluster-test-"))
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        ports = []
-        for i in range(6):
-            port = _free_pair()
-            node = workdir / f"n{i}"
-            node.mkdir()
-            procs.append(
-                subprocess.Popen(
-                    [
-                        os.fspath(SERVER), "--port", str(port), "--bind", "127.0.0.1",
-                        "--cluster-enabled", "yes", "--cluster-node-timeout", "1000",
-                        "--cluster-replica-validity-factor", "0",
-                        "--save", "", "--appendonly", "no", "--dir", os.fspath(node),
-                        "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0",
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )  # fmt: skip
-            ports.append(port)
-        for port in ports:
-            for _ in range(200):
-                try:
-                    with sync_redis.Redis(port=port, socket_timeout=1) as c:
-                        c.ping()
-                    break
-                except sync_redis.RedisError:
-                    time.sleep(0.02)
-        subprocess.run(
-            [CLI, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
-             "--cluster-replicas", "1", "--cluster-yes"],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
-        )  # fmt: skip
-        local = LocalCluster(tuple(ports), tuple(p.pid for p in procs))
-        local.wait_ok()
-        yield local
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
+@pytest.fixture
+def cluster(redis_cluster: RedisCluster) -> LocalCluster:
+    return LocalCluster(redis_cluster)
 
 
 def keys_on_every_master(local: LocalCluster, prefix: str, per_master: int = 3) -> list[str]:
@@ -326,8 +205,7 @@ def _migrate_slot(
     local: LocalCluster, slot: int, source: int, target: int, *, finish: bool
 ) -> None:
     """Move ``slot`` from ``source`` to ``target``: IMPORTING/MIGRATING, MIGRATE keys, NODE."""
-    rows = local.nodes()
-    ids = {int(r["port"]): str(r["id"]) for r in rows}
+    ids = local.ids()
     with local.client(target) as t, local.client(source) as s:
         t.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
         s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
@@ -339,7 +217,7 @@ def _migrate_slot(
 
 
 def _finish_migration(local: LocalCluster, slot: int, target: int) -> None:
-    ids = {int(r["port"]): str(r["id"]) for r in local.nodes()}
+    ids = local.ids()
     for port in local.ports:
         with local.client(port) as c, contextlib.suppress(sync_redis.ResponseError):
             c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
