@@ -184,11 +184,20 @@ class _Dedicated:
         self._params = params
         self._lock = trio.Lock()
         self._conn: tuple[trio.abc.Stream, Any] | None = None
+        self._retargeted = False
+
+    def retarget(self, params: ConnectionParams) -> None:
+        """Use ``params`` from the next call on (Sentinel found another master)."""
+        self._params = params
+        self._retargeted = True
 
     async def call(self, args: Sequence[CommandArg]) -> Any:
         """One command, its reply (errors as values); :class:`StoreUnavailable` if it breaks."""
         async with self._lock:
             try:
+                if self._retargeted:
+                    self._retargeted = False
+                    await self.aclose()
                 if self._conn is None:
                     self._conn = await open_connection(self._params)
                 stream, parser = self._conn
@@ -255,6 +264,8 @@ class RedisClient:
         self.stats = RedisStatistics()
         self.on_latency = on_latency
         """Called with the seconds each completed call took (for a latency histogram)."""
+        self.sharded_pubsub = False
+        """Whether session events must use SPUBLISH/SSUBSCRIBE (a cluster on Redis >= 7)."""
 
     def statistics(self) -> RedisStatistics:
         """A snapshot of the client's counters."""
@@ -442,6 +453,14 @@ class RedisClient:
             elif isinstance(reply, CommandError):
                 self.stats.command_errors += 1
 
+    def retire(self) -> None:
+        """Move every caller to fresh connections; those in use finish what was written, then close.
+
+        For a router that stops using this client (a node left the cluster).
+        """
+        for connection in self._open:
+            connection.retire()
+
     def _retire_after_read_only(self) -> None:
         """The node was demoted: move every caller to fresh connections (rate-limited)."""
         now = trio.current_time()
@@ -449,8 +468,7 @@ class RedisClient:
             return
         self._read_only_reset_until = now + self._reconnect_backoff
         self.stats.read_only_resets += 1
-        for connection in self._open:
-            connection.retire()
+        self.retire()
 
     def _closed(self, connection: Connection) -> None:
         self._open.discard(connection)
@@ -515,6 +533,9 @@ async def open_redis(
     on_latency: Callable[[float], None] | None = None,
 ) -> AsyncIterator[RedisClient]:
     """Open a :class:`RedisClient` whose connections live in a nursery owned by this block.
+
+    One node only; :func:`trio_portfolio.redis_connect.open_redis` also
+    opens clusters and Sentinel setups from their URLs.
 
     Connections are made lazily, so this succeeds even while Redis is down
     (the first call then raises :class:`StoreUnavailable`); call

@@ -38,14 +38,14 @@ after any loss.  :meth:`PubSub.statistics` gathers the counters for metrics.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
 import trio
 
-from trio_portfolio.redis_errors import ReplyDecodeError, StoreUnavailable
+from trio_portfolio.redis_errors import CommandError, ReplyDecodeError, StoreUnavailable
 from trio_portfolio.redis_wire import (
     ConnectionParams,
     encode_command,
@@ -90,8 +90,20 @@ class PubSubStatistics:
 class PubSub:
     """A self-healing subscriber; create with :func:`open_pubsub`."""
 
-    def __init__(self, params: ConnectionParams, *, buffer: int, heartbeat: float) -> None:
+    def __init__(
+        self,
+        params: ConnectionParams,
+        *,
+        buffer: int,
+        heartbeat: float,
+        sharded: bool = False,
+        on_moved: Callable[[], None] | None = None,
+    ) -> None:
         self.params = params
+        self._sharded = sharded
+        """SSUBSCRIBE/SUNSUBSCRIBE (one channel per command: each may be in another slot)."""
+        self._on_moved = on_moved
+        """Called (sharded) when Redis says a wanted channel is served elsewhere now."""
         self._heartbeat = heartbeat
         self._wanted: set[str] = set()
         self._sent: set[str] = set()
@@ -138,6 +150,11 @@ class PubSub:
                 await self._confirmations.wait()
             return
         raise StoreUnavailable(f"Redis did not confirm the subscription within {timeout:g} s")
+
+    def want(self, *channels: str) -> None:
+        """Subscribe to ``channels`` without waiting for the confirmation."""
+        self._wanted.update(channels)
+        self._wakeup.set()
 
     def unsubscribe(self, *channels: str) -> None:
         """Stop receiving ``channels`` (the syncer tells Redis; nothing to wait for)."""
@@ -203,10 +220,14 @@ class PubSub:
             add = sorted(self._wanted - self._sent)
             remove = sorted(self._sent - self._wanted)
             payload = b""
-            if add:
-                payload += encode_command(("SUBSCRIBE", *add))
-            if remove:
-                payload += encode_command(("UNSUBSCRIBE", *remove))
+            if self._sharded:
+                payload += b"".join(encode_command(("SSUBSCRIBE", c)) for c in add)
+                payload += b"".join(encode_command(("SUNSUBSCRIBE", c)) for c in remove)
+            else:
+                if add:
+                    payload += encode_command(("SUBSCRIBE", *add))
+                if remove:
+                    payload += encode_command(("UNSUBSCRIBE", *remove))
             if payload:
                 self._sent.update(add)
                 self._sent.difference_update(remove)
@@ -247,9 +268,22 @@ class PubSub:
             # are ours), so this was one: it is gone whole, the stream is in step.
             self.messages_dropped_undecodable += 1
             return
+        if isinstance(reply, CommandError) and reply.code == "MOVED":
+            self._moved()  # SSUBSCRIBE sent to a node that does not serve the slot
+            return
         if not (isinstance(reply, list) and len(reply) >= 2 and isinstance(reply[1], str)):
             return  # PONG, an error reply, or a shape we never subscribed for
         kind, channel = reply[0], reply[1]
+        if self._sharded and isinstance(kind, str) and kind[:1] == "s":
+            kind = kind[1:]  # smessage, ssubscribe, sunsubscribe
+            if kind == "unsubscribe" and channel in self._wanted:
+                # Pushed by Redis (a failover or resharding moved the slot):
+                # forget it was sent, so it is subscribed again where it lives.
+                self._sent.discard(channel)
+                self._confirmed.discard(channel)
+                self._signal_confirmations()
+                self._moved()
+                return
         if kind == "message" and len(reply) == 3 and isinstance(reply[2], str):
             self.messages_received += 1
             try:
@@ -263,6 +297,12 @@ class PubSub:
             self._confirmed.discard(channel)
             self._signal_confirmations()
 
+    def _moved(self) -> None:
+        if self._on_moved is not None:
+            self._on_moved()
+        else:
+            self._wakeup.set()
+
     def _signal_confirmations(self) -> None:
         self._confirmations.set()
         self._confirmations = trio.Event()
@@ -272,8 +312,13 @@ class PubSub:
 async def open_pubsub(
     url: str, *, buffer: int = 1024, heartbeat: float = 5.0
 ) -> AsyncIterator[PubSub]:
-    """A :class:`PubSub` whose connection lives in a nursery owned by this block."""
-    pubsub = PubSub(ConnectionParams.from_url(url), buffer=buffer, heartbeat=heartbeat)
+    """A :class:`PubSub` whose connection lives in a nursery owned by this block.
+
+    One node only; :func:`trio_portfolio.redis_connect.open_pubsub` also
+    opens sharded pub/sub on a cluster.
+    """
+    params = ConnectionParams.from_url(url)
+    pubsub = PubSub(params, buffer=buffer, heartbeat=heartbeat)
     async with open_service_nursery() as nursery:
         await nursery.start(pubsub.run)
         yield pubsub

@@ -99,8 +99,9 @@ from trio_portfolio.metrics import ServerMetrics
 from trio_portfolio.models import METRICS
 from trio_portfolio.origins import HostPolicy, OriginPolicy
 from trio_portfolio.protocol import Dialect, choose_dialect, render_portfolio, validate_session_id
-from trio_portfolio.redis_io import CommandError, RedisClient, StoreUnavailable, open_redis
-from trio_portfolio.redis_pubsub import PubSub, open_pubsub
+from trio_portfolio.redis_connect import open_pubsub, open_redis
+from trio_portfolio.redis_io import CommandError, RedisClient, StoreUnavailable
+from trio_portfolio.redis_pubsub import PubSub
 from trio_portfolio.replay import market_source_for
 from trio_portfolio.session_events import SessionEvents
 from trio_portfolio.store import SessionStore, open_store

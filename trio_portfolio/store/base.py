@@ -192,8 +192,13 @@ class SessionStore(abc.ABC):
         self.trim_slack = max(1, results_limit // 4)
         """How far past ``results_limit`` a stored array may grow before it is trimmed."""
         libraries = ("store_lib", f"store_lib_{self.layout}")
+        # The one place that picks the publish command (sharded on a cluster).
+        publish = "SPUBLISH" if redis.sharded_pubsub else "PUBLISH"
+        prelude = f"local PUBLISH_COMMAND = '{publish}'\n"
         self._scripts = {
-            op: load_script(LUA, f"{self.layout}_{op}", libraries=libraries)
+            op: Script(
+                prelude + load_script(LUA, f"{self.layout}_{op}", libraries=libraries).source
+            )
             for op in OPERATIONS + self.extra_operations
         }
 

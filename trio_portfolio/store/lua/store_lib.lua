@@ -191,9 +191,11 @@ local function results_hold(results, id)
   return false
 end
 
--- Events (format in docs/adr/002-session-store-layouts.md).
+-- Events (format in docs/adr/002-session-store-layouts.md).  PUBLISH_COMMAND
+-- ('PUBLISH', or 'SPUBLISH' on a cluster) is defined by the line the store
+-- puts before every script (SessionStore.__init__, store/base.py).
 local function publish_portfolio(channel, version, total, prices, as_of, cause)
-  redis.call('PUBLISH', channel, '{"kind":"portfolio","portfolio_version":' .. int(version)
+  redis.call(PUBLISH_COMMAND, channel, '{"kind":"portfolio","portfolio_version":' .. int(version)
     .. ',"total_value":' .. num(total)
     .. ',"prices":' .. encode_numbers(prices)
     .. ',"as_of":' .. cjson.encode(as_of)
@@ -201,6 +203,6 @@ local function publish_portfolio(channel, version, total, prices, as_of, cause)
 end
 
 local function publish_analysis_started(channel, current_text)
-  redis.call('PUBLISH', channel, '{"kind":"analysis_started",' .. string.sub(current_text, 2))
+  redis.call(PUBLISH_COMMAND, channel, '{"kind":"analysis_started",' .. string.sub(current_text, 2))
 end
 
