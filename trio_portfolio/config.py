@@ -45,6 +45,8 @@ ENV_PREFIX = "PORTFOLIO_"
 CONFIG_ENV = "PORTFOLIO_CONFIG"
 REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 _MASK = "***"
+MIN_MARKET_INTERVAL = 0.1
+"""The shortest market tick interval accepted (sub-second feeds; see docs/adr/003)."""
 
 
 class ConfigError(ValueError):
@@ -119,6 +121,14 @@ def _positive(value: float) -> bool:
 
 def _non_negative(value: float) -> bool:
     return value >= 0
+
+
+def _tick_interval(value: float) -> bool:
+    return value >= MIN_MARKET_INTERVAL
+
+
+def _valid_pipelines(value: int) -> bool:
+    return 1 <= value <= 64
 
 
 def _valid_port(value: int) -> bool:
@@ -221,7 +231,40 @@ class Settings:
     )
     market_update_interval_seconds: float = attrs.field(
         default=30.0,
-        metadata=_rule("time between market revaluations", _POSITIVE_NUMBER, _positive, "SECONDS"),
+        metadata=_rule(
+            "time between market ticks (fixed rate; an overrunning tick skips slots)",
+            f"a number >= {MIN_MARKET_INTERVAL}",
+            _tick_interval,
+            "SECONDS",
+        ),
+    )
+    max_tickers: int = attrs.field(
+        default=10000,
+        metadata=_rule(
+            "most tickers the market prices; set_holdings past it answers ticker_limit",
+            _POSITIVE_INT,
+            _positive,
+            "N",
+        ),
+    )
+    symbols: Path | None = attrs.field(
+        default=None,
+        metadata=_rule(
+            "file of the only tickers that may be held, one per line (# comments); "
+            "others answer unknown_ticker; unset allows any",
+            "a path",
+            _anything,
+            "FILE",
+        ),
+    )
+    market_pipelines: int = attrs.field(
+        default=4,
+        metadata=_rule(
+            "index buckets one process revalues at once (pipelines in flight per tick)",
+            "an integer 1-64",
+            _valid_pipelines,
+            "N",
+        ),
     )
     metric_delay_seconds: tuple[float, float] = attrs.field(
         default=(2.0, 5.0),
@@ -381,6 +424,10 @@ def _to_path(raw: object, _: type) -> Path:
     return Path(text)
 
 
+def _to_optional_path(raw: object, _: type) -> Path | None:
+    return None if raw is None or raw == "" else _to_path(raw, Path)
+
+
 def _to_enum(raw: object, cls: type[enum.StrEnum]) -> enum.StrEnum:
     try:
         return cls(_to_str(raw, str).lower())
@@ -433,12 +480,14 @@ _converter.register_structure_hook(Path, _to_path)
 _converter.register_structure_hook_func(lambda t: t == str | None, _to_optional_str)
 _converter.register_structure_hook_func(lambda t: t == tuple[float, float], _to_delay)
 _converter.register_structure_hook_func(lambda t: t == dict[str, float], _to_holdings)
+_converter.register_structure_hook_func(lambda t: t == Path | None, _to_optional_path)
 for _enum in (RedisLayout, LogLevel, LogFormat):  # before the str hook they subclass
     _converter.register_structure_hook(_enum, _to_enum)
 
 
 _converter.register_unstructure_hook(Path, str)
 _converter.register_unstructure_hook_func(lambda t: t == tuple[float, float], list)
+_converter.register_unstructure_hook_func(lambda t: t == Path | None, lambda v: v and str(v))
 
 
 # -- loading ----------------------------------------------------------------

@@ -100,6 +100,8 @@ class ErrorCode(enum.StrEnum):
     SESSION_EXPIRED = "session_expired"
     RATE_LIMITED = "rate_limited"
     INTERNAL_ERROR = "internal_error"
+    TICKER_LIMIT = "ticker_limit"
+    UNKNOWN_TICKER = "unknown_ticker"
 
 
 class ProtocolError(ValueError):

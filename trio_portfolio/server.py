@@ -46,7 +46,7 @@ from trio_portfolio.config import Settings
 from trio_portfolio.connection import Connection, Services
 from trio_portfolio.embedded import run_embedded_redis
 from trio_portfolio.http import ServiceUnavailable, serve_front_door
-from trio_portfolio.market import MarketData, TickReport, run_market_updater
+from trio_portfolio.market import MarketData, TickReport, load_symbols, run_market_updater
 from trio_portfolio.observability import Metrics
 from trio_portfolio.protocol import Dialect, choose_dialect, render_portfolio, validate_session_id
 from trio_portfolio.redis_io import RedisClient, StoreUnavailable, open_redis
@@ -71,6 +71,8 @@ _METRIC_HELP = {
     "market_ticks": "market ticks taken by this process as leader",
     "market_tick_seconds": "duration of a market tick, revaluation included",
     "sessions_revalued": "session revaluations by market ticks",
+    "market_ticks_skipped": "tick slots skipped because a tick overran its interval",
+    "market_tickers_pruned": "tickers dropped from the market because no live session held them",
     "redis_call_seconds": "latency of one Redis call (command, pipeline or script)",
     "errors": "error frames and refusals, by code",
     "events_dropped": "session events dropped because a connection lagged",
@@ -124,8 +126,15 @@ class Server:
         """Open the store (waiting for Redis), then start the events hub and market updater."""
         settings = self.settings
         store = await self._open_store_when_ready()
+        symbols = None
+        if settings.symbols is not None:
+            symbols = await trio.to_thread.run_sync(load_symbols, settings.symbols)
         market = MarketData(
-            self.redis, GbmSimulator(seed=settings.market_seed), key_prefix=settings.key_prefix
+            self.redis,
+            GbmSimulator(seed=settings.market_seed),
+            key_prefix=settings.key_prefix,
+            max_tickers=settings.max_tickers,
+            symbols=symbols,
         )
         await market.load_scripts()
         events = SessionEvents(self.pubsub, store.events_channel)
@@ -177,12 +186,15 @@ class Server:
             metrics.inc("sessions_revalued", report.sessions_revalued)
             metrics.set("sessions", report.sessions_revalued)
             metrics.observe("market_tick_seconds", report.seconds)
+            metrics.inc("market_ticks_skipped", report.ticks_skipped)
+            metrics.inc("market_tickers_pruned", len(report.tickers_pruned))
 
         await run_market_updater(
             market,
             store,
             interval=self.settings.market_update_interval_seconds,
             on_tick=on_tick,
+            pipelines=self.settings.market_pipelines,
             task_status=task_status,
         )
 

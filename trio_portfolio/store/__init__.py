@@ -25,10 +25,16 @@ import orjson
 from trio_portfolio.lua_scripts import load_script
 from trio_portfolio.redis_io import RedisClient, ReplyError
 from trio_portfolio.store.base import (
+    CLAIM_GRACE_MS,
+    INDEX_BUCKETS,
     LUA,
     OPERATIONS,
+    ClaimedPrices,
+    ClaimExpired,
     Layout,
     LayoutChoice,
+    MarketPrices,
+    RevalueTally,
     SessionKeys,
     SessionStore,
 )
@@ -42,11 +48,17 @@ from trio_portfolio.store.hash_layout import HashSessionStore
 from trio_portfolio.store.json_layout import JsonSessionStore
 
 __all__ = [
+    "CLAIM_GRACE_MS",
+    "INDEX_BUCKETS",
     "OPERATIONS",
+    "ClaimExpired",
+    "ClaimedPrices",
     "HashSessionStore",
     "JsonSessionStore",
     "Layout",
     "LayoutChoice",
+    "MarketPrices",
+    "RevalueTally",
     "SessionKeys",
     "SessionStore",
     "StoreDataError",
