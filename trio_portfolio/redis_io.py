@@ -94,11 +94,29 @@ _MAX_BATCH = 1024  # requests written by one send_all
 
 
 def encode_command(args: Sequence[CommandArg]) -> bytes:
-    """Encode one command in RESP2 with redis-py's serializer."""
-    try:
-        return b"".join(_SERIALIZER.pack(*args))  # type: ignore[no-untyped-call]
-    except DataError as exc:
-        raise TypeError(str(exc)) from None
+    """Encode one command in RESP2: ``str``, ``bytes`` and ``int`` directly, else redis-py's way.
+
+    The direct path produces exactly what redis-py's serializer does for
+    those types (UTF-8, strict) at a fraction of its cost, which matters for
+    the market's pipelines of tens of thousands of scripts; anything else
+    (floats, memoryviews, and the types redis-py refuses) goes through the
+    serializer.
+    """
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, bool) or not isinstance(arg, str | bytes | int):
+            try:
+                return b"".join(_SERIALIZER.pack(*args))  # type: ignore[no-untyped-call]
+            except DataError as exc:
+                raise TypeError(str(exc)) from None
+        if isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, bytes):
+            data = arg
+        else:
+            data = b"%d" % arg
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
 
 
 def new_reply_reader() -> Any:

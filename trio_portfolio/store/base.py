@@ -298,6 +298,8 @@ class SessionStore(abc.ABC):
     """Which layout this store uses (``"json"`` or ``"hash"``)."""
     extra_operations: ClassVar[tuple[str, ...]] = ()
     """Scripts beyond :data:`OPERATIONS` that the layout needs."""
+    script_libraries: ClassVar[dict[str, tuple[str, ...]]] = {}
+    """Operations whose script needs fewer libraries than both (defining them costs per call)."""
 
     def __init__(
         self,
@@ -327,7 +329,9 @@ class SessionStore(abc.ABC):
         """How far past ``results_limit`` a stored array may grow before it is trimmed."""
         libraries = ("store_lib", f"store_lib_{self.layout}")
         self._scripts = {
-            op: load_script(LUA, f"{self.layout}_{op}", libraries=libraries)
+            op: load_script(
+                LUA, f"{self.layout}_{op}", libraries=self.script_libraries.get(op, libraries)
+            )
             for op in OPERATIONS + self.extra_operations
         }
 
@@ -340,6 +344,10 @@ class SessionStore(abc.ABC):
     @abc.abstractmethod
     async def _read_document(self, session_id: str) -> dict[str, Any] | None:
         """The session in the document schema, read atomically; ``None`` if missing."""
+
+    def revalue_keys(self, session_id: str) -> list[str]:
+        """The KEYS of the revalue script (by default :meth:`session_keys`)."""
+        return self.session_keys(session_id)
 
     @abc.abstractmethod
     def held_tickers_command(self, session_id: str) -> tuple[str, ...]:
@@ -614,12 +622,17 @@ class SessionStore(abc.ABC):
         for _ in range(_REVALUE_ROUNDS):
             if not pending:
                 break
-            calls: list[tuple[list[str], list[str]]] = []
-            for session_id in pending:
-                args = [self.events_channel(session_id), as_of, tick_text]
-                for ticker in held[session_id]:
-                    args += (ticker, texts.get(ticker, ""))
-                calls.append((self.session_keys(session_id), args))
+            calls = [
+                (
+                    self.revalue_keys(session_id),
+                    (
+                        as_of,
+                        tick_text,
+                        ";".join(f"{t}={texts.get(t, '')}" for t in held[session_id]),
+                    ),
+                )
+                for session_id in pending
+            ]
             replies = await self.redis.evalsha_many(self._scripts["revalue"], calls)
             again: list[str] = []
             for session_id, reply in zip(pending, replies, strict=True):

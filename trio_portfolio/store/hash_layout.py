@@ -38,6 +38,7 @@ class HashSessionStore(SessionStore):
 
     layout: ClassVar[Layout] = "hash"
     extra_operations: ClassVar[tuple[str, ...]] = ("get",)
+    script_libraries: ClassVar[dict[str, tuple[str, ...]]] = {"revalue": ("store_lib",)}
 
     def session_keys(self, session_id: str) -> list[str]:
         return [
@@ -53,6 +54,14 @@ class HashSessionStore(SessionStore):
         if status == "missing":
             return None
         return payload_document(payload)
+
+    def revalue_keys(self, session_id: str) -> list[str]:
+        """Session hash, holdings and prices: the results list plays no part."""
+        return [
+            self.keys.session(session_id),
+            self.keys.holdings(session_id),
+            self.keys.prices(session_id),
+        ]
 
     def held_tickers_command(self, session_id: str) -> tuple[str, ...]:
         """``HKEYS`` of the holdings hash (never empty while the session lives)."""

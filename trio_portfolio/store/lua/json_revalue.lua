@@ -2,10 +2,10 @@
 -- Reads only the paths it needs, in one JSON.GET; writes (and bumps the
 -- version, and publishes) only if the total or a held price changed.
 -- Never activity: neither last_activity nor the TTL is touched.
--- KEYS[1] session document
--- ARGV[1] events channel  ARGV[2] as_of  ARGV[3] market tick ('' = unfenced)
--- ARGV[4..] ticker, price text, ... : a price for every held ticker, '' to
---           keep the stored one (a ticker that entered the market after the tick)
+-- KEYS[1] session document (the events channel is KEYS[1] .. ':events')
+-- ARGV[1] as_of  ARGV[2] market tick ('' = unfenced)
+-- ARGV[3] 'TICKER=price;TICKER=price...': a price for every held ticker,
+--         empty to keep the stored one (a ticker newer than the tick)
 -- Returns {'missing'}, {'fenced', version, total}, {'need', ticker, ...} or
 -- {'changed' | 'unchanged', version, total_value}, as hash_revalue.lua.
 local key = KEYS[1]
@@ -22,13 +22,13 @@ end
 local stored = doc['$.prices'][1]
 local old_total, version = doc['$.total_value'][1], doc['$.portfolio_version'][1]
 local valued_tick, superseded = doc['$.valued_tick'][1], doc['$.superseded_at'][1]
-local tick = tonumber(ARGV[3])
+local tick = tonumber(ARGV[2])
 if tick and type(valued_tick) == 'number' and valued_tick >= tick then
   return {'fenced', int(version), num(old_total)}
 end
 local given = {}
-for i = 4, #ARGV, 2 do
-  given[ARGV[i]] = ARGV[i + 1]
+for ticker, text in string.gmatch(ARGV[3], '([^=;]+)=([^;]*)') do
+  given[ticker] = text
 end
 local prices, changed, need = {}, false, {}
 for ticker in pairs(holdings) do
@@ -50,8 +50,8 @@ end
 local total = total_value(holdings, prices)
 if not changed and total == old_total then
   if tick then
-    json_set(key, '$.valued_tick', ARGV[3])
-    json_set(key, '$.as_of', cjson.encode(ARGV[2]))
+    json_set(key, '$.valued_tick', ARGV[2])
+    json_set(key, '$.as_of', cjson.encode(ARGV[1]))
   end
   return {'unchanged', int(version), num(total)}
 end
@@ -59,12 +59,12 @@ version = version + 1
 json_set(key, '$.prices', encode_numbers(prices))
 json_set(key, '$.total_value', num(total))
 json_set(key, '$.portfolio_version', int(version))
-json_set(key, '$.as_of', cjson.encode(ARGV[2]))
+json_set(key, '$.as_of', cjson.encode(ARGV[1]))
 if tick then
-  json_set(key, '$.valued_tick', ARGV[3])
+  json_set(key, '$.valued_tick', ARGV[2])
 end
 if type(superseded) ~= 'number' then
   json_set(key, '$.superseded_at', redis_time_ms())
 end
-publish_portfolio(ARGV[1], version, total, prices, ARGV[2], 'market')
+publish_portfolio(key .. ':events', version, total, prices, ARGV[1], 'market')
 return {'changed', int(version), num(total)}
