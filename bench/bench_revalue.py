@@ -141,14 +141,10 @@ def run_child(tree: Path, *extra: str) -> dict[str, Any]:
 def measure_shared(tree: Path, url: str, prefix: str, ticks: int, processes: int) -> dict[str, Any]:
     """This tree's tick with ``processes - 1`` helper processes joining the leader."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", "help"]
+    command += ["--redis-url", url, "--prefix", prefix]
     helpers = [
-        subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--child", "help"]
-            + ["--redis-url", url, "--prefix", prefix],
-            env=env,
-            stdout=subprocess.DEVNULL,
-        )
-        for _ in range(processes - 1)
+        subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL) for _ in range(processes - 1)
     ]
     try:
         time.sleep(1.0)  # the helpers connect and start polling
@@ -267,7 +263,8 @@ def main() -> None:
         for holdings, name, s in rows:
             print(
                 f"{holdings:>8} {name:<14} {s['sessions']:>9.0f} {s['best_s']:>11.3f} "
-                f"{s['median_s']:>9.3f} {s['rate']:>11,.0f} {s['cpu_us']:>16.1f} {s['client_us']:>17.1f}"
+                f"{s['median_s']:>9.3f} {s['rate']:>11,.0f} {s['cpu_us']:>16.1f} "
+                f"{s['client_us']:>17.1f}"
             )
         print()
         for holdings in sorted({h for h, _, _ in rows}):
