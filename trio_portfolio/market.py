@@ -356,13 +356,15 @@ async def run_market_updater(
     *,
     interval: float,
     on_tick: Callable[[TickReport], None] | None = None,
+    on_help: Callable[[int, TickShare], None] | None = None,
     pipelines: int = DEFAULT_PIPELINES,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Lead (tick every ``interval`` seconds, fixed rate) or help; never raises on store faults.
 
     ``on_tick`` (optional) is called with each :class:`TickReport` this
-    process took as leader, for metrics.  Leadership is a lease of three
+    process took as leader, for metrics; ``on_help`` with the tick and share
+    of each tick this process helped with as a non-leader.  Leadership is a lease of three
     intervals, renewed every interval even mid-tick, so a dead leader is
     replaced within about three intervals; non-leaders ask for it and for
     work every quarter interval.
@@ -386,7 +388,7 @@ async def run_market_updater(
         try:
             if not await market.try_lead(holder, lease):
                 schedule = None
-                await help_current_tick(
+                share = await help_current_tick(
                     market,
                     store,
                     taker=holder,
@@ -394,6 +396,9 @@ async def run_market_updater(
                     pipelines=pipelines,
                     bucket_lease=bucket_lease,
                 )
+                if share is not None and share.buckets and on_help is not None:
+                    assert cache.state is not None
+                    on_help(cache.state.tick, share)
                 failures = 0
                 continue
             if schedule is None:
