@@ -56,6 +56,7 @@ import logging
 import math
 import secrets
 from collections.abc import Callable
+from contextlib import aclosing
 
 import attrs
 import trio
@@ -227,14 +228,15 @@ async def _revalue_bucket(
     share: TickShare,
 ) -> None:
     tally = RevalueTally()
-    async for ids in store.iter_bucket(bucket, batch):
-        outcomes = await store.revalue_many(ids, prices, as_of, tick=tick, tally=tally)
-        gone = [o.session_id for o in outcomes if o.missing]
-        if gone:
-            await store.forget(gone)
-        share.revalued += len(outcomes) - len(gone)
-        share.changed += sum(1 for o in outcomes if o.changed)
-        share.pruned += len(gone)
+    async with aclosing(store.iter_bucket(bucket, batch)) as pages:
+        async for ids in pages:
+            outcomes = await store.revalue_many(ids, prices, as_of, tick=tick, tally=tally)
+            gone = [o.session_id for o in outcomes if o.missing]
+            if gone:
+                await store.forget(gone)
+            share.revalued += len(outcomes) - len(gone)
+            share.changed += sum(1 for o in outcomes if o.changed)
+            share.pruned += len(gone)
     share.fenced += tally.fenced
     pruned = await market.finish_bucket(tick, bucket, tally.held)
     share.buckets += 1

@@ -82,7 +82,8 @@ from __future__ import annotations
 import abc
 import logging
 import zlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from contextlib import aclosing
 from typing import Any, ClassVar, Literal
 
 import attrs
@@ -654,7 +655,7 @@ class SessionStore(abc.ABC):
             log.warning("revaluation of %d sessions skipped: holdings kept moving", len(pending))
         return [outcomes[s] for s in session_ids if s in outcomes]
 
-    async def iter_session_ids(self, batch: int = 500) -> AsyncIterator[list[str]]:
+    async def iter_session_ids(self, batch: int = 500) -> AsyncGenerator[list[str], None]:
         """Walk the session index with SSCAN, in lists of at most ``batch`` ids.
 
         SSCAN's guarantees apply: an id present for the whole walk is
@@ -666,15 +667,17 @@ class SessionStore(abc.ABC):
           StoreUnavailable, ReplyError: from any SSCAN round trip, so after
             some batches may already have been yielded.
         """
-        async for ids in self._scan_set(self.keys.index, batch):
-            yield ids
+        async with aclosing(self._scan_set(self.keys.index, batch)) as pages:
+            async for ids in pages:
+                yield ids
 
-    async def iter_bucket(self, bucket: int, batch: int = 500) -> AsyncIterator[list[str]]:
+    async def iter_bucket(self, bucket: int, batch: int = 500) -> AsyncGenerator[list[str], None]:
         """Walk one index bucket in lists of at most ``batch`` ids (as :meth:`iter_session_ids`)."""
-        async for ids in self._scan_set(self.keys.index_bucket(bucket), batch):
-            yield ids
+        async with aclosing(self._scan_set(self.keys.index_bucket(bucket), batch)) as pages:
+            async for ids in pages:
+                yield ids
 
-    async def _scan_set(self, key: str, batch: int) -> AsyncIterator[list[str]]:
+    async def _scan_set(self, key: str, batch: int) -> AsyncGenerator[list[str], None]:
         if batch < 1:
             raise ValueError("batch must be at least 1")
         cursor = "0"
@@ -699,9 +702,10 @@ class SessionStore(abc.ABC):
         if await self.redis.execute("EXISTS", self.keys.index_bucketed):
             return 0
         copied = 0
-        async for ids in self._scan_set(self.keys.index, batch):
-            await self.redis.pipeline(self.keys.index_commands("SADD", ids)[1:])
-            copied += len(ids)
+        async with aclosing(self._scan_set(self.keys.index, batch)) as pages:
+            async for ids in pages:
+                await self.redis.pipeline(self.keys.index_commands("SADD", ids)[1:])
+                copied += len(ids)
         await self.redis.execute("SET", self.keys.index_bucketed, "1")
         return copied
 
