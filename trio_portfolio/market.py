@@ -16,7 +16,7 @@ A tick (:func:`tick_once`):
    the tick's work record (:meth:`~trio_portfolio.market_data.MarketData.advance`);
 2. revalues every session: the session index is split into
    :data:`~trio_portfolio.store.INDEX_BUCKETS` buckets, and up to
-   ``pipelines`` tasks per process each take a bucket (a lease in the work
+   ``pipelines`` tasks per process each take a few buckets (a lease in the work
    record; an expired lease, a dead or stalled process's, is handed out
    again), walk it in pages and send each page as pipelines of per-session
    scripts (:meth:`~trio_portfolio.store.SessionStore.revalue_many`), then
@@ -78,6 +78,7 @@ from trio_portfolio.store import INDEX_BUCKETS, MarketPrices, RevalueTally, Sess
 from trio_portfolio.store.codec import StoreDataError
 
 __all__ = [
+    "BUCKETS_PER_TAKE",
     "DEFAULT_MAX_TICKERS",
     "DEFAULT_PIPELINES",
     "HISTORY_LENGTH",
@@ -105,6 +106,9 @@ REVALUE_BATCH = 500
 
 DEFAULT_PIPELINES = 4
 """Buckets one process revalues at once, so this many pipelines are in flight."""
+
+BUCKETS_PER_TAKE = 4
+"""Buckets one task takes (and marks done) per round trip: fewer round trips, coarser sharing."""
 
 _LEASE_SAFETY = 0.8
 """Fraction of a confirmed lease a process acts on (the rest absorbs clock and network skew)."""
@@ -195,16 +199,24 @@ async def revalue_tick(
         try:
             while True:
                 asked_at = trio.current_time()
-                taken = await market.take_bucket(taker, bucket_lease)
+                taken = await market.take_buckets(taker, bucket_lease, BUCKETS_PER_TAKE)
                 if taken is None or taken[0] != tick:
                     return
+                tally = RevalueTally()
                 with trio.move_on_at(asked_at + bucket_lease * _LEASE_SAFETY) as scope:
-                    await _revalue_bucket(
-                        market, store, tick, as_of, prices, taken[1], batch, share
-                    )
+                    for bucket in taken[1]:
+                        await _revalue_bucket(
+                            store, tick, as_of, prices, bucket, batch, share, tally
+                        )
                 if scope.cancelled_caught:
-                    log.warning("bucket %d of tick %d outlived its lease; left", taken[1], tick)
+                    log.warning("buckets %s of tick %d outlived their lease; left", taken[1], tick)
                     return
+                share.fenced += tally.fenced
+                pruned = await market.finish_buckets(tick, taken[1], tally.held)
+                share.buckets += len(taken[1])
+                if pruned:
+                    share.tickers_pruned += pruned
+                    log.info("market universe: %d tickers no session holds dropped", len(pruned))
         except (StoreUnavailable, ReplyError, StoreDataError) as exc:
             errors.append(exc)
             cancel.cancel()
@@ -218,7 +230,6 @@ async def revalue_tick(
 
 
 async def _revalue_bucket(
-    market: MarketData,
     store: SessionStore,
     tick: int,
     as_of: str,
@@ -226,8 +237,8 @@ async def _revalue_bucket(
     bucket: int,
     batch: int,
     share: TickShare,
+    tally: RevalueTally,
 ) -> None:
-    tally = RevalueTally()
     async with aclosing(store.iter_bucket(bucket, batch)) as pages:
         async for ids in pages:
             outcomes = await store.revalue_many(ids, prices, as_of, tick=tick, tally=tally)
@@ -237,12 +248,6 @@ async def _revalue_bucket(
             share.revalued += len(outcomes) - len(gone)
             share.changed += sum(1 for o in outcomes if o.changed)
             share.pruned += len(gone)
-    share.fenced += tally.fenced
-    pruned = await market.finish_bucket(tick, bucket, tally.held)
-    share.buckets += 1
-    if pruned:
-        share.tickers_pruned += pruned
-        log.info("market universe: %d tickers no session holds dropped", len(pruned))
 
 
 async def tick_once(

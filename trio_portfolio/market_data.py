@@ -345,28 +345,32 @@ class MarketData:
             out += (ticker, repr(price), pack_history([price]))
         return out
 
-    async def take_bucket(self, taker: str, lease_seconds: float) -> tuple[int, int] | None:
-        """Take a bucket of the current tick's revaluation: ``(tick, bucket)``, or None.
+    async def take_buckets(
+        self, taker: str, lease_seconds: float, most: int
+    ) -> tuple[int, list[int]] | None:
+        """Take up to ``most`` buckets of the current tick's revaluation: ``(tick, buckets)``.
 
         None when every bucket is done or taken by a live taker, or when the
         current tick has no work record (nothing priced, or never ticked).
         A bucket whose taker's lease ran out is handed out again.
         """
-        tick, bucket = await self._redis.evalsha(
+        reply = await self._redis.evalsha(
             _TAKE,
             [self.work_key, self.tick_key],
-            [taker, max(1, int(lease_seconds * 1000)), INDEX_BUCKETS],
+            [taker, max(1, int(lease_seconds * 1000)), INDEX_BUCKETS, most],
         )
-        if tick < 0 or bucket < 0:
+        if reply[0] < 0 or len(reply) < 2:
             return None
-        return int(tick), int(bucket)
+        return int(reply[0]), [int(b) for b in reply[1:]]
 
-    async def finish_bucket(self, tick: int, bucket: int, held: set[str]) -> list[str] | None:
-        """Record ``bucket`` of ``tick`` as revalued, with what its live sessions hold.
+    async def finish_buckets(
+        self, tick: int, buckets: Sequence[int], held: set[str]
+    ) -> list[str] | None:
+        """Record ``buckets`` of ``tick`` as revalued, with what their live sessions hold.
 
-        Returns the tickers the universe lost (non-empty only for the last
-        bucket of the tick), or None if the market has moved past ``tick``
-        (then nothing is recorded: the next tick's walk decides).
+        Returns the tickers the universe lost (non-empty only when this
+        finished the tick's last bucket), or None if the market has moved
+        past ``tick`` (then nothing is recorded: the next tick's walk decides).
         """
         reply = await self._redis.evalsha(
             _DONE,
@@ -378,7 +382,13 @@ class MarketData:
                 self.history_key,
                 self.claims_key,
             ],
-            [tick, bucket, INDEX_BUCKETS, CLAIM_GRACE_MS, *sorted(held)],
+            [
+                tick,
+                ",".join(map(str, buckets)),
+                INDEX_BUCKETS,
+                CLAIM_GRACE_MS,
+                *sorted(held),
+            ],
         )
         if reply[0] != "done":
             return None
