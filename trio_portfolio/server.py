@@ -42,7 +42,7 @@ import orjson
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
 
-from trio_portfolio.config import Settings
+from trio_portfolio.config import ConfigError, Settings
 from trio_portfolio.connection import Connection, Services
 from trio_portfolio.embedded import run_embedded_redis
 from trio_portfolio.http import ServiceUnavailable, serve_front_door
@@ -72,6 +72,7 @@ _METRIC_HELP = {
     "market_tick_seconds": "duration of a market tick, revaluation included",
     "sessions_revalued": "session revaluations by market ticks",
     "market_ticks_skipped": "tick slots skipped because a tick overran its interval",
+    "market_tickers": "tickers the market prices, as of the last tick this process took",
     "market_tickers_pruned": "tickers dropped from the market because no live session held them",
     "redis_call_seconds": "latency of one Redis call (command, pipeline or script)",
     "errors": "error frames and refusals, by code",
@@ -128,7 +129,16 @@ class Server:
         store = await self._open_store_when_ready()
         symbols = None
         if settings.symbols is not None:
-            symbols = await trio.to_thread.run_sync(load_symbols, settings.symbols)
+            try:
+                symbols = await trio.to_thread.run_sync(load_symbols, settings.symbols)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"symbols: {exc}") from None
+            off_list = sorted(set(settings.default_holdings) - symbols)
+            if off_list:
+                raise ConfigError(
+                    f"default_holdings: {', '.join(off_list)} not on the symbol list "
+                    f"{settings.symbols}"
+                )
         market = MarketData(
             self.redis,
             GbmSimulator(seed=settings.market_seed),
@@ -188,6 +198,7 @@ class Server:
             metrics.observe("market_tick_seconds", report.seconds)
             metrics.inc("market_ticks_skipped", report.ticks_skipped)
             metrics.inc("market_tickers_pruned", len(report.tickers_pruned))
+            metrics.set("market_tickers", len(report.prices) - len(report.tickers_pruned))
 
         await run_market_updater(
             market,
