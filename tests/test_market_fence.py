@@ -374,3 +374,19 @@ def test_a_symbol_file_is_read_strictly(tmp_path: Any) -> None:
     path.write_text("# nothing\n")
     with pytest.raises(ValueError, match="no tickers"):
         load_symbols(path)
+
+
+async def test_sessions_indexed_by_an_older_version_are_bucketed_and_revalued(
+    parts: Parts,
+) -> None:
+    store, market, redis = parts
+    with trio.fail_after(10):
+        prices = dict(await market.ensure_prices(["AAPL"]))
+        await store.create_if_missing("old", {"AAPL": 1.0}, prices, utc_now())
+        # As a version without buckets left it: in the whole index only.
+        bucket = store.keys.index_bucket(store.keys.bucket_of("old"))
+        await redis.execute("SREM", bucket, "old")
+        report = await tick_once(market, store)
+        assert report.sessions_revalued == 1
+        assert await redis.execute("SISMEMBER", bucket, "old") == 1
+        assert (await fields(redis, store, "old"))["valued_tick"] == report.tick

@@ -39,7 +39,8 @@ The index is kept twice, written together in one pipeline: the set
 ``n = crc32(id) % INDEX_BUCKETS``, the unit of work several processes share
 in one market tick (see :mod:`trio_portfolio.market`).  Ids indexed by an
 earlier version are only in the first; the market updater copies them into
-their buckets once (:meth:`SessionStore.bucket_legacy_index`).
+their buckets (:meth:`SessionStore.bucket_legacy_index`) whenever the first
+holds more ids than the buckets together.
 
 Revaluation (:meth:`SessionStore.revalue_many`) carries its market tick and
 is *fenced* by it: each session records ``valued_tick`` (and ``as_of``), and
@@ -241,11 +242,6 @@ class SessionKeys:
     def index_bucket(self, bucket: int) -> str:
         """One of the :data:`INDEX_BUCKETS` sets of session ids the market updater walks."""
         return f"{self.prefix}:sessions:{bucket}"
-
-    @property
-    def index_bucketed(self) -> str:
-        """Set once every id of :attr:`index` has been copied into its bucket."""
-        return f"{self.prefix}:sessions:bucketed"
 
     def index_keys(self) -> list[str]:
         """Every index set: the whole one, then the buckets in order."""
@@ -690,23 +686,22 @@ class SessionStore(abc.ABC):
                 return
 
     async def bucket_legacy_index(self, batch: int = 1000) -> int:
-        """Copy ids of the whole index into their buckets, once; how many were copied.
+        """Copy every id of the whole index into its bucket; how many were copied.
 
-        Ids indexed by a version without buckets are only in the whole set.
-        Done once per key prefix (marked by :attr:`SessionKeys.index_bucketed`);
-        an interrupted copy is simply redone (``SADD`` is idempotent).
+        Ids indexed by a version without buckets (or by such a process still
+        running beside this one) are only in the whole set.  The market
+        updater calls this when the whole set holds more ids than the
+        buckets together; ``SADD`` is idempotent, so an interrupted copy is
+        simply redone.
 
         Raises:
           StoreUnavailable, ReplyError: from any round trip.
         """
-        if await self.redis.execute("EXISTS", self.keys.index_bucketed):
-            return 0
         copied = 0
         async with aclosing(self._scan_set(self.keys.index, batch)) as pages:
             async for ids in pages:
                 await self.redis.pipeline(self.keys.index_commands("SADD", ids)[1:])
                 copied += len(ids)
-        await self.redis.execute("SET", self.keys.index_bucketed, "1")
         return copied
 
     async def _index(self, session_ids: Sequence[str]) -> None:
