@@ -19,13 +19,14 @@ import collections
 import itertools
 import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from trio_portfolio.observability import DEFAULT_BUCKETS
 from trio_portfolio.testing import find_redis_binaries, run_redis_binary
 from trio_portfolio.testing.live_server import (
     Client,
@@ -47,10 +48,12 @@ def record_ticks(server: LiveServer) -> list[tuple[float, float]]:
     ticks: list[tuple[float, float]] = []
     observe = metrics.observe
 
-    def spy(name: str, value: float, *args: Any, **labels: str) -> None:
+    def spy(
+        name: str, value: float, buckets: Sequence[float] = DEFAULT_BUCKETS, **labels: str
+    ) -> None:
         if name == "market_tick_seconds":
             ticks.append((trio.current_time(), value))
-        observe(name, value, *args, **labels)
+        observe(name, value, buckets, **labels)
 
     metrics.observe = spy  # type: ignore[method-assign]
     return ticks

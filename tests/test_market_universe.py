@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import itertools
 import statistics
-from typing import Any
+from collections.abc import Sequence
 
 import trio
 
+from trio_portfolio.observability import DEFAULT_BUCKETS
 from trio_portfolio.store import CLAIM_GRACE_MS
 from trio_portfolio.testing import RedisServerInfo
 from trio_portfolio.testing.live_server import Client, LiveServer, open_client, open_live_server
@@ -35,10 +36,12 @@ def record_ticks(server: LiveServer) -> list[tuple[float, float]]:
     ticks: list[tuple[float, float]] = []
     observe = metrics.observe
 
-    def spy(name: str, value: float, *args: Any, **labels: str) -> None:
+    def spy(
+        name: str, value: float, buckets: Sequence[float] = DEFAULT_BUCKETS, **labels: str
+    ) -> None:
         if name == "market_tick_seconds":
             ticks.append((trio.current_time(), value))
-        observe(name, value, *args, **labels)
+        observe(name, value, buckets, **labels)
 
     metrics.observe = spy  # type: ignore[method-assign]
     return ticks
