@@ -178,8 +178,8 @@ class ClaimedPrices(dict[str, float]):
     :meth:`trio_portfolio.market.MarketData.ensure_prices` returns one; the
     store passes ``claimed_at_ms`` to the create and set_holdings scripts,
     which refuse the write if it lands more than :data:`CLAIM_GRACE_MS`
-    later.  A plain mapping carries no claim and is never refused (tests,
-    tools).
+    later.  A plain mapping (or a claim time of 0, no tickers claimed)
+    carries no claim and is never refused (tests, tools).
     """
 
     def __init__(self, prices: Mapping[str, float], claimed_at_ms: int) -> None:
@@ -753,7 +753,7 @@ _CLAIM_EXPIRED = "the market claim of these tickers expired before the write; tr
 
 def _claim_arguments(prices: Mapping[str, float]) -> tuple[str, str]:
     """ARGV of a holdings write: the claim time (or ``''``) and its grace."""
-    if isinstance(prices, ClaimedPrices):
+    if isinstance(prices, ClaimedPrices) and prices.claimed_at_ms > 0:
         return str(prices.claimed_at_ms), str(CLAIM_GRACE_MS)
     return "", str(CLAIM_GRACE_MS)
 
