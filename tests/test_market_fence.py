@@ -390,3 +390,30 @@ async def test_sessions_indexed_by_an_older_version_are_bucketed_and_revalued(
         assert report.sessions_revalued == 1
         assert await redis.execute("SISMEMBER", bucket, "old") == 1
         assert (await fields(redis, store, "old"))["valued_tick"] == report.tick
+
+
+async def test_buckets_that_outlive_their_lease_are_taken_again_and_finished(
+    parts: Parts,
+) -> None:
+    store, market, redis = parts
+    with trio.fail_after(20):
+        prices = dict(await market.ensure_prices(["AAPL"]))
+        ids = [f"s{i}" for i in range(40)]
+        for session_id in ids:
+            await store.create_if_missing(session_id, {"AAPL": 1.0}, prices, utc_now())
+        original = store.revalue_many
+        stalls = [0]
+
+        @functools.wraps(original)
+        async def stall_once(*args: Any, **kwargs: Any) -> Any:
+            if not stalls[0]:
+                stalls[0] += 1
+                await trio.sleep(0.5)  # past the lease below: this take is abandoned
+            return await original(*args, **kwargs)
+
+        store.revalue_many = stall_once  # type: ignore[method-assign]
+        report = await tick_once(market, store, bucket_lease=0.3, pipelines=2)
+    assert stalls == [1]
+    for session_id in ids:
+        assert (await fields(redis, store, session_id))["valued_tick"] == report.tick
+    assert (await market.tick_progress())[1] == 64

@@ -113,7 +113,13 @@ BUCKETS_PER_TAKE = 4
 _LEASE_SAFETY = 0.8
 """Fraction of a confirmed lease a process acts on (the rest absorbs clock and network skew)."""
 
-_MIN_BUCKET_LEASE = 2.0
+_MIN_BUCKET_LEASE = 10.0
+"""Seconds a taken bucket is ours (at least; three intervals if longer).
+
+Generous: a bucket that outlives its lease is handed out again and partly
+redone (fenced, so only wasted work), and a dead taker's buckets are redone
+by the next tick anyway, whose work record starts afresh.
+"""
 
 
 @attrs.frozen
@@ -184,9 +190,11 @@ async def revalue_tick(
 ) -> TickShare:
     """Take and revalue buckets of ``tick`` until none is left to take; this process's share.
 
-    ``pipelines`` tasks each take one bucket at a time.  A bucket is worked
-    under a deadline at the end of its lease (then left to whoever takes it
-    over).  The first store error cancels the other tasks and is raised.
+    ``pipelines`` tasks each take :data:`BUCKETS_PER_TAKE` buckets at a time
+    and work them under a deadline at the end of their lease; buckets that
+    outlive it are taken again (by anyone, this task included), and what was
+    done of them is fenced.  The first store error cancels the other tasks
+    and is raised.
 
     Raises:
       StoreUnavailable, ReplyError, StoreDataError: from any round trip
@@ -209,8 +217,11 @@ async def revalue_tick(
                             store, tick, as_of, prices, bucket, batch, share, tally
                         )
                 if scope.cancelled_caught:
-                    log.warning("buckets %s of tick %d outlived their lease; left", taken[1], tick)
-                    return
+                    # Once the lease has run out anyone (this task included) takes them
+                    # again; what was done of them is fenced.
+                    log.warning("buckets %s of tick %d outlived their lease", taken[1], tick)
+                    await trio.sleep_until(asked_at + bucket_lease * 1.05)
+                    continue
                 share.fenced += tally.fenced
                 pruned = await market.finish_buckets(tick, taken[1], tally.held)
                 share.buckets += len(taken[1])
