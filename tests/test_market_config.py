@@ -31,7 +31,7 @@ def test_ticks_go_down_to_a_tenth_of_a_second_and_no_further() -> None:
 
 def test_universe_settings_defaults_and_limits(tmp_path: Path) -> None:
     defaults = Settings()
-    assert (defaults.max_tickers, defaults.symbols, defaults.market_pipelines) == (10000, None, 4)
+    assert (defaults.max_tickers, defaults.symbols, defaults.market_pipelines) == (10000, None, 8)
     toml = tmp_path / "portfolio.toml"
     toml.write_text('max_tickers = 20\nsymbols = "list.txt"\nmarket_pipelines = 2\n')
     loaded = load_settings({}, {}, toml)

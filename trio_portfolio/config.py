@@ -258,7 +258,7 @@ class Settings:
         ),
     )
     market_pipelines: int = attrs.field(
-        default=4,
+        default=8,
         metadata=_rule(
             "index buckets one process revalues at once (pipelines in flight per tick)",
             "an integer 1-64",

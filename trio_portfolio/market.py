@@ -104,7 +104,7 @@ log = logging.getLogger(__name__)
 REVALUE_BATCH = 500
 """Sessions per page of a bucket walk (one SSCAN, then two pipelines)."""
 
-DEFAULT_PIPELINES = 4
+DEFAULT_PIPELINES = 8
 """Buckets one process revalues at once, so this many pipelines are in flight."""
 
 BUCKETS_PER_TAKE = 4
