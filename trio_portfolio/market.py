@@ -127,7 +127,9 @@ class TickReport:
     """What one market tick did in this process (for logs, metrics and tests).
 
     Session counts are this process's share of the tick: other processes may
-    have revalued other buckets.  ``tickers_pruned`` is non-empty when this
+    have revalued other buckets.  ``sessions_revalued`` counts sessions this
+    tick wrote (or found unchanged); those already valued at it are
+    ``sessions_fenced``.  ``tickers_pruned`` is non-empty when this
     process finished the tick's last bucket and the universe shrank.
     """
 
@@ -204,10 +206,11 @@ async def revalue_tick(
     errors: list[Exception] = []
 
     async def worker(cancel: trio.CancelScope) -> None:
+        most = BUCKETS_PER_TAKE
         try:
             while True:
                 asked_at = trio.current_time()
-                taken = await market.take_buckets(taker, bucket_lease, BUCKETS_PER_TAKE)
+                taken = await market.take_buckets(taker, bucket_lease, most)
                 if taken is None or taken[0] != tick:
                     return
                 tally = RevalueTally()
@@ -222,6 +225,8 @@ async def revalue_tick(
                     log.warning("buckets %s of tick %d outlived their lease", taken[1], tick)
                     await trio.sleep_until(asked_at + bucket_lease * 1.05)
                     continue
+                if trio.current_time() - asked_at > bucket_lease / 8:
+                    most = 1  # big buckets: one per lease, so no lease is at risk
                 share.fenced += tally.fenced
                 pruned = await market.finish_buckets(tick, taken[1], tally.held)
                 share.buckets += len(taken[1])
@@ -252,11 +257,12 @@ async def _revalue_bucket(
 ) -> None:
     async with aclosing(store.iter_bucket(bucket, batch)) as pages:
         async for ids in pages:
+            fenced = tally.fenced
             outcomes = await store.revalue_many(ids, prices, as_of, tick=tick, tally=tally)
             gone = [o.session_id for o in outcomes if o.missing]
             if gone:
                 await store.forget(gone)
-            share.revalued += len(outcomes) - len(gone)
+            share.revalued += len(outcomes) - len(gone) - (tally.fenced - fenced)
             share.changed += sum(1 for o in outcomes if o.changed)
             share.pruned += len(gone)
 
