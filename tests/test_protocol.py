@@ -305,6 +305,8 @@ def test_every_error_code_is_produced_or_owned_elsewhere() -> None:
         ErrorCode.SESSION_EXPIRED,
         ErrorCode.RATE_LIMITED,
         ErrorCode.INTERNAL_ERROR,
+        ErrorCode.TICKER_LIMIT,  # the market (market_data.TickerRefused)
+        ErrorCode.UNKNOWN_TICKER,
     }
     assert produced | elsewhere == set(ErrorCode)
     assert not produced & elsewhere
