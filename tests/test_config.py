@@ -96,6 +96,9 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "embedded_maxmemory_policy": ("allkeys-LRU", "allkeys-lru"),
     "session_ttl_seconds": ("60", 60),
     "market_update_interval_seconds": ("5.5", 5.5),  # alone: >= slowest metric + margin
+    "max_tickers": ("50", 50),
+    "symbols": ("symbols.txt", Path("symbols.txt")),
+    "market_pipelines": ("8", 8),
     "metric_delay_seconds": ("0,0", (0.0, 0.0)),
     "max_staleness_seconds": ("2.5", 2.5),
     "log_level": ("Debug", LogLevel.DEBUG),
@@ -207,7 +210,7 @@ def test_help_shows_env_name_and_default() -> None:
         ({"PORTFOLIO_PORT": "8000.0"}, "PORTFOLIO_PORT: expected an integer 0-65535"),
         ({"PORTFOLIO_SESSION_TTL_SECONDS": "0"}, "PORTFOLIO_SESSION_TTL_SECONDS: expected an"),
         ({"PORTFOLIO_REDIS_TIMEOUT_SECONDS": "nan"}, "expected a number > 0, got 'nan'"),
-        ({"PORTFOLIO_MARKET_UPDATE_INTERVAL_SECONDS": "-1"}, "expected a number > 0, got '-1'"),
+        ({"PORTFOLIO_MARKET_UPDATE_INTERVAL_SECONDS": "-1"}, "expected a number >= 0.1, got '-1'"),
         (
             {"PORTFOLIO_METRIC_DELAY_SECONDS": "5,2"},
             "PORTFOLIO_METRIC_DELAY_SECONDS: expected MIN,MAX seconds with 0 <= MIN <= MAX,"

@@ -295,6 +295,8 @@ def test_every_error_code_is_produced_or_owned_elsewhere() -> None:
         ErrorCode.RATE_LIMITED,
         ErrorCode.INTERNAL_ERROR,
         ErrorCode.TOO_MANY_SESSIONS,
+        ErrorCode.TICKER_LIMIT,  # the market (market_data.TickerRefused)
+        ErrorCode.UNKNOWN_TICKER,
     }
     assert produced | elsewhere == set(ErrorCode)
     assert not produced & elsewhere

@@ -48,6 +48,8 @@ ENV_PREFIX = "PORTFOLIO_"
 CONFIG_ENV = "PORTFOLIO_CONFIG"
 REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 _MASK = "***"
+MIN_MARKET_INTERVAL = 0.1
+"""The shortest market tick interval accepted (sub-second feeds; see docs/adr/003)."""
 
 
 class ConfigError(ValueError):
@@ -166,6 +168,14 @@ def _positive(value: float) -> bool:
 
 def _non_negative(value: float) -> bool:
     return value >= 0
+
+
+def _tick_interval(value: float) -> bool:
+    return value >= MIN_MARKET_INTERVAL
+
+
+def _valid_pipelines(value: int) -> bool:
+    return 1 <= value <= 64
 
 
 def _valid_port(value: int) -> bool:
@@ -353,7 +363,40 @@ class Settings:
     )
     market_update_interval_seconds: float = attrs.field(
         default=30.0,
-        metadata=_rule("time between market revaluations", _POSITIVE_NUMBER, _positive, "SECONDS"),
+        metadata=_rule(
+            "time between market ticks (fixed rate; an overrunning tick skips slots)",
+            f"a number >= {MIN_MARKET_INTERVAL}",
+            _tick_interval,
+            "SECONDS",
+        ),
+    )
+    max_tickers: int = attrs.field(
+        default=10000,
+        metadata=_rule(
+            "most tickers the market prices; set_holdings past it answers ticker_limit",
+            _POSITIVE_INT,
+            _positive,
+            "N",
+        ),
+    )
+    symbols: Path | None = attrs.field(
+        default=None,
+        metadata=_rule(
+            "file of the only tickers that may be held, one per line (# comments); "
+            "others answer unknown_ticker; unset allows any",
+            "a path",
+            _anything,
+            "FILE",
+        ),
+    )
+    market_pipelines: int = attrs.field(
+        default=8,
+        metadata=_rule(
+            "index buckets one process revalues at once (pipelines in flight per tick)",
+            "an integer 1-64",
+            _valid_pipelines,
+            "N",
+        ),
     )
     metric_delay_seconds: tuple[float, float] = attrs.field(
         default=(2.0, 5.0),

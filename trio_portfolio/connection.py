@@ -104,7 +104,7 @@ from trio_portfolio.analysis import AnalysisContext, AnalysisRunner
 from trio_portfolio.analysis_outcome import AnalysisId, AnalysisOutcome, SessionGone
 from trio_portfolio.config import Settings
 from trio_portfolio.logs import new_error_id
-from trio_portfolio.market import MarketData
+from trio_portfolio.market import MarketData, TickerRefused
 from trio_portfolio.metrics import Refusal, ServerMetrics
 from trio_portfolio.models import AnalysisResult, AppendStatus, Portfolio, utc_now
 from trio_portfolio.protocol import (
@@ -664,7 +664,12 @@ class Connection:
             await self._session_expired(epoch)
 
     async def _set_holdings(self, holdings: Mapping[str, float]) -> None:
-        prices = await self._market.ensure_prices(list(holdings))
+        try:
+            prices = await self._market.ensure_prices(list(holdings))
+        except TickerRefused as exc:  # unknown_ticker, ticker_limit: nothing was changed
+            await self._send_error(exc.code, exc.detail)
+            await self._activity()
+            return
         portfolio = await self._store.set_holdings(self.session_id, holdings, prices, utc_now())
         if portfolio is None:
             await self._session_expired()

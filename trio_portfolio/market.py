@@ -1,87 +1,137 @@
-"""Market data in Redis, and the market updater that revalues every session.
+"""The market updater: a fixed-rate tick, and a revaluation fenced by tick and shared by processes.
 
 Theory of operation
 ===================
 
-Prices are shared state, so they live in Redis like everything else: every
-server process sees the same price for a ticker, and a restarted or new
-process continues the same price path.  All market keys share the hash tag
-``{market}`` so the multi-key scripts below work on Redis Cluster:
+Every server process runs :func:`run_market_updater`.  One of them, the
+*leader* (a Redis key with a lease, taken and renewed by a compare-and-set
+on the holder), advances the market on a fixed-rate schedule; every process,
+leader or not, helps revalue the sessions of the current tick.
 
-* ``<prefix>:{market}:prices`` - hash, ticker -> latest price;
-* ``<prefix>:{market}:history`` - hash, ticker -> the last ``history_length``
-  prices, oldest first, on aligned ticks (the last price of every ticker is
-  the same tick), packed as little-endian float64 in hex (see
-  :func:`pack_history`): one string per ticker, so an analysis of 100
-  holdings reads 100 strings, not 25,600 list items, and the parsing is one
-  C call in the analysis's worker thread instead of work on the Trio loop;
-* ``<prefix>:{market}:tick`` - how many ticks have been taken;
-* ``<prefix>:{market}:leader`` - which process runs the updater (with a TTL).
+A tick (:func:`tick_once`):
 
-A ticker enters the market the first time a session holds it
-(:meth:`MarketData.ensure_prices`): the :class:`~trio_portfolio.simulation.MarketSource`
-gives it a price and a bootstrapped history ending at that price, written by
-one script that does nothing if another process got there first, so it is
-valued and analysable at once.
+1. reads the tick number and every price in one script, draws the next
+   prices in a worker thread and writes them with the histories in one
+   script fenced on the tick number *and* the leader key, which also opens
+   the tick's work record (:meth:`~trio_portfolio.market_data.MarketData.advance`);
+2. revalues every session: the session index is split into
+   :data:`~trio_portfolio.store.INDEX_BUCKETS` buckets, and up to
+   ``pipelines`` tasks per process each take a few buckets (a lease in the work
+   record; an expired lease, a dead or stalled process's, is handed out
+   again), walk it in pages and send each page as pipelines of per-session
+   scripts (:meth:`~trio_portfolio.store.SessionStore.revalue_many`), then
+   mark it done with the tickers its live sessions hold.  Non-leaders poll
+   the work record a few times per interval and take buckets too, so a
+   tick's work is spread over every process;
+3. the last bucket's ``done`` prunes the universe (see
+   :mod:`trio_portfolio.market_data`).
 
-The updater (:func:`run_market_updater`) runs in every process but acts only
-in the one holding the leader key, renewed each tick: if that process dies,
-another takes over within a few intervals.  A tick draws one new price per
-known ticker (all sessions see the same prices), writes them with the
-histories in one script fenced on the tick number (two leaders can never
-both advance the market), then revalues every indexed session in pipelined
-batches of ``revalue_batch`` - one round trip per batch, not per session.
-Revaluation never touches a session's activity time or TTL.  A failing tick
-is logged and retried with capped backoff; it never ends the loop.
+Fencing, so that late or duplicate work never moves a session back in time:
+
+* every revaluation carries its tick, and a session already valued at that
+  tick or later is left alone (the store's scripts record ``valued_tick``);
+  so a bucket done twice moves each session's version at most once, and a
+  stalled process that wakes up and writes tick ``T`` can only overwrite
+  values older than ``T``;
+* the leader renews its lease every third of it *during* a long tick, and
+  the tick runs under a cancel scope whose deadline is the end of the last
+  confirmed lease: a renewal answered "not yours", or no confirmation in
+  time (a stall, SIGSTOP), cancels the tick at once, before it sends
+  anything more; the advance script re-checks the leader key itself;
+* a bucket is worked under a deadline at the end of its own lease, so a
+  helper that stalls past it stops too (the bucket is someone else's now).
+
+Schedule: the leader ticks at ``t0 + k * interval`` (no drift).  A tick that
+overruns its slot does not make the next one start late and queue behind
+it: the slots it missed are skipped and counted
+(:attr:`TickReport.ticks_skipped`, the ``market_ticks_skipped`` metric).
+A failing tick is logged and retried with capped backoff; it never ends the
+loop.  Sessions nobody watches are revalued like the others (see
+``docs/adr/003-market-revaluation.md``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable
+from contextlib import aclosing
 
 import attrs
-import numpy as np
 import trio
 
-from trio_portfolio.lua_scripts import load_script, lua_directory
-from trio_portfolio.models import utc_now
-from trio_portfolio.redis_io import RedisClient, ReplyError, StoreUnavailable
-from trio_portfolio.simulation import MarketSource
-from trio_portfolio.store import SessionStore
+from trio_portfolio.market_data import (
+    DEFAULT_MAX_TICKERS,
+    HISTORY_LENGTH,
+    MarketData,
+    MarketState,
+    TickerRefused,
+    TickRace,
+    load_symbols,
+    pack_history,
+    unpack_history,
+)
+from trio_portfolio.redis_io import ReplyError, StoreUnavailable
+from trio_portfolio.services import open_service_nursery
+from trio_portfolio.store import INDEX_BUCKETS, MarketPrices, RevalueTally, SessionStore
+from trio_portfolio.store.codec import StoreDataError
+
+__all__ = [
+    "BUCKETS_PER_TAKE",
+    "DEFAULT_MAX_TICKERS",
+    "DEFAULT_PIPELINES",
+    "HISTORY_LENGTH",
+    "REVALUE_BATCH",
+    "FixedRate",
+    "MarketData",
+    "MarketState",
+    "TickRace",
+    "TickReport",
+    "TickShare",
+    "TickerRefused",
+    "help_current_tick",
+    "load_symbols",
+    "pack_history",
+    "revalue_tick",
+    "run_market_updater",
+    "tick_once",
+    "unpack_history",
+]
 
 log = logging.getLogger(__name__)
 
-HISTORY_LENGTH = 256
-_HEX_PER_PRICE = 16  # one little-endian float64
+REVALUE_BATCH = 500
+"""Sessions per page of a bucket walk (one SSCAN, then two pipelines)."""
 
+DEFAULT_PIPELINES = 8
+"""Buckets one process revalues at once, so this many pipelines are in flight."""
 
-def pack_history(prices: Sequence[float]) -> str:
-    """Prices as stored in the history hash: little-endian float64, hex-encoded.
+BUCKETS_PER_TAKE = 4
+"""Buckets one task takes (and marks done) per round trip: fewer round trips, coarser sharing."""
 
-    Exact (no decimal rounding), fixed width (so Lua trims by length), and
-    text (so replies stay UTF-8 strings like every other reply).
-    """
-    return np.asarray(prices, dtype="<f8").tobytes().hex()
+_LEASE_SAFETY = 0.8
+"""Fraction of a confirmed lease a process acts on (the rest absorbs clock and network skew)."""
 
+_MIN_BUCKET_LEASE = 10.0
+"""Seconds a taken bucket is ours (at least; three intervals if longer).
 
-def unpack_history(packed: str) -> tuple[float, ...]:
-    """The inverse of :func:`pack_history`; an empty string is an empty history."""
-    return tuple(np.frombuffer(bytes.fromhex(packed), dtype="<f8").tolist())
-
-
-_LUA = lua_directory("trio_portfolio")
-"""``trio_portfolio/lua/``: the market's scripts (the store's live in ``store/lua/``)."""
-_BOOTSTRAP = load_script(_LUA, "market_bootstrap")
-_TICK = load_script(_LUA, "market_tick")
-_LEAD = load_script(_LUA, "market_lead")
+Generous: a bucket that outlives its lease is handed out again and partly
+redone (fenced, so only wasted work), and a dead taker's buckets are redone
+by the next tick anyway, whose work record starts afresh.
+"""
 
 
 @attrs.frozen
 class TickReport:
-    """What one market tick did (for logs, metrics and tests)."""
+    """What one market tick did in this process (for logs, metrics and tests).
+
+    Session counts are this process's share of the tick: other processes may
+    have revalued other buckets.  ``sessions_revalued`` counts sessions this
+    tick wrote (or found unchanged); those already valued at it are
+    ``sessions_fenced``.  ``tickers_pruned`` is non-empty when this
+    process finished the tick's last bucket and the universe shrank.
+    """
 
     tick: int
     as_of: str
@@ -90,140 +140,237 @@ class TickReport:
     sessions_changed: int
     sessions_pruned: int
     seconds: float
+    sessions_fenced: int = 0
+    buckets: int = 0
+    tickers_pruned: tuple[str, ...] = ()
+    ticks_skipped: int = 0
 
 
-class MarketData:
-    """Prices and histories of every ticker any session holds, kept in Redis."""
+@attrs.define
+class TickShare:
+    """What this process did of one tick's revaluation."""
 
-    def __init__(
-        self,
-        redis: RedisClient,
-        source: MarketSource,
-        *,
-        key_prefix: str,
-        history_length: int = HISTORY_LENGTH,
-    ) -> None:
-        self._redis = redis
-        self.source = source
-        self.history_length = history_length
-        base = f"{key_prefix}:{{market}}"
-        self._prices_key = f"{base}:prices"
-        self._tick_key = f"{base}:tick"
-        self._leader_key = f"{base}:leader"
-        self._history_key = f"{base}:history"
-
-    async def load_scripts(self) -> None:
-        """Load the market scripts (EVALSHA would also load them on first use)."""
-        await self._redis.load_scripts([_BOOTSTRAP, _TICK, _LEAD])
-
-    async def prices(self) -> dict[str, float]:
-        """Every known ticker's latest price."""
-        flat = await self._redis.execute("HGETALL", self._prices_key)
-        return {flat[i]: float(flat[i + 1]) for i in range(0, len(flat), 2)}
-
-    async def ensure_prices(self, tickers: Sequence[str]) -> dict[str, float]:
-        """Latest prices for ``tickers``, bringing tickers new to the market in first.
-
-        A new ticker gets the source's initial price and a bootstrapped
-        history in one script; if another process added it meanwhile, the
-        script keeps theirs.  Returns a price for every ticker asked for.
-        """
-        tickers = sorted(set(tickers))
-        if not tickers:
-            return {}
-        known = await self._redis.execute("HMGET", self._prices_key, *tickers)
-        prices = {t: float(p) for t, p in zip(tickers, known, strict=True) if p is not None}
-        missing = [t for t in tickers if t not in prices]
-        if missing:
-            args = await trio.to_thread.run_sync(self._bootstrap_args, missing)
-            reply = await self._redis.evalsha(
-                _BOOTSTRAP, [self._prices_key, self._history_key], args
-            )
-            prices.update({reply[i]: float(reply[i + 1]) for i in range(0, len(reply), 2)})
-        return prices
-
-    def _bootstrap_args(self, tickers: Sequence[str]) -> list[str]:
-        """``ticker, packed history, initial price`` triplets (CPU work: run in a thread)."""
-        args: list[str] = []
-        for ticker in tickers:
-            history = self.source.bootstrap_history(ticker, self.history_length)
-            args += [ticker, pack_history(history), repr(history[-1])]
-        return args
-
-    async def raw_histories(self, tickers: Sequence[str]) -> dict[str, str]:
-        """Each ticker's packed history (:func:`unpack_history` decodes it; ``""``: none).
-
-        Packed, not parsed: decoding is CPU work that belongs in the
-        analysis's worker thread, not on the Trio loop.
-        """
-        if not tickers:
-            return {}
-        replies = await self._redis.execute("HMGET", self._history_key, *tickers)
-        return {t: packed or "" for t, packed in zip(tickers, replies, strict=True)}
-
-    async def try_lead(self, holder: str, ttl_seconds: float) -> bool:
-        """Take or renew market leadership for ``ttl_seconds``; True if ``holder`` leads."""
-        reply = await self._redis.evalsha(
-            _LEAD, [self._leader_key], [holder, max(1, int(ttl_seconds * 1000))]
-        )
-        return bool(reply)
-
-    async def advance(self) -> tuple[int, str, dict[str, float]]:
-        """Draw and store one tick of prices for every known ticker.
-
-        Returns ``(tick, as_of, prices)``.  Fenced on the tick counter: if
-        another process advanced the market meanwhile, nothing is written and
-        :class:`TickRace` is raised.
-        """
-        last = await self.prices()
-        tick = int(await self._redis.execute("GET", self._tick_key) or 0)
-        if not last:
-            return tick, utc_now(), {}
-        new = await trio.to_thread.run_sync(self.source.next_prices, last, tick + 1)
-        as_of = utc_now()
-        tickers = sorted(new)
-        reply = await self._redis.evalsha(
-            _TICK,
-            [self._prices_key, self._tick_key, self._history_key],
-            [
-                tick,
-                self.history_length * _HEX_PER_PRICE,
-                *(x for t in tickers for x in (t, repr(new[t]), pack_history([new[t]]))),
-            ],
-        )
-        if reply is None:
-            raise TickRace(f"another process advanced the market past tick {tick}")
-        return int(reply), as_of, new
+    revalued: int = 0
+    changed: int = 0
+    pruned: int = 0
+    fenced: int = 0
+    buckets: int = 0
+    tickers_pruned: list[str] = attrs.Factory(list)
 
 
-class TickRace(Exception):
-    """Two processes tried to take the same tick; the loser writes nothing."""
+@attrs.define
+class FixedRate:
+    """A fixed-rate schedule: slots at ``next_at + k * interval``; overruns skip slots.
+
+    Pure (the caller passes the time), so the arithmetic is tested alone.
+    """
+
+    interval: float
+    next_at: float
+
+    def after_tick(self, now: float) -> int:
+        """Move to the first slot after ``now``; how many slots were skipped."""
+        self.next_at += self.interval
+        if now < self.next_at:
+            return 0
+        missed = math.floor((now - self.next_at) / self.interval) + 1
+        self.next_at += missed * self.interval
+        return missed
 
 
-async def tick_once(
-    market: MarketData, store: SessionStore, *, revalue_batch: int = 500
-) -> TickReport:
-    """Advance the market one tick and revalue every session in pipelined batches."""
-    started = trio.current_time()
-    tick, as_of, prices = await market.advance()
-    revalued = changed = pruned = 0
-    if prices:
-        async for batch in store.iter_session_ids(revalue_batch):
-            outcomes = await store.revalue_many(batch, prices, as_of)
+async def revalue_tick(
+    market: MarketData,
+    store: SessionStore,
+    tick: int,
+    as_of: str,
+    prices: MarketPrices,
+    *,
+    taker: str,
+    batch: int = REVALUE_BATCH,
+    pipelines: int = DEFAULT_PIPELINES,
+    bucket_lease: float = _MIN_BUCKET_LEASE,
+) -> TickShare:
+    """Take and revalue buckets of ``tick`` until none is left to take; this process's share.
+
+    ``pipelines`` tasks each take :data:`BUCKETS_PER_TAKE` buckets at a time
+    and work them under a deadline at the end of their lease; buckets that
+    outlive it are taken again (by anyone, this task included), and what was
+    done of them is fenced.  The first store error cancels the other tasks
+    and is raised.
+
+    Raises:
+      StoreUnavailable, ReplyError, StoreDataError: from any round trip
+        (the buckets done so far stay done).
+    """
+    share = TickShare()
+    errors: list[Exception] = []
+
+    async def worker(cancel: trio.CancelScope) -> None:
+        most = BUCKETS_PER_TAKE
+        try:
+            while True:
+                asked_at = trio.current_time()
+                taken = await market.take_buckets(taker, bucket_lease, most)
+                if taken is None or taken[0] != tick:
+                    return
+                tally = RevalueTally()
+                with trio.move_on_at(asked_at + bucket_lease * _LEASE_SAFETY) as scope:
+                    for bucket in taken[1]:
+                        await _revalue_bucket(
+                            store, tick, as_of, prices, bucket, batch, share, tally
+                        )
+                if scope.cancelled_caught:
+                    # Once the lease has run out anyone (this task included) takes them
+                    # again; what was done of them is fenced.
+                    log.warning("buckets %s of tick %d outlived their lease", taken[1], tick)
+                    await trio.sleep_until(asked_at + bucket_lease * 1.05)
+                    continue
+                if trio.current_time() - asked_at > bucket_lease / 8:
+                    most = 1  # big buckets: one per lease, so no lease is at risk
+                share.fenced += tally.fenced
+                pruned = await market.finish_buckets(tick, taken[1], tally.held)
+                share.buckets += len(taken[1])
+                if pruned:
+                    share.tickers_pruned += pruned
+                    log.info("market universe: %d tickers no session holds dropped", len(pruned))
+        except (StoreUnavailable, ReplyError, StoreDataError) as exc:
+            errors.append(exc)
+            cancel.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(max(1, pipelines)):
+            nursery.start_soon(worker, nursery.cancel_scope)
+    if errors:
+        raise errors[0]
+    return share
+
+
+async def _revalue_bucket(
+    store: SessionStore,
+    tick: int,
+    as_of: str,
+    prices: MarketPrices,
+    bucket: int,
+    batch: int,
+    share: TickShare,
+    tally: RevalueTally,
+) -> None:
+    async with aclosing(store.iter_bucket(bucket, batch)) as pages:
+        async for ids in pages:
+            fenced = tally.fenced
+            outcomes = await store.revalue_many(ids, prices, as_of, tick=tick, tally=tally)
             gone = [o.session_id for o in outcomes if o.missing]
             if gone:
                 await store.forget(gone)
-            revalued += len(outcomes) - len(gone)
-            changed += sum(1 for o in outcomes if o.changed)
-            pruned += len(gone)
+            share.revalued += len(outcomes) - len(gone) - (tally.fenced - fenced)
+            share.changed += sum(1 for o in outcomes if o.changed)
+            share.pruned += len(gone)
+
+
+async def tick_once(
+    market: MarketData,
+    store: SessionStore,
+    *,
+    revalue_batch: int = REVALUE_BATCH,
+    holder: str = "",
+    pipelines: int = DEFAULT_PIPELINES,
+    bucket_lease: float = _MIN_BUCKET_LEASE,
+) -> TickReport:
+    """Advance the market one tick and revalue every session (with whoever helps).
+
+    ``holder`` is the leader id the advance is fenced on (``""``: not
+    checked, for tools and tests).  Returns when no bucket of the tick is
+    left to take; buckets other processes took may still be in progress.
+
+    Raises:
+      TickRace: the market moved on meanwhile or ``holder`` lost the lead.
+      StoreUnavailable, ReplyError, StoreDataError: from any round trip.
+    """
+    started = trio.current_time()
+    await _bucket_legacy_ids(store)
+    tick, as_of, prices = await market.advance(holder)
+    if not prices:
+        return TickReport(tick, as_of, {}, 0, 0, 0, trio.current_time() - started)
+    share = await revalue_tick(
+        market,
+        store,
+        tick,
+        as_of,
+        MarketPrices(prices),
+        taker=holder or secrets.token_hex(8),
+        batch=revalue_batch,
+        pipelines=pipelines,
+        bucket_lease=bucket_lease,
+    )
     return TickReport(
         tick=tick,
         as_of=as_of,
         prices=prices,
-        sessions_revalued=revalued,
-        sessions_changed=changed,
-        sessions_pruned=pruned,
+        sessions_revalued=share.revalued,
+        sessions_changed=share.changed,
+        sessions_pruned=share.pruned,
         seconds=trio.current_time() - started,
+        sessions_fenced=share.fenced,
+        buckets=share.buckets,
+        tickers_pruned=tuple(share.tickers_pruned),
+    )
+
+
+async def _bucket_legacy_ids(store: SessionStore) -> None:
+    """Copy ids indexed only in the whole set (by an older version) into their buckets.
+
+    Cheap when nothing is missing: one pipeline of ``SCARD``.
+    """
+    keys = store.keys.index_keys()
+    sizes = await store.redis.pipeline([("SCARD", key) for key in keys])
+    if isinstance(sizes[0], int) and sizes[0] > sum(s for s in sizes[1:] if isinstance(s, int)):
+        copied = await store.bucket_legacy_index()
+        log.info("session index: %d ids copied into buckets", copied)
+
+
+@attrs.define
+class _HelperCache:
+    """The prices of the tick a helper last joined (read once per tick)."""
+
+    state: MarketState | None = None
+    prices: MarketPrices | None = None
+
+
+async def help_current_tick(
+    market: MarketData,
+    store: SessionStore,
+    *,
+    taker: str,
+    cache: _HelperCache | None = None,
+    pipelines: int = DEFAULT_PIPELINES,
+    bucket_lease: float = _MIN_BUCKET_LEASE,
+) -> TickShare | None:
+    """Take buckets of the current tick if any are left (what a non-leader does); its share.
+
+    None when there was nothing to do.  The tick's prices are read once per
+    tick (with ``cache``) in the same script as its number.
+
+    Raises:
+      StoreUnavailable, ReplyError, StoreDataError: from any round trip.
+    """
+    tick, done = await market.tick_progress()
+    if tick < 0 or done >= INDEX_BUCKETS:
+        return None
+    cache = _HelperCache() if cache is None else cache
+    if cache.state is None or cache.state.tick != tick:
+        cache.state = await market.read()
+        cache.prices = MarketPrices(cache.state.prices)
+    if cache.state.tick != tick or cache.prices is None:
+        return None
+    return await revalue_tick(
+        market,
+        store,
+        tick,
+        cache.state.as_of,
+        cache.prices,
+        taker=taker,
+        pipelines=pipelines,
+        bucket_lease=bucket_lease,
     )
 
 
@@ -232,33 +379,73 @@ async def run_market_updater(
     store: SessionStore,
     *,
     interval: float,
-    on_tick: Any = None,
+    on_tick: Callable[[TickReport], None] | None = None,
+    on_help: Callable[[int, TickShare], None] | None = None,
+    pipelines: int = DEFAULT_PIPELINES,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Tick every ``interval`` seconds while this process leads; never raises on store faults.
+    """Lead (tick every ``interval`` seconds, fixed rate) or help; never raises on store faults.
 
-    ``on_tick`` (optional) is called with each :class:`TickReport`, for
-    metrics.  Leadership is held for three intervals and renewed every tick,
-    so a dead leader is replaced within about three intervals.
+    ``on_tick`` (optional) is called with each :class:`TickReport` this
+    process took as leader, for metrics; ``on_help`` with the tick and share
+    of each tick this process helped with as a non-leader.  Leadership is a lease of three
+    intervals, renewed every interval even mid-tick, so a dead leader is
+    replaced within about three intervals; non-leaders ask for it and for
+    work every quarter interval.
     """
     holder = secrets.token_hex(8)
-    task_status.started()
+    lease = 3 * interval
+    poll = interval / 4
+    bucket_lease = max(_MIN_BUCKET_LEASE, lease)
+    cache = _HelperCache()
+    schedule: FixedRate | None = None
     failures = 0
+    task_status.started()
     while True:
-        await trio.sleep(interval if failures == 0 else min(interval, 0.5 * 2**failures))
+        if failures:
+            await trio.sleep(min(interval, 0.5 * 2**failures))
+        elif schedule is not None:
+            await trio.sleep_until(schedule.next_at)
+        else:
+            await trio.sleep(poll)
+        asked_at = trio.current_time()
         try:
-            if not await market.try_lead(holder, 3 * interval):
+            if not await market.try_lead(holder, lease):
+                schedule = None
+                share = await help_current_tick(
+                    market,
+                    store,
+                    taker=holder,
+                    cache=cache,
+                    pipelines=pipelines,
+                    bucket_lease=bucket_lease,
+                )
+                if share is not None and share.buckets and on_help is not None:
+                    assert cache.state is not None
+                    on_help(cache.state.tick, share)
                 failures = 0
                 continue
-            report = await tick_once(market, store)
+            if schedule is None:
+                schedule = FixedRate(interval, asked_at)
+            report = await _lead_one_tick(
+                market, store, holder, lease, asked_at, pipelines, bucket_lease
+            )
         except TickRace as exc:
             log.info("market tick skipped: %s", exc)
+            schedule = None
             continue
-        except (StoreUnavailable, ReplyError) as exc:
+        except (StoreUnavailable, ReplyError, StoreDataError) as exc:
             failures = min(failures + 1, 6)
             log.warning("market tick failed (attempt %d), retrying: %s", failures, exc)
             continue
         failures = 0
+        skipped = schedule.after_tick(trio.current_time()) if schedule is not None else 0
+        if report is None:
+            schedule = None
+            continue
+        report = attrs.evolve(report, ticks_skipped=skipped)
+        if skipped:
+            log.info("market tick %d overran its slot: %d skipped", report.tick, skipped)
         log.debug(
             "market tick %d: %d sessions revalued, %d changed, %d pruned in %.3fs",
             report.tick,
@@ -269,3 +456,53 @@ async def run_market_updater(
         )
         if on_tick is not None:
             on_tick(report)
+
+
+async def _lead_one_tick(
+    market: MarketData,
+    store: SessionStore,
+    holder: str,
+    lease: float,
+    confirmed_at: float,
+    pipelines: int,
+    bucket_lease: float,
+) -> TickReport | None:
+    """One tick under the lease: renewed every lease/3, cancelled the moment it is not ours.
+
+    ``confirmed_at`` is when the renewal that let us tick was *sent*, so the
+    deadline errs early.  Returns None if the lease was lost mid-tick.
+    """
+    with trio.CancelScope(deadline=confirmed_at + lease * _LEASE_SAFETY) as scope:
+        async with open_service_nursery() as nursery:
+            nursery.start_soon(_renew_lease, market, holder, lease, scope)
+            return await tick_once(
+                market,
+                store,
+                holder=holder,
+                pipelines=pipelines,
+                bucket_lease=bucket_lease,
+            )
+    log.warning("market tick stopped: this process's leadership was lost or not confirmed")
+    return None
+
+
+async def _renew_lease(
+    market: MarketData, holder: str, lease: float, scope: trio.CancelScope
+) -> None:
+    """Renew the lease every lease/3; push ``scope``'s deadline, or cancel it if the lease is gone.
+
+    Never raises: a renewal that fails leaves the deadline where it was, so
+    the tick stops when the last confirmed lease would have ended.
+    """
+    while True:
+        await trio.sleep(lease / 3)
+        sent = trio.current_time()
+        try:
+            ours = await market.try_lead(holder, lease)
+        except (StoreUnavailable, ReplyError) as exc:
+            log.warning("market lease renewal failed: %s", exc)
+            continue
+        if not ours:
+            scope.cancel()
+            return
+        scope.deadline = sent + lease * _LEASE_SAFETY

@@ -191,6 +191,17 @@ SESSIONS_REVALUED = MetricSpec(
 SESSIONS = MetricSpec(
     "sessions", Kind.GAUGE, "live sessions in the store, as counted by the last market tick"
 )
+MARKET_TICKS_SKIPPED = MetricSpec(
+    "market_ticks_skipped", Kind.COUNTER, "tick slots skipped because a tick overran its interval"
+)
+MARKET_TICKERS = MetricSpec(
+    "market_tickers", Kind.GAUGE, "tickers the market prices, as of the last tick this process took"
+)
+MARKET_TICKERS_PRUNED = MetricSpec(
+    "market_tickers_pruned",
+    Kind.COUNTER,
+    "tickers dropped from the market because no live session held them",
+)
 MARKET_TICK_SECONDS = MetricSpec(
     "market_tick_seconds", Kind.HISTOGRAM, "duration of a market tick, revaluation included"
 )
@@ -211,6 +222,9 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MARKET_TICKS,
     SESSIONS_REVALUED,
     SESSIONS,
+    MARKET_TICKS_SKIPPED,
+    MARKET_TICKERS,
+    MARKET_TICKERS_PRUNED,
     MARKET_TICK_SECONDS,
     REDIS_CALL_SECONDS,
 )
@@ -428,6 +442,11 @@ class ServerMetrics:
         self._market_ticks = _counter(MARKET_TICKS, r)
         self._sessions_revalued = _counter(SESSIONS_REVALUED, r)
         self._sessions = Gauge(SESSIONS.name, SESSIONS.help, namespace=PREFIX, registry=r)
+        self._market_ticks_skipped = _counter(MARKET_TICKS_SKIPPED, r)
+        self._market_tickers = Gauge(
+            MARKET_TICKERS.name, MARKET_TICKERS.help, namespace=PREFIX, registry=r
+        )
+        self._market_tickers_pruned = _counter(MARKET_TICKERS_PRUNED, r)
         self._market_tick_seconds = _histogram(MARKET_TICK_SECONDS, r)
         self._redis_call_seconds = _histogram(REDIS_CALL_SECONDS, r)
         self._pulled = _Pulled(frozenset(spec.full_name for spec in CATALOGUE))
@@ -463,11 +482,27 @@ class ServerMetrics:
         """A connection's control loop was too busy to take a session event."""
         self._events_dropped.inc()
 
-    def market_tick(self, *, seconds: float, sessions_revalued: int) -> None:
-        """This process took a market tick that revalued ``sessions_revalued`` sessions."""
+    def market_tick(
+        self,
+        *,
+        seconds: float,
+        sessions_revalued: int,
+        ticks_skipped: int = 0,
+        tickers: int | None = None,
+        tickers_pruned: int = 0,
+    ) -> None:
+        """This process took a market tick that revalued ``sessions_revalued`` sessions.
+
+        ``ticks_skipped``: schedule slots the tick overran; ``tickers``: the
+        universe after the tick; ``tickers_pruned``: tickers it dropped.
+        """
         self._market_ticks.inc()
         self._sessions_revalued.inc(sessions_revalued)
         self._sessions.set(sessions_revalued)
+        self._market_ticks_skipped.inc(ticks_skipped)
+        if tickers is not None:
+            self._market_tickers.set(tickers)
+        self._market_tickers_pruned.inc(tickers_pruned)
         self._market_tick_seconds.observe(seconds)
 
     def redis_call(self, seconds: float) -> None:

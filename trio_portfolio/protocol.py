@@ -101,6 +101,8 @@ class ErrorCode(enum.StrEnum):
     RATE_LIMITED = "rate_limited"
     TOO_MANY_SESSIONS = "too_many_sessions"
     INTERNAL_ERROR = "internal_error"
+    TICKER_LIMIT = "ticker_limit"
+    UNKNOWN_TICKER = "unknown_ticker"
 
 
 class ProtocolError(ValueError):

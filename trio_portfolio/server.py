@@ -74,7 +74,7 @@ from trio_portfolio.admission import (
     session_cap_refusal,
 )
 from trio_portfolio.auth import check_credential, choose_subprotocol, mint_credential
-from trio_portfolio.config import Settings
+from trio_portfolio.config import ConfigError, Settings
 from trio_portfolio.connection import CLOSE_TIMEOUT, Connection, Services
 from trio_portfolio.embedded import run_embedded_redis
 from trio_portfolio.group import GroupSpec, WorkerGroup
@@ -93,7 +93,7 @@ from trio_portfolio.listener import (
     raise_open_file_limit,
     serve_listener,
 )
-from trio_portfolio.market import MarketData, TickReport, run_market_updater
+from trio_portfolio.market import MarketData, TickReport, load_symbols, run_market_updater
 from trio_portfolio.metrics import Refusal as RefusalCode
 from trio_portfolio.metrics import ServerMetrics
 from trio_portfolio.models import METRICS
@@ -212,7 +212,25 @@ class Server:
         settings = self.settings
         source = await trio.to_thread.run_sync(market_source_for, settings)  # reads a replay file
         store = await self._open_store_when_ready()
-        market = MarketData(self.redis, source, key_prefix=settings.key_prefix)
+        symbols = None
+        if settings.symbols is not None:
+            try:
+                symbols = await trio.to_thread.run_sync(load_symbols, settings.symbols)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"symbols: {exc}") from None
+            off_list = sorted(set(settings.default_holdings) - symbols)
+            if off_list:
+                raise ConfigError(
+                    f"default_holdings: {', '.join(off_list)} not on the symbol list "
+                    f"{settings.symbols}"
+                )
+        market = MarketData(
+            self.redis,
+            source,
+            key_prefix=settings.key_prefix,
+            max_tickers=settings.max_tickers,
+            symbols=symbols,
+        )
         await market.load_scripts()
         events = SessionEvents(self.pubsub, store.events_channel)
         services = Services(
@@ -257,13 +275,20 @@ class Server:
         metrics = self.metrics
 
         def on_tick(report: TickReport) -> None:
-            metrics.market_tick(seconds=report.seconds, sessions_revalued=report.sessions_revalued)
+            metrics.market_tick(
+                seconds=report.seconds,
+                sessions_revalued=report.sessions_revalued,
+                ticks_skipped=report.ticks_skipped,
+                tickers=len(report.prices) - len(report.tickers_pruned),
+                tickers_pruned=len(report.tickers_pruned),
+            )
 
         await run_market_updater(
             market,
             store,
             interval=self.settings.market_update_interval_seconds,
             on_tick=on_tick,
+            pipelines=self.settings.market_pipelines,
             task_status=task_status,
         )
 

@@ -25,11 +25,17 @@ import orjson
 from trio_portfolio.lua_scripts import load_script
 from trio_portfolio.redis_io import CommandError, RedisClient
 from trio_portfolio.store.base import (
+    CLAIM_GRACE_MS,
+    INDEX_BUCKETS,
     LUA,
     OPERATIONS,
     RESULT_IDS_LIMIT,
+    ClaimedPrices,
+    ClaimExpired,
     Layout,
     LayoutChoice,
+    MarketPrices,
+    RevalueTally,
     SessionKeys,
     SessionStore,
 )
@@ -43,12 +49,18 @@ from trio_portfolio.store.hash_layout import HashSessionStore
 from trio_portfolio.store.json_layout import JsonSessionStore
 
 __all__ = [
+    "CLAIM_GRACE_MS",
+    "INDEX_BUCKETS",
     "OPERATIONS",
     "RESULT_IDS_LIMIT",
+    "ClaimExpired",
+    "ClaimedPrices",
     "HashSessionStore",
     "JsonSessionStore",
     "Layout",
     "LayoutChoice",
+    "MarketPrices",
+    "RevalueTally",
     "SessionKeys",
     "SessionStore",
     "StoreDataError",

@@ -28,10 +28,40 @@ how a plain read is done.
 
 Cancellation: each mutation is one EVALSHA, so a cancelled call either ran
 entirely or not at all; the adapter guarantees no stray replies.  The index
-set of session ids is maintained with separate commands (never inside a
+of session ids is maintained with separate commands (never inside a
 session's script, which on Redis Cluster may only touch that session's
 slot); see :meth:`SessionStore.create_if_missing` and
 :meth:`SessionStore.forget` for why its races are harmless.
+
+The index is kept twice, written together in one pipeline: the set
+``<prefix>:sessions`` of every id (what counts and lists sessions), and
+:data:`INDEX_BUCKETS` bucket sets ``<prefix>:sessions:<n>`` with
+``n = crc32(id) % INDEX_BUCKETS``, the unit of work several processes share
+in one market tick (see :mod:`trio_portfolio.market`).  Ids indexed by an
+earlier version are only in the first; the market updater copies them into
+their buckets (:meth:`SessionStore.bucket_legacy_index`) whenever the first
+holds more ids than the buckets together.
+
+Revaluation (:meth:`SessionStore.revalue_many`) carries its market tick and
+is *fenced* by it: each session records ``valued_tick`` (and ``as_of``), and
+a revaluation at a tick not newer than that does nothing, so late or
+duplicate work (a paused leader, a bucket taken over from a slow process)
+can never move a session back in time.  Each session's call carries the
+prices of its own holdings only: a first pipeline reads every session's
+held tickers (``HKEYS`` / ``JSON.GET $.holdings``, cheap single commands),
+a second sends each session the prices of those; if the holdings changed
+in between, the script answers ``need`` and writes nothing, and just those
+sessions are sent again.  Reading the market inside the session's script
+would be one round trip, but the market's keys live in the ``{market}``
+hash slot and a script may touch one slot only (Redis Cluster), so the
+prices have to travel as arguments.
+
+Writes of holdings (create, set_holdings) accept a :class:`ClaimedPrices`:
+the prices the market answered, with the time (Redis's clock) at which it
+claimed those tickers for this write.  The script refuses a write that
+arrives more than :data:`CLAIM_GRACE_MS` after the claim
+(:class:`ClaimExpired`), which is what lets the market drop unheld tickers
+without ever leaving a session holding an unpriced one.
 
 Errors, the same for every operation unless its docstring says otherwise:
 
@@ -52,11 +82,12 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+import zlib
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from contextlib import aclosing
 from typing import Any, ClassVar, Literal
 
 import attrs
-import orjson
 
 from trio_portfolio.lua_scripts import load_script, lua_directory
 from trio_portfolio.models import (
@@ -83,11 +114,17 @@ from trio_portfolio.store.codec import (
 )
 
 __all__ = [
+    "CLAIM_GRACE_MS",
+    "INDEX_BUCKETS",
     "LUA",
     "OPERATIONS",
     "RESULT_IDS_LIMIT",
+    "ClaimExpired",
+    "ClaimedPrices",
     "Layout",
     "LayoutChoice",
+    "MarketPrices",
+    "RevalueTally",
     "SessionKeys",
     "SessionStore",
 ]
@@ -114,6 +151,81 @@ OPERATIONS: tuple[str, ...] = (
 RESULT_IDS_LIMIT = len(METRICS)
 """Result ids the session records for its current analysis (one per metric)."""
 
+INDEX_BUCKETS = 64
+"""How many sets the session index is split into (the unit of shared market work)."""
+
+CLAIM_GRACE_MS = 1000
+"""How long (ms of Redis's clock) a market claim of tickers stays good for a write of holdings.
+
+The market keeps every ticker claimed within this long before a walk of the
+sessions started, held or not; a holdings write later than this after its
+claim is refused with :class:`ClaimExpired`.  Between two round trips of one
+connection a second is an eternity; only a stalled process reaches it.
+"""
+
+_REVALUE_ROUNDS = 3
+"""Sends of one session in one :meth:`SessionStore.revalue_many` (holdings moving meanwhile)."""
+
+
+class ClaimExpired(StoreUnavailable):
+    """A holdings write came later than :data:`CLAIM_GRACE_MS` after its market claim.
+
+    Nothing was written.  It means the process stalled between two round
+    trips, so it is a kind of "the store cannot serve now": claim again
+    (ask the market for prices) and retry.
+    """
+
+
+class ClaimedPrices(dict[str, float]):
+    """Prices from the market, with when (Redis ms) it claimed their tickers for a write.
+
+    :meth:`trio_portfolio.market.MarketData.ensure_prices` returns one; the
+    store passes ``claimed_at_ms`` to the create and set_holdings scripts,
+    which refuse the write if it lands more than :data:`CLAIM_GRACE_MS`
+    later.  A plain mapping (or a claim time of 0, no tickers claimed)
+    carries no claim and is never refused (tests, tools).
+    """
+
+    def __init__(self, prices: Mapping[str, float], claimed_at_ms: int) -> None:
+        super().__init__(prices)
+        self.claimed_at_ms = claimed_at_ms
+
+
+class MarketPrices:
+    """Market prices validated once and rendered as script arguments.
+
+    A tick revalues many pages of sessions at the same prices; building this
+    once per tick keeps validation and float formatting out of the per-page
+    work.  ``repr`` of a float is its shortest exact decimal, which the
+    scripts store as they get it.
+
+    Raises:
+      ValueError: for a price that is not a finite number > 0.
+    """
+
+    __slots__ = ("texts", "values")
+
+    def __init__(self, prices: Mapping[str, float]) -> None:
+        self.values: dict[str, float] = {
+            t: check_number(f"price of {t}", p) for t, p in prices.items()
+        }
+        self.texts: dict[str, str] = {t: repr(p) for t, p in self.values.items()}
+
+
+@attrs.define
+class RevalueTally:
+    """What :meth:`SessionStore.revalue_many` saw beyond its outcomes (it adds to these).
+
+    ``held`` is every ticker held by a session that was found live, which is
+    what the market's universe is pruned against; ``fenced`` counts sessions
+    already valued at the tick or later (nothing written); ``resent``
+    counts sessions whose holdings moved between the two round trips.
+    """
+
+    held: set[str] = attrs.Factory(set)
+    fenced: int = 0
+    resent: int = 0
+
 
 @attrs.frozen
 class SessionKeys:
@@ -128,8 +240,31 @@ class SessionKeys:
 
     @property
     def index(self) -> str:
-        """The set of session ids the market updater walks (not hash-tagged: it spans slots)."""
+        """The set of every session id (not hash-tagged: it spans slots)."""
         return f"{self.prefix}:sessions"
+
+    def index_bucket(self, bucket: int) -> str:
+        """One of the :data:`INDEX_BUCKETS` sets of session ids the market updater walks."""
+        return f"{self.prefix}:sessions:{bucket}"
+
+    def index_keys(self) -> list[str]:
+        """Every index set: the whole one, then the buckets in order."""
+        return [self.index, *(self.index_bucket(b) for b in range(INDEX_BUCKETS))]
+
+    def index_commands(self, verb: str, session_ids: Sequence[str]) -> list[tuple[str, ...]]:
+        """``SADD`` or ``SREM`` of ``session_ids`` on the whole index and on their buckets."""
+        by_bucket: dict[int, list[str]] = {}
+        for session_id in session_ids:
+            by_bucket.setdefault(self.bucket_of(session_id), []).append(session_id)
+        return [
+            (verb, self.index, *session_ids),
+            *((verb, self.index_bucket(b), *ids) for b, ids in sorted(by_bucket.items())),
+        ]
+
+    @staticmethod
+    def bucket_of(session_id: str) -> int:
+        """The index bucket of ``session_id`` (stable across processes and versions)."""
+        return zlib.crc32(session_id.encode()) % INDEX_BUCKETS
 
     def session(self, session_id: str) -> str:
         """The json layout's document, or the hash layout's hash of scalars."""
@@ -164,6 +299,8 @@ class SessionStore(abc.ABC):
     """Which layout this store uses (``"json"`` or ``"hash"``)."""
     extra_operations: ClassVar[tuple[str, ...]] = ()
     """Scripts beyond :data:`OPERATIONS` that the layout needs."""
+    script_libraries: ClassVar[dict[str, tuple[str, ...]]] = {}
+    """Operations whose script needs fewer libraries than both (defining them costs per call)."""
 
     def __init__(
         self,
@@ -197,7 +334,10 @@ class SessionStore(abc.ABC):
         prelude = f"local PUBLISH_COMMAND = '{publish}'\n"
         self._scripts = {
             op: Script(
-                prelude + load_script(LUA, f"{self.layout}_{op}", libraries=libraries).source
+                prelude
+                + load_script(
+                    LUA, f"{self.layout}_{op}", libraries=self.script_libraries.get(op, libraries)
+                ).source
             )
             for op in OPERATIONS + self.extra_operations
         }
@@ -211,6 +351,22 @@ class SessionStore(abc.ABC):
     @abc.abstractmethod
     async def _read_document(self, session_id: str) -> dict[str, Any] | None:
         """The session in the document schema, read atomically; ``None`` if missing."""
+
+    def revalue_keys(self, session_id: str) -> list[str]:
+        """The KEYS of the revalue script (by default :meth:`session_keys`)."""
+        return self.session_keys(session_id)
+
+    @abc.abstractmethod
+    def held_tickers_command(self, session_id: str) -> tuple[str, ...]:
+        """One cheap read-only command whose reply names the session's held tickers."""
+
+    @abc.abstractmethod
+    def held_tickers(self, reply: Any) -> list[str]:
+        """The tickers in a reply of :meth:`held_tickers_command` (``[]``: gone).
+
+        Raises:
+          StoreDataError: for a reply that names no tickers.
+        """
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -255,21 +411,26 @@ class SessionStore(abc.ABC):
         """The session, created with ``holdings`` at ``prices`` (version 1) if it did not exist.
 
         Either way this is client activity (``last_activity`` and TTL).  The
-        id is added to the index *before* the script runs: if the call is
-        cancelled in between, the index holds an id without a session, which
-        the next revaluation reports missing and prunes; the other order
-        could leave a session the market updater never sees.
+        id is added to its index bucket *before* the script runs: if the call
+        is cancelled in between, the index holds an id without a session,
+        which the next revaluation reports missing and prunes; the other
+        order could leave a session the market updater never sees.  It is
+        added once more *after* the script, which closes the race with a
+        concurrent :meth:`forget` of the same id (see there).
 
         Raises:
           ValueError: for an invalid session id, empty holdings, a quantity
             or price that is not a finite number > 0, or a held ticker
             missing from ``prices`` (checked even if the session exists).
+          ClaimExpired: if ``prices`` is a :class:`ClaimedPrices` whose claim
+            is older than :data:`CLAIM_GRACE_MS` and the session had to be
+            created (nothing was written).
           StoreUnavailable, ReplyError, StoreDataError: as every operation.
         """
         check_session_id(session_id)
         holdings_json, prices_json = holdings_and_prices_json(holdings, prices)
-        await self.redis.execute("SADD", self.keys.index, session_id)
-        _, payload = await self._run(
+        await self._index([session_id])
+        status, payload = await self._run(
             "create",
             session_id,
             session_id,
@@ -277,7 +438,11 @@ class SessionStore(abc.ABC):
             prices_json,
             now,
             self.session_ttl_seconds,
+            *_claim_arguments(prices),
         )
+        if status == "claim_expired":
+            raise ClaimExpired(_CLAIM_EXPIRED)
+        await self._index([session_id])
         return portfolio_from_document(session_id, payload_document(payload), self.results_limit)
 
     async def get(self, session_id: str) -> Portfolio | None:
@@ -438,6 +603,8 @@ class SessionStore(abc.ABC):
           ValueError: for an invalid session id, empty holdings, a quantity
             or price that is not a finite number > 0, or a held ticker
             missing from ``prices``; nothing is written.
+          ClaimExpired: if ``prices`` is a :class:`ClaimedPrices` whose claim
+            is older than :data:`CLAIM_GRACE_MS` (nothing was written).
           StoreUnavailable, ReplyError, StoreDataError: as every operation.
         """
         check_session_id(session_id)
@@ -450,22 +617,39 @@ class SessionStore(abc.ABC):
             prices_json,
             now,
             self.session_ttl_seconds,
+            *_claim_arguments(prices),
         )
         if status == "missing":
             return None
+        if status == "claim_expired":
+            raise ClaimExpired(_CLAIM_EXPIRED)
         return portfolio_from_document(session_id, payload_document(payload), self.results_limit)
 
     async def revalue_many(
-        self, session_ids: Sequence[str], prices: Mapping[str, float], as_of: str
+        self,
+        session_ids: Sequence[str],
+        prices: Mapping[str, float] | MarketPrices,
+        as_of: str,
+        *,
+        tick: int | None = None,
+        tally: RevalueTally | None = None,
     ) -> list[RevalueOutcome]:
-        """Revalue sessions at ``prices`` in one pipelined round trip; outcomes in order.
+        """Revalue sessions at ``prices``, each sent only its own holdings' prices; in order.
 
-        Held tickers missing from ``prices`` keep their stored price.  A
-        session whose total or a held price changed gets a new version and a
-        ``portfolio`` event (cause ``market``).  Never activity.  A session
-        whose script failed with an error reply (e.g. a clobbered key) is
-        logged and left out, so one bad key cannot stall the market update
-        of the others; the rest were applied regardless.
+        Two pipelined round trips (held tickers, then the scripts), plus one
+        for the few sessions whose holdings moved in between.  Held tickers
+        missing from ``prices`` keep their stored price (a ticker that
+        entered the market after the tick was drawn).  With ``tick``, a
+        session already valued at ``tick`` or later is left alone
+        (``changed`` false, counted in ``tally.fenced``), and every other
+        session records ``valued_tick = tick`` and ``as_of``; without it
+        (tools, tests) nothing is fenced and ``valued_tick`` is not touched.
+        A session whose total or a held price changed gets a new version, a
+        ``portfolio`` event (cause ``market``) and, if it has none,
+        ``superseded_at`` (Redis time, ms).  Never activity.  A session whose
+        command failed with an error reply (e.g. a clobbered key) is logged
+        and left out, so one bad key cannot stall the market update of the
+        others; the rest were applied regardless.
 
         Raises:
           ValueError: for an invalid session id or a price that is not a
@@ -478,36 +662,57 @@ class SessionStore(abc.ABC):
         """
         for session_id in session_ids:
             check_session_id(session_id)
+        market = prices if isinstance(prices, MarketPrices) else MarketPrices(prices)
         if not session_ids:
             return []
-        market = {t: check_number(f"price of {t}", p) for t, p in prices.items()}
-        prices_json = orjson.dumps(market).decode()
-        replies = await self.redis.evalsha_many(
-            self._scripts["revalue"],
-            [
-                (self.session_keys(s), (self.events_channel(s), prices_json, as_of))
-                for s in session_ids
-            ],
+        tally = RevalueTally() if tally is None else tally
+        held_replies = await self.redis.pipeline(
+            [self.held_tickers_command(s) for s in session_ids]
         )
-        outcomes: list[RevalueOutcome] = []
-        for session_id, reply in zip(session_ids, replies, strict=True):
-            if isinstance(reply, StoreUnavailable):
-                raise reply
-            if isinstance(reply, ReplyError):
-                log.error("revaluation of session %s failed: %s", session_id, reply)
+        held: dict[str, list[str]] = {}
+        for session_id, reply in zip(session_ids, held_replies, strict=True):
+            if _failed(session_id, reply):
                 continue
-            status, payload = split_reply(reply)
-            if status == "missing":
-                outcomes.append(RevalueOutcome(session_id, True, False, 0, 0.0))
-                continue
-            try:
-                version, total = int(payload[0]), float(payload[1])
-            except (IndexError, TypeError, ValueError) as exc:
-                raise StoreDataError(f"unexpected revalue reply {reply!r:.200}") from exc
-            outcomes.append(RevalueOutcome(session_id, False, status == "changed", version, total))
-        return outcomes
+            held[session_id] = self.held_tickers(reply)
+        outcomes: dict[str, RevalueOutcome] = {}
+        texts, tick_text = market.texts, "" if tick is None else str(tick)
+        pending = list(held)
+        for _ in range(_REVALUE_ROUNDS):
+            if not pending:
+                break
+            calls = [
+                (
+                    self.revalue_keys(session_id),
+                    (
+                        as_of,
+                        tick_text,
+                        ";".join(f"{t}={texts.get(t, '')}" for t in held[session_id]),
+                    ),
+                )
+                for session_id in pending
+            ]
+            replies = await self.redis.evalsha_many(self._scripts["revalue"], calls)
+            again: list[str] = []
+            for session_id, reply in zip(pending, replies, strict=True):
+                if _failed(session_id, reply):
+                    continue
+                status, payload = split_reply(reply)
+                if status == "need":
+                    held[session_id] = held[session_id] + [str(t) for t in payload]
+                    again.append(session_id)
+                    continue
+                outcomes[session_id] = _revalue_outcome(session_id, status, payload, reply)
+                if status == "fenced":
+                    tally.fenced += 1
+                if status != "missing":
+                    tally.held.update(held[session_id])
+            tally.resent += len(again)
+            pending = again
+        if pending:
+            log.warning("revaluation of %d sessions skipped: holdings kept moving", len(pending))
+        return [outcomes[s] for s in session_ids if s in outcomes]
 
-    async def iter_session_ids(self, batch: int = 500) -> AsyncIterator[list[str]]:
+    async def iter_session_ids(self, batch: int = 500) -> AsyncGenerator[list[str], None]:
         """Walk the session index with SSCAN, in lists of at most ``batch`` ids.
 
         SSCAN's guarantees apply: an id present for the whole walk is
@@ -519,28 +724,63 @@ class SessionStore(abc.ABC):
           StoreUnavailable, ReplyError: from any SSCAN round trip, so after
             some batches may already have been yielded.
         """
+        async with aclosing(self._scan_set(self.keys.index, batch)) as pages:
+            async for ids in pages:
+                yield ids
+
+    async def iter_bucket(self, bucket: int, batch: int = 500) -> AsyncGenerator[list[str], None]:
+        """Walk one index bucket in lists of at most ``batch`` ids (as :meth:`iter_session_ids`)."""
+        async with aclosing(self._scan_set(self.keys.index_bucket(bucket), batch)) as pages:
+            async for ids in pages:
+                yield ids
+
+    async def _scan_set(self, key: str, batch: int) -> AsyncGenerator[list[str], None]:
         if batch < 1:
             raise ValueError("batch must be at least 1")
         cursor = "0"
         while True:
-            cursor, members = await self.redis.execute(
-                "SSCAN", self.keys.index, cursor, "COUNT", batch
-            )
+            cursor, members = await self.redis.execute("SSCAN", key, cursor, "COUNT", batch)
             unique = list(dict.fromkeys(members))
             for start in range(0, len(unique), batch):
                 yield unique[start : start + batch]
             if cursor == "0":
                 return
 
+    async def bucket_legacy_index(self, batch: int = 1000) -> int:
+        """Copy every id of the whole index into its bucket; how many were copied.
+
+        Ids indexed by a version without buckets (or by such a process still
+        running beside this one) are only in the whole set.  The market
+        updater calls this when the whole set holds more ids than the
+        buckets together; ``SADD`` is idempotent, so an interrupted copy is
+        simply redone.
+
+        Raises:
+          StoreUnavailable, ReplyError: from any round trip.
+        """
+        copied = 0
+        async with aclosing(self._scan_set(self.keys.index, batch)) as pages:
+            async for ids in pages:
+                await self.redis.pipeline(self.keys.index_commands("SADD", ids)[1:])
+                copied += len(ids)
+        return copied
+
+    async def _index(self, session_ids: Sequence[str]) -> None:
+        for reply in await self.redis.pipeline(self.keys.index_commands("SADD", session_ids)):
+            if isinstance(reply, ReplyError):
+                raise reply
+
     async def forget(self, session_ids: Sequence[str]) -> int:
         """Drop ids from the index, but only those whose session is (still) gone.
 
         The market updater calls this with the ids a revaluation reported
-        missing; re-checking existence keeps a session that was re-created
-        in the meantime.  (What remains is a window of one round trip in
-        which a re-created session can lose its index entry; its next
-        ``create_if_missing``, on the next connection, adds it back.)
-        Returns how many ids were removed.
+        missing.  Existence is checked before the removal and again after
+        it, and an id whose session exists by then is added back: together
+        with :meth:`create_if_missing` adding the id both before and after
+        its script, a session created concurrently with its own forgetting
+        always ends up indexed (either the re-check sees it, or the
+        creation's second add comes after the removal).  Returns how many
+        ids were removed (and stayed removed).
 
         Raises:
           StoreUnavailable: if Redis cannot be used now.
@@ -549,11 +789,58 @@ class SessionStore(abc.ABC):
         """
         if not session_ids:
             return 0
+        gone = await self._gone(session_ids)
+        if not gone:
+            return 0
+        for reply in await self.redis.pipeline(self.keys.index_commands("SREM", gone)):
+            if isinstance(reply, ReplyError):
+                raise reply
+        still_gone = set(await self._gone(gone))
+        back = [s for s in gone if s not in still_gone]
+        if back:
+            await self._index(back)
+        return len(gone) - len(back)
+
+    async def _gone(self, session_ids: Sequence[str]) -> list[str]:
+        """The ids among ``session_ids`` whose session key does not exist."""
         exists = await self.redis.pipeline(
             [("EXISTS", self.keys.session(session_id)) for session_id in session_ids]
         )
-        gone = [s for s, n in zip(session_ids, exists, strict=True) if n == 0]
-        if not gone:
-            return 0
-        removed: int = await self.redis.execute("SREM", self.keys.index, *gone)
-        return removed
+        return [s for s, n in zip(session_ids, exists, strict=True) if n == 0]
+
+
+_CLAIM_EXPIRED = "the market claim of these tickers expired before the write; try again"
+
+
+def _claim_arguments(prices: Mapping[str, float]) -> tuple[str, str]:
+    """ARGV of a holdings write: the claim time (or ``''``) and its grace."""
+    if isinstance(prices, ClaimedPrices) and prices.claimed_at_ms > 0:
+        return str(prices.claimed_at_ms), str(CLAIM_GRACE_MS)
+    return "", str(CLAIM_GRACE_MS)
+
+
+def _failed(session_id: str, reply: Any) -> bool:
+    """Whether one reply of a pipeline is an error; "not now" ones are raised.
+
+    Raises:
+      StoreUnavailable: for a reply that says Redis cannot serve now.
+    """
+    if isinstance(reply, StoreUnavailable):
+        raise reply
+    if isinstance(reply, ReplyError):
+        log.error("revaluation of session %s failed: %s", session_id, reply)
+        return True
+    return False
+
+
+def _revalue_outcome(
+    session_id: str, status: str, payload: list[Any], reply: Any
+) -> RevalueOutcome:
+    """The outcome a revalue script answered (any status but ``need``)."""
+    if status == "missing":
+        return RevalueOutcome(session_id, True, False, 0, 0.0)
+    try:
+        version, total = int(payload[0]), float(payload[1])
+    except (IndexError, TypeError, ValueError) as exc:
+        raise StoreDataError(f"unexpected revalue reply {reply!r:.200}") from exc
+    return RevalueOutcome(session_id, False, status == "changed", version, total)

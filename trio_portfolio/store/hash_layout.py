@@ -4,8 +4,11 @@ Keys of session ``abc`` (all tagged ``{abc}``, so one slot on Cluster):
 
 * ``<prefix>:session:{abc}`` - hash of scalars: ``session_id``,
   ``total_value``, ``portfolio_version``, ``last_activity``, ``created_at``,
-  and ``current_analysis`` (JSON text; the field is absent when none).  Its
-  existence *is* the session's existence.
+  and ``current_analysis`` (JSON text; the field is absent when none); after
+  the first market revaluation also ``valued_tick`` and ``as_of`` (the tick
+  and time of the prices of ``total_value``) and ``superseded_at`` (Redis ms
+  of the first revaluation that moved the valuation; cleared by an analysis
+  start).  Its existence *is* the session's existence.
 * ``<prefix>:session:{abc}:holdings`` - hash, ticker -> quantity;
 * ``<prefix>:session:{abc}:prices`` - hash, ticker -> price (held tickers);
 * ``<prefix>:session:{abc}:results`` - list of result JSON, oldest first,
@@ -25,7 +28,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from trio_portfolio.store.base import Layout, SessionStore
-from trio_portfolio.store.codec import payload_document
+from trio_portfolio.store.codec import StoreDataError, payload_document
 
 __all__ = ["HashSessionStore"]
 
@@ -35,6 +38,7 @@ class HashSessionStore(SessionStore):
 
     layout: ClassVar[Layout] = "hash"
     extra_operations: ClassVar[tuple[str, ...]] = ("get",)
+    script_libraries: ClassVar[dict[str, tuple[str, ...]]] = {"revalue": ("store_lib",)}
 
     def session_keys(self, session_id: str) -> list[str]:
         return [
@@ -50,3 +54,20 @@ class HashSessionStore(SessionStore):
         if status == "missing":
             return None
         return payload_document(payload)
+
+    def revalue_keys(self, session_id: str) -> list[str]:
+        """Session hash, holdings and prices: the results list plays no part."""
+        return [
+            self.keys.session(session_id),
+            self.keys.holdings(session_id),
+            self.keys.prices(session_id),
+        ]
+
+    def held_tickers_command(self, session_id: str) -> tuple[str, ...]:
+        """``HKEYS`` of the holdings hash (never empty while the session lives)."""
+        return ("HKEYS", self.keys.holdings(session_id))
+
+    def held_tickers(self, reply: Any) -> list[str]:
+        if not isinstance(reply, list):
+            raise StoreDataError(f"unexpected HKEYS reply {reply!r:.200}")
+        return reply

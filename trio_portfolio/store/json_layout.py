@@ -6,6 +6,11 @@ Key ``<prefix>:session:{<id>}`` holds the document::
      "total_value": 18750, "portfolio_version": 3, "current_analysis": null,
      "analysis_results": [...], "last_activity": "...Z", "created_at": "...Z"}
 
+and, after the first market revaluation, ``valued_tick`` and ``as_of`` (the
+tick and time of the prices of ``total_value``) and ``superseded_at``
+(Redis ms, a number, of the first revaluation that moved the valuation;
+cleared by an analysis start).
+
 As ADR-001 decided, a plain read is a direct ``JSON.GET`` and every
 multi-step operation is a Lua script calling JSON path commands
 (``store/lua/json_*.lua``): appends are ``JSON.ARRAPPEND`` (O(1)), the market
@@ -50,3 +55,16 @@ class JsonSessionStore(SessionStore):
         if not isinstance(document, dict):
             raise StoreDataError(f"document of {session_id} is not an object: {raw!r:.200}")
         return document
+
+    def held_tickers_command(self, session_id: str) -> tuple[str, ...]:
+        """``JSON.GET key $.holdings`` (nil for a missing key, where OBJKEYS would be an error)."""
+        return ("JSON.GET", self.keys.session(session_id), "$.holdings")
+
+    def held_tickers(self, reply: Any) -> list[str]:
+        if reply is None:
+            return []
+        try:
+            (holdings,) = orjson.loads(reply)
+            return [str(t) for t in holdings]
+        except (ValueError, TypeError) as exc:
+            raise StoreDataError(f"unexpected holdings reply {reply!r:.200}") from exc

@@ -172,3 +172,22 @@ async def in_thread(fn: Callable[[], T], timeout: float = 10.0) -> T:
     """
     with trio.fail_after(timeout):
         return await trio.to_thread.run_sync(fn)
+
+
+def record_market_ticks(server: LiveServer) -> list[tuple[float, float]]:
+    """``(when, seconds)`` of every market tick ``server`` reports from now on.
+
+    Wraps the server's :meth:`~trio_portfolio.metrics.ServerMetrics.market_tick`
+    (what the updater calls after each tick it takes), so tests and benchmarks
+    see tick durations without parsing ``/metrics``.
+    """
+    metrics = server.info.server.metrics
+    ticks: list[tuple[float, float]] = []
+    report = metrics.market_tick
+
+    def spy(*, seconds: float, **figures: Any) -> None:
+        ticks.append((trio.current_time(), seconds))
+        report(seconds=seconds, **figures)
+
+    metrics.market_tick = spy  # type: ignore[method-assign]
+    return ticks

@@ -3,7 +3,10 @@
 -- KEYS[1] session document
 -- ARGV[1] session id  ARGV[2] holdings JSON  ARGV[3] prices JSON
 -- ARGV[4] now  ARGV[5] TTL seconds
--- Returns {'created' | 'existing', document JSON}.
+-- ARGV[6] when the market claimed the tickers (Redis ms, '' = no claim)
+-- ARGV[7] the claim's grace in ms
+-- Returns {'created' | 'existing', document JSON}, or {'claim_expired'} (a
+-- creation whose claim is older than its grace: nothing written).
 local key, now = KEYS[1], ARGV[4]
 local holdings = decode_numbers(ARGV[2])
 local prices = held_prices(holdings, decode_numbers(ARGV[3]))
@@ -15,6 +18,9 @@ local document = '{"session_id":' .. cjson.encode(ARGV[1])
   .. ',"last_activity":' .. cjson.encode(now)
   .. ',"created_at":' .. cjson.encode(now) .. '}'
 local status = 'created'
+if redis.call('EXISTS', key) == 0 and claim_expired(ARGV[6], ARGV[7]) then
+  return {'claim_expired'}
+end
 if not redis.call('JSON.SET', key, '$', document, 'NX') then
   status = 'existing'
   json_set(key, '$.last_activity', cjson.encode(now))

@@ -4,11 +4,17 @@
 -- KEYS[1] session document
 -- ARGV[1] events channel  ARGV[2] holdings JSON  ARGV[3] prices JSON
 -- ARGV[4] now  ARGV[5] TTL seconds
--- Returns {'replaced', document JSON} or {'missing'}.
+-- ARGV[6] when the market claimed the tickers (Redis ms, '' = no claim)
+-- ARGV[7] the claim's grace in ms
+-- Returns {'replaced', document JSON}, {'missing'}, or {'claim_expired'}
+-- (the claim is older than its grace: nothing written).
 local key, now = KEYS[1], ARGV[4]
 local version = json_value(key, '$.portfolio_version')
 if version == nil then
   return {'missing'}
+end
+if claim_expired(ARGV[6], ARGV[7]) then
+  return {'claim_expired'}
 end
 local holdings = decode_numbers(ARGV[2])
 local prices = held_prices(holdings, decode_numbers(ARGV[3]))

@@ -34,6 +34,17 @@ local function redis_time_ms()
   return int(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 end
 
+-- Whether a market claim made at ARGV claimed_at (ms, '' for none) is older
+-- than grace ms: a write of holdings must land within the grace of the claim
+-- of its tickers, or the market may already have pruned them
+-- (trio_portfolio/market.py, "The universe").
+local function claim_expired(claimed_at, grace)
+  if claimed_at == nil or claimed_at == '' then
+    return false
+  end
+  return tonumber(redis_time_ms()) > tonumber(claimed_at) + tonumber(grace)
+end
+
 local function sorted_keys(t)
   local keys = {}
   for k in pairs(t) do

@@ -1,0 +1,135 @@
+"""The market under a set_holdings flood: universe size, tick time before/after, refusals.
+
+Issue 9's flood, from outside: a whole server in-process on a fresh local
+redis-server, one well-behaved v2 client holding the defaults, and one v2
+client sending ``set_holdings`` with ``--fresh`` never-seen tickers
+``--rate`` times a second for ``--seconds``, with ticks every
+``--interval``.  Then the flooder leaves and its session expires
+(``--session-ttl``).  Printed: the universe (tickers priced) before, at its
+peak and after expiry; the median tick duration before the flood, during it
+and after; and the flooder's refusals by error code.
+
+    python bench/bench_market_flood.py [--seconds 60] [--rate 5] [--fresh 100] [--interval 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import statistics
+import sys
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from trio_portfolio.testing import find_redis_binaries, record_market_ticks, run_redis_binary
+from trio_portfolio.testing.live_server import (
+    Client,
+    LiveServer,
+    open_client,
+    open_live_server,
+)
+from trio_portfolio.testing.live_server import test_settings as server_settings
+
+
+async def universe(server: LiveServer) -> int:
+    services = server.info.server.services
+    assert services is not None
+    return await services.market.universe_size()
+
+
+def median_between(ticks: list[tuple[float, float]], start: float, end: float) -> float:
+    window = [v for at, v in ticks if start <= at < end]
+    return statistics.median(window) if window else float("nan")
+
+
+async def run(url: str, args: argparse.Namespace) -> None:
+    settings = server_settings(
+        url,
+        market_update_interval_seconds=args.interval,
+        session_ttl_seconds=args.session_ttl,
+        max_tickers=args.max_tickers,
+    )
+    refusals: collections.Counter[str] = collections.Counter()
+
+    async def drain(client: Client, count: bool) -> None:
+        while True:
+            frame = await client.recv(timeout=3600)
+            if count and frame.get("type") == "error":
+                refusals[frame.get("code", "?")] += 1
+
+    async def keep_alive(client: Client) -> None:
+        while True:
+            await client.send("get_portfolio")
+            await trio.sleep(args.session_ttl / 4)
+
+    async with open_live_server(settings) as server, open_client(server, "steady") as steady:
+        await steady.recv()
+        ticks = record_market_ticks(server)
+        async with trio.open_nursery() as keep:
+            keep.start_soon(keep_alive, steady)
+            keep.start_soon(drain, steady, False)
+            t0 = trio.current_time()
+            await trio.sleep(5 * args.interval)
+            before = await universe(server)
+            t1 = trio.current_time()
+            peak, sent = before, 0
+            fresh = (f"F{n:06d}" for n in itertools.count())
+            async with open_client(server, "flooder") as flooder, trio.open_nursery() as flood:
+                flood.start_soon(drain, flooder, True)
+                while trio.current_time() < t1 + args.seconds:
+                    await flooder.send(
+                        "set_holdings", holdings={next(fresh): 1.0 for _ in range(args.fresh)}
+                    )
+                    sent += 1
+                    await trio.sleep(1 / args.rate)
+                    peak = max(peak, await universe(server))
+                flood.cancel_scope.cancel()
+            t2 = trio.current_time()
+            with trio.move_on_after(args.session_ttl + 10 * args.interval + 5):
+                while True:
+                    if await universe(server) <= before:
+                        break
+                    await trio.sleep(0.1)
+            t3 = trio.current_time()
+            await trio.sleep(5 * args.interval)
+            after = await universe(server)
+            t4 = trio.current_time()
+            keep.cancel_scope.cancel()
+    print(
+        f"flood: {sent} set_holdings of {args.fresh} fresh tickers over {args.seconds:g} s "
+        f"({sent * args.fresh} tickers), ticks every {args.interval:g} s, "
+        f"cap {args.max_tickers}"
+    )
+    print(f"universe (tickers priced): before {before}, peak {peak}, after expiry {after}")
+    print(
+        f"back to its size {t3 - t2:.1f} s after the flooder left "
+        f"(session TTL {args.session_ttl} s)"
+    )
+    print(
+        "median tick: "
+        f"before {median_between(ticks, t0, t1) * 1000:.1f} ms, "
+        f"during {median_between(ticks, t1, t2) * 1000:.1f} ms, "
+        f"after {median_between(ticks, t3, t4) * 1000:.1f} ms"
+    )
+    print(f"refusals by code: {dict(refusals) or 'none'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--rate", type=float, default=5.0)
+    parser.add_argument("--fresh", type=int, default=100)
+    parser.add_argument("--interval", type=float, default=1.0)
+    parser.add_argument("--session-ttl", type=int, default=5)
+    parser.add_argument("--max-tickers", type=int, default=10_000)
+    args = parser.parse_args()
+    with run_redis_binary(find_redis_binaries()[0]) as server:
+        trio.run(run, server.url, args)
+
+
+if __name__ == "__main__":
+    main()

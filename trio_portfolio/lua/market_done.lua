@@ -1,0 +1,45 @@
+-- Mark buckets of a tick revalued, add the tickers their live sessions
+-- hold to the tick's seen set and, when the last bucket is done, prune the
+-- universe: every priced ticker that no session seen in this tick's walk
+-- holds and that nobody claimed since CLAIM_GRACE_MS before the walk began
+-- loses its price, history and claim.  (A holdings write lands within the
+-- grace of its claim, so a write claimed earlier than that landed before the
+-- walk began, and the walk saw it.)
+-- KEYS[1] work hash  KEYS[2] tick counter  KEYS[3] seen set  KEYS[4] prices
+-- KEYS[5] history  KEYS[6] claims
+-- ARGV[1] tick  ARGV[2] buckets done now, comma-separated
+-- ARGV[3] number of buckets  ARGV[4] grace ms
+-- ARGV[5..] tickers held by those buckets' live sessions
+-- Returns {'stale'} if the market moved past this tick (nothing written),
+-- else {'done', buckets done, ticker pruned, ...}.
+local tick = tonumber(ARGV[1])
+if current_tick(KEYS[2]) ~= tick or tonumber(redis.call('HGET', KEYS[1], 'tick') or '-1') ~= tick then
+  return {'stale'}
+end
+for i = 5, #ARGV, 1000 do
+  redis.call('SADD', KEYS[3], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+local done = tonumber(redis.call('HGET', KEYS[1], 'done'))
+for bucket in string.gmatch(ARGV[2], '%d+') do
+  local field = 'b' .. bucket
+  if redis.call('HGET', KEYS[1], field) ~= 'done' then
+    redis.call('HSET', KEYS[1], field, 'done')
+    done = redis.call('HINCRBY', KEYS[1], 'done', 1)
+  end
+end
+local out = {'done', tostring(done)}
+if done < tonumber(ARGV[3]) or redis.call('HSETNX', KEYS[1], 'pruned', 1) == 0 then
+  return out
+end
+local cutoff = tonumber(redis.call('HGET', KEYS[1], 'start')) - tonumber(ARGV[4])
+for _, ticker in ipairs(redis.call('HKEYS', KEYS[4])) do
+  if redis.call('SISMEMBER', KEYS[3], ticker) == 0
+      and tonumber(redis.call('HGET', KEYS[6], ticker) or '0') < cutoff then
+    redis.call('HDEL', KEYS[4], ticker)
+    redis.call('HDEL', KEYS[5], ticker)
+    redis.call('HDEL', KEYS[6], ticker)
+    out[#out + 1] = ticker
+  end
+end
+redis.call('DEL', KEYS[3])
+return out

@@ -1,0 +1,400 @@
+"""Market data in Redis: prices, histories, the bounded universe of tickers, and leadership.
+
+Theory of operation
+===================
+
+Prices are shared state, so they live in Redis like everything else: every
+server process sees the same price for a ticker, and a restarted or new
+process continues the same price path.  All market keys share the hash tag
+``{market}`` so the multi-key scripts below work on Redis Cluster:
+
+* ``<prefix>:{market}:prices`` - hash, ticker -> latest price;
+* ``<prefix>:{market}:history`` - hash, ticker -> the last ``history_length``
+  prices, oldest first, on aligned ticks (the last price of every ticker is
+  the same tick), packed as little-endian float64 in hex (see
+  :func:`pack_history`): one string per ticker, so an analysis of 100
+  holdings reads 100 strings, not 25,600 list items, and the parsing is one
+  C call in the analysis's worker thread instead of work on the Trio loop;
+* ``<prefix>:{market}:tick`` - how many ticks have been taken, and
+  ``...:tick_at`` the ``as_of`` time of the last one;
+* ``<prefix>:{market}:leader`` - which process advances the market (with a TTL);
+* ``<prefix>:{market}:claims`` - hash, ticker -> Redis time (ms) of the last
+  claim of it by a write of holdings (see *The universe*);
+* ``<prefix>:{market}:work`` and ``...:seen`` - the current tick's
+  revaluation: which index buckets are taken or done, and the tickers the
+  live sessions walked so far hold (see :mod:`trio_portfolio.market`).
+
+The universe
+------------
+Only tickers some live session holds are priced.  A ticker enters the market
+when a write of holdings needs it (:meth:`MarketData.ensure_prices`): the
+:class:`~trio_portfolio.simulation.MarketSource` gives it a price and a
+bootstrapped history, written by one script that keeps another process's if
+it got there first and refuses (``ticker_limit``) a ticker that would take
+the universe past ``max_tickers``.  With a symbol list, a ticker not on it is
+refused (``unknown_ticker``) before anything is sent.
+
+A ticker leaves the market when a tick's walk of every session finds no live
+session holding it: the last bucket's ``done`` script deletes its price,
+history and claim.  Sessions expire by TTL without telling anyone, so the
+walk (which every tick does anyway, to revalue) is the one place that knows
+what is held; no reference count can drift.  The walk and the writes of
+holdings run on different hash slots, so the race between them is closed by
+time instead of by a shared script:
+
+* every write of holdings first *claims* its tickers (Redis time ``c``,
+  recorded per ticker), and its session script refuses to write later than
+  :data:`~trio_portfolio.store.base.CLAIM_GRACE_MS` (``G``) after ``c``
+  (:class:`~trio_portfolio.store.base.ClaimExpired`);
+* the prune keeps every ticker claimed at or after ``start - G``, where
+  ``start`` is the Redis time the tick's walk began.
+
+A ticker held by a live session at the prune was established by a write at
+``s <= c + G``: if ``c >= start - G`` it is kept by its claim, otherwise
+``s < start``, so the walk, which visits every indexed session after
+``start``, saw it.  Either way no session is left holding an unpriced
+ticker; a ticker let go is gone within one tick (plus ``G`` when it was
+claimed just before).  One clock decides both sides: on a single Redis it is
+the same server's; on Cluster it assumes the nodes' clocks agree to well
+within ``G``.
+
+The work of a tick on the Trio loop is proportional to the tickers held:
+prices are read and written in one script each, random draws and history
+packing run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+import numpy as np
+import trio
+
+from trio_portfolio.lua_scripts import load_script, lua_directory
+from trio_portfolio.models import TICKER_RE, utc_now
+from trio_portfolio.protocol import ErrorCode, ProtocolError
+from trio_portfolio.redis_io import RedisClient
+from trio_portfolio.simulation import MarketSource
+from trio_portfolio.store import CLAIM_GRACE_MS, INDEX_BUCKETS, ClaimedPrices
+
+log = logging.getLogger(__name__)
+
+HISTORY_LENGTH = 256
+DEFAULT_MAX_TICKERS = 10_000
+_HEX_PER_PRICE = 16  # one little-endian float64
+
+
+def pack_history(prices: Sequence[float]) -> str:
+    """Prices as stored in the history hash: little-endian float64, hex-encoded.
+
+    Exact (no decimal rounding), fixed width (so Lua trims by length), and
+    text (so replies stay UTF-8 strings like every other reply).
+    """
+    return np.asarray(prices, dtype="<f8").tobytes().hex()
+
+
+def unpack_history(packed: str) -> tuple[float, ...]:
+    """The inverse of :func:`pack_history`; an empty string is an empty history."""
+    return tuple(np.frombuffer(bytes.fromhex(packed), dtype="<f8").tolist())
+
+
+_LUA = lua_directory("trio_portfolio")
+"""``trio_portfolio/lua/``: the market's scripts (the store's live in ``store/lua/``)."""
+_LIB = ("market_lib",)
+_BOOTSTRAP = load_script(_LUA, "market_bootstrap", libraries=_LIB)
+_CLAIM = load_script(_LUA, "market_claim", libraries=_LIB)
+_READ = load_script(_LUA, "market_read", libraries=_LIB)
+_TICK = load_script(_LUA, "market_tick", libraries=_LIB)
+_TAKE = load_script(_LUA, "market_take", libraries=_LIB)
+_DONE = load_script(_LUA, "market_done", libraries=_LIB)
+_LEAD = load_script(_LUA, "market_lead")
+SCRIPTS = (_BOOTSTRAP, _CLAIM, _READ, _TICK, _TAKE, _DONE, _LEAD)
+
+
+class TickRace(Exception):
+    """Another process advanced the market first, or this one no longer leads: nothing written."""
+
+
+class TickerRefused(ProtocolError):
+    """A write of holdings names tickers the market will not price (nothing was changed).
+
+    ``code`` is :attr:`ErrorCode.UNKNOWN_TICKER` (not on the symbol list) or
+    :attr:`ErrorCode.TICKER_LIMIT` (the universe is full); the connection
+    answers it as an ``error`` frame like any other refusal.
+    """
+
+
+@attrs.frozen
+class MarketState:
+    """The market as one script read it: tick, its time, every price."""
+
+    tick: int
+    as_of: str
+    prices: dict[str, float]
+
+
+def load_symbols(path: Path) -> frozenset[str]:
+    """The symbol list in ``path``: one ticker per line; blank lines and ``#`` comments skipped.
+
+    Raises:
+      OSError: if the file cannot be read.
+      ValueError: for a line that is not a valid ticker (named ``file:line``)
+        or a file with no ticker at all.
+    """
+    symbols: set[str] = set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        ticker = text.upper()
+        if not TICKER_RE.fullmatch(ticker):
+            raise ValueError(f"{path}:{number}: not a ticker: {text!r}")
+        symbols.add(ticker)
+    if not symbols:
+        raise ValueError(f"{path}: no tickers")
+    return frozenset(symbols)
+
+
+class MarketData:
+    """Prices and histories of every ticker a live session holds, kept in Redis.
+
+    ``max_tickers`` caps the universe; ``symbols`` (optional) is the only
+    tickers that may be held.  Safe to use from many tasks and processes at
+    once: every decision is taken in a script.
+    """
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        source: MarketSource,
+        *,
+        key_prefix: str,
+        history_length: int = HISTORY_LENGTH,
+        max_tickers: int = DEFAULT_MAX_TICKERS,
+        symbols: frozenset[str] | None = None,
+    ) -> None:
+        if max_tickers < 1:
+            raise ValueError("max_tickers must be at least 1")
+        self._redis = redis
+        self.source = source
+        self.history_length = history_length
+        self.max_tickers = max_tickers
+        self.symbols = symbols
+        base = f"{key_prefix}:{{market}}"
+        self.prices_key = f"{base}:prices"
+        self.tick_key = f"{base}:tick"
+        self.tick_at_key = f"{base}:tick_at"
+        self.leader_key = f"{base}:leader"
+        self.history_key = f"{base}:history"
+        self.claims_key = f"{base}:claims"
+        self.work_key = f"{base}:work"
+        self.seen_key = f"{base}:seen"
+
+    async def load_scripts(self) -> None:
+        """Load the market scripts (EVALSHA would also load them on first use)."""
+        await self._redis.load_scripts(SCRIPTS)
+
+    async def prices(self) -> dict[str, float]:
+        """Every priced ticker's latest price."""
+        flat = await self._redis.execute("HGETALL", self.prices_key)
+        return {flat[i]: float(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+    async def universe_size(self) -> int:
+        """How many tickers the market prices now."""
+        size: int = await self._redis.execute("HLEN", self.prices_key)
+        return size
+
+    async def read(self) -> MarketState:
+        """The tick, its ``as_of`` and every price, read atomically in one round trip."""
+        reply = await self._redis.evalsha(
+            _READ, [self.prices_key, self.tick_key, self.tick_at_key], []
+        )
+        flat = reply[2:]
+        prices = {flat[i]: float(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return MarketState(int(reply[0]), reply[1] or utc_now(), prices)
+
+    async def ensure_prices(self, tickers: Sequence[str]) -> ClaimedPrices:
+        """Latest prices for ``tickers``, claimed for a write of holdings that follows at once.
+
+        Tickers new to the market get the source's initial price and a
+        bootstrapped history (computed in a worker thread) in one script;
+        if another process added one meanwhile, the script keeps theirs.
+        The answer carries the claim time the store's scripts check (see
+        *The universe*).
+
+        Raises:
+          TickerRefused: ``unknown_ticker`` for a ticker off the symbol list
+            (nothing sent), ``ticker_limit`` if the new tickers would take the
+            universe past ``max_tickers`` (nothing written).
+          StoreUnavailable, ReplyError: as every Redis call.
+        """
+        tickers = sorted(set(tickers))
+        if self.symbols is not None:
+            unknown = [t for t in tickers if t not in self.symbols]
+            if unknown:
+                raise TickerRefused(
+                    ErrorCode.UNKNOWN_TICKER,
+                    f"not on this server's symbol list: {', '.join(unknown[:10])}"
+                    + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""),
+                )
+        if not tickers:
+            return ClaimedPrices({}, 0)
+        reply = await self._redis.evalsha(_CLAIM, [self.prices_key, self.claims_key], tickers)
+        claimed_at = int(reply[0])
+        prices = {t: float(p) for t, p in zip(tickers, reply[1:], strict=True) if p is not None}
+        missing = [t for t in tickers if t not in prices]
+        if missing:
+            if len(missing) > self.max_tickers:
+                raise self._full(len(missing), None)
+            args = await trio.to_thread.run_sync(self._bootstrap_args, missing)
+            reply = await self._redis.evalsha(
+                _BOOTSTRAP,
+                [self.prices_key, self.history_key, self.claims_key],
+                [self.max_tickers, *args],
+            )
+            if reply[0] == "ticker_limit":
+                raise self._full(len(missing), int(reply[1]))
+            flat = reply[1:]
+            prices.update({flat[i]: float(flat[i + 1]) for i in range(0, len(flat), 2)})
+        return ClaimedPrices(prices, claimed_at)
+
+    def _full(self, new: int, size: int | None) -> TickerRefused:
+        priced = "" if size is None else f" ({size} priced now)"
+        return TickerRefused(
+            ErrorCode.TICKER_LIMIT,
+            f"the market prices at most {self.max_tickers} tickers{priced}: "
+            f"{new} new ones do not fit; nothing was changed",
+        )
+
+    def _bootstrap_args(self, tickers: Sequence[str]) -> list[str]:
+        """``ticker, packed history, initial price`` triplets (CPU work: run in a thread)."""
+        args: list[str] = []
+        for ticker in tickers:
+            history = self.source.bootstrap_history(ticker, self.history_length)
+            args += [ticker, pack_history(history), repr(history[-1])]
+        return args
+
+    async def raw_histories(self, tickers: Sequence[str]) -> dict[str, str]:
+        """Each ticker's packed history (:func:`unpack_history` decodes it; ``""``: none).
+
+        Packed, not parsed: decoding is CPU work that belongs in the
+        analysis's worker thread, not on the Trio loop.
+        """
+        if not tickers:
+            return {}
+        replies = await self._redis.execute("HMGET", self.history_key, *tickers)
+        return {t: packed or "" for t, packed in zip(tickers, replies, strict=True)}
+
+    async def try_lead(self, holder: str, ttl_seconds: float) -> bool:
+        """Take or renew market leadership for ``ttl_seconds``; True if ``holder`` leads.
+
+        Compare-and-set on the holder: a process whose lease ran out and
+        was taken over gets False and must stop advancing the market.
+        """
+        reply = await self._redis.evalsha(
+            _LEAD, [self.leader_key], [holder, max(1, int(ttl_seconds * 1000))]
+        )
+        return bool(reply)
+
+    async def advance(self, holder: str = "") -> tuple[int, str, dict[str, float]]:
+        """Draw and store one tick of prices for every priced ticker; open the tick's work.
+
+        Returns ``(tick, as_of, prices)``.  The tick and prices are read in
+        one script, the draw runs in a worker thread, and the write is
+        fenced on the tick counter and (unless ``holder`` is ``""``) on the
+        leader key.  With no ticker priced nothing is written and the
+        current tick is returned with empty prices.
+
+        Raises:
+          TickRace: another process advanced the market meanwhile, or
+            ``holder`` no longer leads; nothing was written.
+          StoreUnavailable, ReplyError: as every Redis call.
+        """
+        state = await self.read()
+        if not state.prices:
+            return state.tick, utc_now(), {}
+        new = await trio.to_thread.run_sync(self._draw, state.prices, state.tick + 1)
+        as_of = utc_now()
+        reply = await self._redis.evalsha(
+            _TICK,
+            [
+                self.prices_key,
+                self.tick_key,
+                self.history_key,
+                self.leader_key,
+                self.tick_at_key,
+                self.work_key,
+                self.seen_key,
+            ],
+            [state.tick, holder, self.history_length * _HEX_PER_PRICE, as_of, *new],
+        )
+        if reply is None:
+            raise TickRace(f"the market moved past tick {state.tick} or this process lost the lead")
+        prices = {new[i]: float(new[i + 1]) for i in range(0, len(new), 3)}
+        return int(reply[0]), as_of, prices
+
+    def _draw(self, last: dict[str, float], tick: int) -> list[str]:
+        """``ticker, price, packed price`` triplets of the next tick (CPU work: a thread)."""
+        drawn = self.source.next_prices(last, tick)
+        out: list[str] = []
+        for ticker in sorted(drawn):
+            price = drawn[ticker]
+            out += (ticker, repr(price), pack_history([price]))
+        return out
+
+    async def take_buckets(
+        self, taker: str, lease_seconds: float, most: int
+    ) -> tuple[int, list[int]] | None:
+        """Take up to ``most`` buckets of the current tick's revaluation: ``(tick, buckets)``.
+
+        None when every bucket is done or taken by a live taker, or when the
+        current tick has no work record (nothing priced, or never ticked).
+        A bucket whose taker's lease ran out is handed out again.
+        """
+        reply = await self._redis.evalsha(
+            _TAKE,
+            [self.work_key, self.tick_key],
+            [taker, max(1, int(lease_seconds * 1000)), INDEX_BUCKETS, most],
+        )
+        if reply[0] < 0 or len(reply) < 2:
+            return None
+        return int(reply[0]), [int(b) for b in reply[1:]]
+
+    async def finish_buckets(
+        self, tick: int, buckets: Sequence[int], held: set[str]
+    ) -> list[str] | None:
+        """Record ``buckets`` of ``tick`` as revalued, with what their live sessions hold.
+
+        Returns the tickers the universe lost (non-empty only when this
+        finished the tick's last bucket), or None if the market has moved
+        past ``tick`` (then nothing is recorded: the next tick's walk decides).
+        """
+        reply = await self._redis.evalsha(
+            _DONE,
+            [
+                self.work_key,
+                self.tick_key,
+                self.seen_key,
+                self.prices_key,
+                self.history_key,
+                self.claims_key,
+            ],
+            [
+                tick,
+                ",".join(map(str, buckets)),
+                INDEX_BUCKETS,
+                CLAIM_GRACE_MS,
+                *sorted(held),
+            ],
+        )
+        if reply[0] != "done":
+            return None
+        return [str(t) for t in reply[2:]]
+
+    async def tick_progress(self) -> tuple[int, int]:
+        """``(tick, buckets done)`` of the current work record (``(-1, 0)`` when none)."""
+        tick, done = await self._redis.execute("HMGET", self.work_key, "tick", "done")
+        return (-1 if tick is None else int(tick)), int(done or 0)
