@@ -36,20 +36,9 @@ from trio_portfolio.testing.chaos import (
 
 DEBIAN_REDIS = "/usr/bin/redis-server"
 
-KNOWN_BUGS: dict[str, str] = {
-    "debug_sleep": (
-        "issue 10 item 2: a 2 s DEBUG SLEEP trips the 1 s stall watchdog, which fails every "
-        "append in flight, including appends Redis then executes; the runner reports "
-        "'result not stored' (store_unavailable) for results that are stored: "
-        "stored-not-streamed > 0 (no idempotent re-ask after reconnecting yet)"
-    ),
-    "proxy_cut": (
-        "issue 10 item 2: appends whose replies are lost with the connection (executed by "
-        "Redis, outcome unknown to the server) are reported 'result not stored' although "
-        "they were stored: stored-not-streamed > 0 (no idempotent re-ask yet)"
-    ),
-}
-"""Faults that break the acceptance line on main, and why (what the run showed)."""
+KNOWN_BUGS: dict[str, str] = {}
+"""Faults that break the acceptance line on main, and why (none now; an entry marks that
+fault's case ``xfail(strict=True)``, so a fix shows up as a failure until it is removed)."""
 
 FELT = frozenset({"redis_kill9", "debug_sleep", "oom", "replica_switch"})
 """Outages long enough that a looping client must be told ``store_unavailable``."""

@@ -19,7 +19,9 @@ from trio_portfolio.testing.live_server import test_settings as server_settings
 
 
 def test_ticks_go_down_to_a_tenth_of_a_second_and_no_further() -> None:
-    tenth = load_settings({"market_update_interval_seconds": "0.1"}, {}, None)
+    tenth = load_settings(
+        {"market_update_interval_seconds": "0.1", "max_staleness_seconds": "5.5"}, {}, None
+    )
     assert tenth.market_update_interval_seconds == 0.1
     with pytest.raises(
         ConfigError, match=r"--market-update-interval-seconds: expected a number >= 0.1, got '0.05'"

@@ -157,7 +157,7 @@ def _server(redis_url: str, log_path: Path, *extra: str) -> Iterator[int]:
     command = [
         *(sys.executable, "-m", "trio_portfolio", "serve", "--port", str(port)),
         *("--redis-url", redis_url, "--key-prefix", "t" + secrets.token_hex(6)),
-        *("--metric-delay-seconds", "0.2,0.6", "--market-update-interval-seconds", "1"),
+        *("--metric-delay-seconds", "0.2,0.6", "--market-update-interval-seconds", "1.1"),
         *("--log-format", "text", *extra),
     ]
     with log_path.open("wb") as log, subprocess.Popen(command, cwd=ROOT, stderr=log) as proc:
