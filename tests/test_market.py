@@ -172,7 +172,7 @@ class RecordingMarket(MarketData):
 
 
 INTERVAL = 0.1
-LEASE = 3 * INTERVAL  # run_market_updater holds leadership for three intervals
+LEASE = 2 * INTERVAL  # run_market_updater holds leadership for two intervals
 SLACK = 0.3  # scheduling on a loaded machine, on top of one polling interval
 
 

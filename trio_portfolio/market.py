@@ -388,13 +388,13 @@ async def run_market_updater(
 
     ``on_tick`` (optional) is called with each :class:`TickReport` this
     process took as leader, for metrics; ``on_help`` with the tick and share
-    of each tick this process helped with as a non-leader.  Leadership is a lease of three
+    of each tick this process helped with as a non-leader.  Leadership is a lease of two
     intervals, renewed every interval even mid-tick, so a dead leader is
-    replaced within about three intervals; non-leaders ask for it and for
-    work every quarter interval.
+    replaced within two intervals and the next tick comes within three;
+    non-leaders ask for it and for work every quarter interval.
     """
     holder = secrets.token_hex(8)
-    lease = 3 * interval
+    lease = 2 * interval
     poll = interval / 4
     bucket_lease = max(_MIN_BUCKET_LEASE, lease)
     cache = _HelperCache()
