@@ -170,7 +170,7 @@ class Services:
         return session_cap_refusal(int(live), self.settings.max_sessions) is not None
 
 
-@attrs.define
+@attrs.define(slots=True)
 class TokenBucket:
     """Per-connection flood control: ``rate`` frames/s with bursts of ``burst``.
 
@@ -218,6 +218,40 @@ _Input = str | bytes | _Throttled | PortfolioChanged | AnalysisStarted | _Analys
 
 class Connection:
     """A client on one session; see the module docstring."""
+
+    # Slots: a server holds one of these per idle client for hours.
+    __slots__ = (
+        "_bucket",
+        "_close_code",
+        "_close_reason",
+        "_control_recv",
+        "_control_scope",
+        "_control_send",
+        "_current",
+        "_deadline",
+        "_discarding",
+        "_grace",
+        "_heard_own_start",
+        "_market",
+        "_notify_on_close",
+        "_nursery",
+        "_outbox_recv",
+        "_outbox_send",
+        "_sending",
+        "_session_epoch",
+        "_session_ready",
+        "_starting",
+        "_store",
+        "_stream_broken",
+        "_writer_scope",
+        "dialect",
+        "id",
+        "outbox_bytes",
+        "outbox_bytes_peak",
+        "services",
+        "session_id",
+        "ws",
+    )
 
     def __init__(
         self, services: Services, ws: ServerWebSocket, session_id: str, dialect: Dialect
