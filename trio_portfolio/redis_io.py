@@ -33,7 +33,13 @@ connection.
 
 A caller's *timeout* is handled exactly like a cancellation: it abandons
 that caller's request only (its reply, when it comes, is read and dropped)
-and raises :class:`StoreUnavailable` with reason ``timeout``.  No caller's
+and raises :class:`StoreUnavailable` with reason ``timeout``.  On the fast
+path (a connection ready, room in its channel: nearly every call) the
+deadline costs no cancel scope: it goes on the connection's deadline heap,
+which the watchdog sleeps on next to its stall check, and the caller waits
+on a bare Trio trap that the reader, a break or the watchdog reschedules.
+A call that must connect or wait for room takes the slow path, under a
+cancel scope with the same deadline.  No caller's
 deadline can break another caller's call: a connection is closed only when
 the connection itself is judged dead (a read or write error, Redis closing
 it, bytes that are not RESP, or the watchdog's stall timeout), and then
