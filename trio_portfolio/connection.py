@@ -9,16 +9,18 @@ owns a nursery with three helper tasks and runs the *control loop* itself::
     connection nursery
     ├── reader      ws.get_message() -> rate limit -> control channel; idle timeout
     ├── events      session pub/sub events -> control channel (drop when full)
-    ├── writer      outbox channel -> ws.send_message()   (the only sender); pings
+    ├── writer      outbox channel -> ws.send_messages()  (the only sender); pings
     └── analysis    AnalysisRunner in its own cancel scope (at most one)
                     └── metrics nursery: five metric tasks
 
 *One writer.*  Every frame leaves through one bounded outbox channel read by
 one writer task, so frames never interleave, and a client that stops
 reading fills the outbox, which stalls the producers (backpressure) instead
-of growing memory.  The outbox is bounded twice: in frames
-(``outbox_size``: producers wait) and in bytes (``outbox_max_bytes``,
-counting the frames queued and the one being sent): a frame that would take
+of growing memory.  The writer takes every frame waiting and sends them with
+one write (one syscall and one send deadline per batch, not per frame).  The
+outbox is bounded twice: in frames (``outbox_size``: producers wait) and in
+bytes (``outbox_max_bytes``, counting the frames queued and those being
+sent): a frame that would take
 it over the byte budget marks the client as too slow, and the connection is
 closed with 1008, its queued frames dropped (a single frame larger than the
 whole budget is still let through when nothing else is queued).  A send
@@ -168,7 +170,7 @@ class Services:
         return session_cap_refusal(int(live), self.settings.max_sessions) is not None
 
 
-@attrs.define
+@attrs.define(slots=True)
 class TokenBucket:
     """Per-connection flood control: ``rate`` frames/s with bursts of ``burst``.
 
@@ -216,6 +218,40 @@ _Input = str | bytes | _Throttled | PortfolioChanged | AnalysisStarted | _Analys
 
 class Connection:
     """A client on one session; see the module docstring."""
+
+    # Slots: a server holds one of these per idle client for hours.
+    __slots__ = (
+        "_bucket",
+        "_close_code",
+        "_close_reason",
+        "_control_recv",
+        "_control_scope",
+        "_control_send",
+        "_current",
+        "_deadline",
+        "_discarding",
+        "_grace",
+        "_heard_own_start",
+        "_market",
+        "_notify_on_close",
+        "_nursery",
+        "_outbox_recv",
+        "_outbox_send",
+        "_sending",
+        "_session_epoch",
+        "_session_ready",
+        "_starting",
+        "_store",
+        "_stream_broken",
+        "_writer_scope",
+        "dialect",
+        "id",
+        "outbox_bytes",
+        "outbox_bytes_peak",
+        "services",
+        "session_id",
+        "ws",
+    )
 
     def __init__(
         self, services: Services, ws: ServerWebSocket, session_id: str, dialect: Dialect
@@ -385,6 +421,7 @@ class Connection:
         settings = self.services.settings
         interval = settings.ping_interval_seconds or math.inf
         next_ping = trio.current_time() + interval
+        outbox = self._outbox_recv
         while True:
             wake = next_ping
             unanswered = self.ws.ping_unanswered_since
@@ -393,15 +430,33 @@ class Connection:
             if self._discarding:
                 wake = math.inf
             frame = None
-            with trio.move_on_at(wake):
-                try:
-                    frame = await self._outbox_recv.receive()
-                except trio.EndOfChannel:
-                    return
+            if trio.current_time() < wake:
+                # Frames waiting: no cancel scope needed to take one.
+                with contextlib.suppress(trio.WouldBlock):
+                    try:
+                        frame = outbox.receive_nowait()
+                    except trio.EndOfChannel:
+                        return
+            if frame is None:
+                with trio.move_on_at(wake):
+                    try:
+                        frame = await outbox.receive()
+                    except trio.EndOfChannel:
+                        return
             if frame is not None:
+                # Everything queued behind it leaves with the same write.
+                frames = [frame]
+                size = len(frame)
+                while True:
+                    try:
+                        frame = outbox.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    frames.append(frame)
+                    size += len(frame)
                 if not self._discarding:
-                    await self._transmit(frame)
-                self.outbox_bytes -= len(frame)
+                    await self._transmit(frames)
+                self.outbox_bytes -= size
                 continue
             # Woken for the keep-alive, with no frame to send.
             now = trio.current_time()
@@ -420,15 +475,16 @@ class Connection:
                 await self._transmit(None)
                 next_ping = now + interval
 
-    async def _transmit(self, frame: str | None) -> None:
-        """Send ``frame`` (``None``: a ping) within :data:`SEND_TIMEOUT`, or end the connection."""
+    async def _transmit(self, frames: list[str] | None) -> None:
+        """Send ``frames`` in one write (``None``: a ping) within :data:`SEND_TIMEOUT`,
+        or end the connection."""
         with trio.move_on_after(SEND_TIMEOUT):
             self._sending = True
             try:
-                if frame is None:
+                if frames is None:
                     await self.ws.send_ping()
                 else:
-                    await self.ws.send_message(frame)
+                    await self.ws.send_messages(frames)
             except ConnectionClosed:
                 self._discarding = True
                 self._end(1000, "client gone")
@@ -494,7 +550,13 @@ class Connection:
         queued = False
         try:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await self._outbox_send.send(frame)
+                # Room in the outbox: queue without a schedule point (still a
+                # cancellation point); the writer is woken by the frame.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                try:
+                    self._outbox_send.send_nowait(frame)
+                except trio.WouldBlock:
+                    await self._outbox_send.send(frame)
                 queued = True
         finally:
             if not queued:

@@ -460,9 +460,14 @@ async def serve_front_door(
     door.host_allowed = host_allowed
     door.refuse = refuse
     replay = await door.run()
-    if replay is not None:
-        info = RequestInfo(peer_address(stream), tuple(door.upgrade_headers))
-        await on_websocket(PrefixedStream(stream, replay, request=info))
+    if replay is None:
+        return
+    info = RequestInfo(peer_address(stream), tuple(door.upgrade_headers))
+    handoff = PrefixedStream(stream, replay, request=info)
+    # The WebSocket may live for hours: keep none of the HTTP state (the h11
+    # machine and its buffer, the replay record) alive behind it.
+    del door, replay, info
+    await on_websocket(handoff)
 
 
 class _FrontDoor:

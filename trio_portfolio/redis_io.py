@@ -33,7 +33,13 @@ connection.
 
 A caller's *timeout* is handled exactly like a cancellation: it abandons
 that caller's request only (its reply, when it comes, is read and dropped)
-and raises :class:`StoreUnavailable` with reason ``timeout``.  No caller's
+and raises :class:`StoreUnavailable` with reason ``timeout``.  On the fast
+path (a connection ready, room in its channel: nearly every call) the
+deadline costs no cancel scope: it goes on the connection's deadline heap,
+which the watchdog sleeps on next to its stall check, and the caller waits
+on a bare Trio trap that the reader, a break or the watchdog reschedules.
+A call that must connect or wait for room takes the slow path, under a
+cancel scope with the same deadline.  No caller's
 deadline can break another caller's call: a connection is closed only when
 the connection itself is judged dead (a read or write error, Redis closing
 it, bytes that are not RESP, or the watchdog's stall timeout), and then
@@ -405,11 +411,46 @@ class RedisClient:
         # the writer could otherwise send it before the caller is woken.
         await trio.lowlevel.checkpoint_if_cancelled()
         seconds = self.timeout if timeout is None else timeout
+        started = trio.current_time()
+        deadline = started + seconds
+        # The fast path: a connection that needs no connect, a channel with
+        # room.  The deadline is then kept by the connection's watchdog (no
+        # cancel scope per call); it acts exactly like the slow path's scope.
+        connection = self._ready_connection(started)
+        if connection is not None:
+            request = Request(payload, expected)
+            if connection.offer(request, deadline):
+                try:
+                    await connection.wait(request)
+                except trio.Cancelled:
+                    if request.abandoned:
+                        self.stats.cancelled_in_flight += 1
+                    raise
+                if request.timed_out:
+                    raise self._timed_out(seconds, written=request.written)
+                if request.error is None:
+                    return self._answered(request, started)
+                if request.written:
+                    self.stats.errors_unavailable += 1
+                    raise _copy(request.error, written=True) from None
+                # Failed before the write: the command never ran; one more try.
+                return await self._call_slow(payload, expected, seconds, deadline, started, (2,))
+        return await self._call_slow(payload, expected, seconds, deadline, started, (1, 2))
+
+    async def _call_slow(
+        self,
+        payload: bytes,
+        expected: int,
+        seconds: float,
+        deadline: float,
+        started: float,
+        attempts: tuple[int, ...],
+    ) -> list[Any]:
+        """A call that may have to connect, or wait for room, under its own cancel scope."""
         request: Request | None = None
         try:
-            with trio.move_on_after(seconds):
-                started = trio.current_time()
-                for attempt in (1, 2):
+            with trio.move_on_at(deadline):
+                for attempt in attempts:
                     connection = await self._connection()
                     request = Request(payload, expected)
                     try:
@@ -422,10 +463,7 @@ class RedisClient:
                         if not request.written and attempt == 1:
                             continue  # failed before the write: the command never ran
                         raise _copy(request.error, written=request.written) from None
-                    if self.on_latency is not None:
-                        self.on_latency(trio.current_time() - started)
-                    self._inspect(request.replies)
-                    return request.replies
+                    return self._answered(request, started)
         except trio.Cancelled:
             if request is not None and request.abandoned:
                 self.stats.cancelled_in_flight += 1
@@ -435,13 +473,37 @@ class RedisClient:
             raise
         # The deadline passed: this caller's request (if any) is abandoned,
         # nobody else's is touched.
+        raise self._timed_out(seconds, written=request is not None and request.written)
+
+    def _answered(self, request: Request, started: float) -> list[Any]:
+        if self.on_latency is not None:
+            self.on_latency(trio.current_time() - started)
+        self._inspect(request.replies)
+        return request.replies
+
+    def _timed_out(self, seconds: float, *, written: bool) -> StoreUnavailable:
         self.stats.timeouts += 1
         self.stats.errors_unavailable += 1
-        raise StoreUnavailable(
+        return StoreUnavailable(
             f"Redis at {self.params.describe()} did not answer within {seconds:g} s",
             reason=Unavailable.TIMEOUT,
-            maybe_executed=request is not None and request.written,
+            maybe_executed=written,
         )
+
+    def _ready_connection(self, now: float) -> Connection | None:
+        """The connection :meth:`_connection` would return without waiting, if any."""
+        best: Connection | None = None
+        usable = 0
+        for slot in self._slots:
+            if slot is not None and slot.broken is None and not slot.retiring:
+                usable += 1
+                if best is None or slot.load < best.load:
+                    best = slot
+        if best is not None and (
+            best.load == 0 or usable == len(self._slots) or now < self._failed_until
+        ):
+            return best
+        return None
 
     def _inspect(self, replies: list[Any]) -> None:
         """Count error replies; a READONLY among them retires the connections."""

@@ -11,6 +11,9 @@ here.
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +33,7 @@ from trio_portfolio.redis_wire import (
 __all__ = ["Connection", "NotSent", "RedisStatistics", "Request"]
 
 _MAX_BATCH = 1024  # requests written by one send_all
+_MIN_DEADLINES_LIMIT = 64  # the deadline heap is compacted when it outgrows this (or 2x live)
 
 
 @attrs.define
@@ -65,16 +69,24 @@ class RedisStatistics:
 
 
 class Request:
-    """One call: its encoded bytes, how many replies it expects, and its outcome."""
+    """One call: its encoded bytes, how many replies it expects, and its outcome.
+
+    The caller waits for it with :meth:`Connection.wait` (a bare Trio trap,
+    no ``Event`` per call); whoever finishes it (the reader with its last
+    reply, :meth:`Connection._break`, or the watchdog at its ``deadline``)
+    reschedules that task.  A request is finished exactly once.
+    """
 
     __slots__ = (
         "abandoned",
-        "done",
         "error",
         "expected",
+        "finished",
         "payload",
         "received",
         "replies",
+        "task",
+        "timed_out",
         "written",
     )
 
@@ -86,12 +98,31 @@ class Request:
         self.error: StoreUnavailable | None = None
         self.abandoned = False
         self.written = False
-        self.done = trio.Event()
+        self.finished = False
+        self.timed_out = False
+        """The watchdog gave up on it at its caller's deadline (see :meth:`Connection.offer`)."""
+        self.task: trio.lowlevel.Task | None = None
+        """The caller, while it waits in :meth:`Connection.wait`."""
+
+    def finish(self) -> None:
+        """Mark it finished and wake its caller (idempotent)."""
+        self.finished = True
+        task = self.task
+        if task is not None:
+            self.task = None
+            trio.lowlevel.reschedule(task)
 
     def fail(self, error: StoreUnavailable) -> None:
-        if not self.done.is_set():
+        if not self.finished:
             self.error = error
-            self.done.set()
+            self.finish()
+
+    def _abort(self, _raise_cancel: Any) -> trio.lowlevel.Abort:
+        # The caller is cancelled while it waits: nobody will wake it, the
+        # writer skips the request and the reader drops its replies.
+        self.task = None
+        self.abandoned = True
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class NotSent(Exception):
@@ -99,7 +130,12 @@ class NotSent(Exception):
 
 
 class Connection:
-    """One multiplexed connection: writer, reader and watchdog tasks, an in-flight deque."""
+    """One multiplexed connection: writer, reader and watchdog tasks, an in-flight deque.
+
+    Callers' deadlines are kept here too (:meth:`offer`): a heap the
+    watchdog task sleeps on, next to its stall check, so that a call on the
+    fast path costs no cancel scope of its own.
+    """
 
     def __init__(
         self,
@@ -113,10 +149,18 @@ class Connection:
         self._stall_timeout = stall_timeout
         self._on_closed = on_closed
         self._send, self._receive = trio.open_memory_channel[Request](_MAX_BATCH)
+        self._queued = 0
+        """Requests in the channel (the writer has not taken them yet)."""
         self._in_flight: collections.deque[Request] = collections.deque()
         self._cancel_scope = trio.CancelScope()
         self._last_progress = 0.0
-        self._busy = trio.Event()
+        self._deadlines: list[tuple[float, int, Request]] = []
+        """Callers' deadlines (a heap); finished requests are dropped lazily."""
+        self._deadlines_limit = _MIN_DEADLINES_LIMIT
+        self._sequence = itertools.count()
+        self._wake_at = -math.inf
+        """When the watchdog wakes next (``-inf``: it has not computed it yet)."""
+        self._wake_scope = trio.CancelScope()
         self._writer_done = False
         self.retiring = False
         self.broken: StoreUnavailable | None = None
@@ -129,7 +173,7 @@ class Connection:
     @property
     def load(self) -> int:
         """Requests queued or in flight: how busy this connection is."""
-        return len(self._in_flight) + self._send.statistics().current_buffer_used
+        return len(self._in_flight) + self._queued
 
     async def run(self, *, task_status: trio.TaskStatus[Connection]) -> None:
         """Connect, authenticate, then serve requests until the connection breaks.
@@ -160,6 +204,30 @@ class Connection:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
 
+    def offer(self, request: Request, deadline: float) -> bool:
+        """Queue ``request`` without waiting, to be given up at ``deadline``.
+
+        Returns ``False`` (nothing queued) when the channel is full or closed;
+        the caller then takes the slow path (:meth:`submit` under its own
+        cancel scope).  At ``deadline`` the watchdog marks an unfinished
+        request ``timed_out`` and abandoned, and wakes its caller.
+        """
+        try:
+            self._send.send_nowait(request)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        self._queued += 1
+        heap = self._deadlines
+        while heap and heap[0][2].finished:
+            heapq.heappop(heap)
+        heapq.heappush(heap, (deadline, next(self._sequence), request))
+        if len(heap) > self._deadlines_limit:
+            heap[:] = [entry for entry in heap if not entry[2].finished]
+            heapq.heapify(heap)
+            self._deadlines_limit = max(_MIN_DEADLINES_LIMIT, 2 * len(heap))
+        self._wake_by(deadline)
+        return True
+
     async def submit(self, request: Request) -> None:
         """Queue ``request`` and wait until it is answered or failed.
 
@@ -175,12 +243,17 @@ class Connection:
                 raise NotSent from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise NotSent from None
-        try:
-            await request.done.wait()
-        except BaseException:
-            if not request.done.is_set():
-                request.abandoned = True
-            raise
+        self._queued += 1
+        await self.wait(request)
+
+    @staticmethod
+    async def wait(request: Request) -> None:
+        """Wait until ``request`` is finished; cancelled, it is marked abandoned."""
+        if request.finished:
+            await trio.lowlevel.checkpoint()
+            return
+        request.task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(request._abort)
 
     def retire(self) -> None:
         """Take no new request; close once every request already taken is answered."""
@@ -208,6 +281,7 @@ class Connection:
                 self._receive.receive_nowait().fail(error)
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
+        self._queued = 0
         self._receive.close()
 
     def _finish_if_drained(self) -> None:
@@ -223,6 +297,7 @@ class Connection:
                         batch.append(self._receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                         break
+                self._queued -= len(batch)
                 live = [request for request in batch if not request.abandoned]
                 if not live:
                     continue
@@ -231,8 +306,8 @@ class Connection:
                         request.fail(self.broken)
                     continue
                 if not self._in_flight:
-                    self._last_progress = trio.current_time()
-                    self._busy.set()
+                    self._last_progress = now = trio.current_time()
+                    self._wake_by(now + self._stall_timeout)
                 for request in live:
                     # Marked before the write: a write cut half-way leaves the
                     # outcome unknown, which is what ``written`` reports.
@@ -288,25 +363,51 @@ class Connection:
             self._in_flight.popleft()
             if request.abandoned:
                 self._stats.replies_discarded += 1
-            request.done.set()
+            request.finish()
+
+    def _wake_by(self, when: float) -> None:
+        """Make sure the watchdog wakes at ``when`` at the latest."""
+        if when < self._wake_at:
+            self._wake_at = when
+            self._wake_scope.deadline = when
+
+    def _expire(self, now: float) -> None:
+        """Give up on the requests whose caller's deadline has passed (see :meth:`offer`)."""
+        heap = self._deadlines
+        while heap and (heap[0][2].finished or heap[0][0] <= now):
+            request = heapq.heappop(heap)[2]
+            if not request.finished:
+                # Like a cancellation: never sent if still queued, its reply
+                # read and dropped if written; nobody else's request is touched.
+                request.abandoned = True
+                request.timed_out = True
+                request.finish()
 
     async def _watchdog(self) -> None:
-        """Drop the connection when Redis says nothing for ``stall_timeout`` with work pending."""
+        """Wake callers at their deadlines; drop the connection when Redis stalls.
+
+        The connection is judged dead when Redis says nothing for
+        ``stall_timeout`` with work pending.
+        """
         while True:
-            if not self._in_flight:
-                self._busy = trio.Event()
-                await self._busy.wait()
-                continue
-            deadline = self._last_progress + self._stall_timeout
-            if trio.current_time() >= deadline:
-                self._stats.connections_stalled += 1
-                self._break(
-                    StoreUnavailable(
-                        f"Redis at {self._params.describe()} sent nothing for "
-                        f"{self._stall_timeout:g} s with requests outstanding",
-                        reason=Unavailable.STALLED,
-                        maybe_executed=True,
+            now = trio.current_time()
+            self._expire(now)
+            wake = self._deadlines[0][0] if self._deadlines else math.inf
+            if self._in_flight:
+                stall_at = self._last_progress + self._stall_timeout
+                if now >= stall_at:
+                    self._stats.connections_stalled += 1
+                    self._break(
+                        StoreUnavailable(
+                            f"Redis at {self._params.describe()} sent nothing for "
+                            f"{self._stall_timeout:g} s with requests outstanding",
+                            reason=Unavailable.STALLED,
+                            maybe_executed=True,
+                        )
                     )
-                )
-                return
-            await trio.sleep_until(deadline)
+                    return
+                wake = min(wake, stall_at)
+            self._wake_at = wake
+            self._wake_scope = trio.CancelScope(deadline=wake)
+            with self._wake_scope:
+                await trio.sleep_forever()

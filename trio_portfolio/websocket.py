@@ -1,4 +1,4 @@
-"""The server side of one WebSocket: trio-websocket's connection, with three gaps filled.
+"""The server side of one WebSocket: trio-websocket's connection, with four gaps filled.
 
 Theory of operation
 ===================
@@ -37,9 +37,17 @@ while the connection is open.  (trio-websocket *clients* still have that
 bug: a client that closes while our ping is in flight can fail the same
 way on its side; the default ping interval makes that rare.)
 
-All three rely on trio-websocket internals (``_handle_pong_event``,
+*One write for many frames.*  :meth:`ServerWebSocket.send_messages`
+encodes a batch of text frames and writes them with one ``send_all`` (the
+connection's writer sends whatever is queued at once).  And once the
+handshake is accepted, wsproto's finished handshake object (an h11 machine
+with its buffers, about 3 KiB, never used again) is replaced by an empty
+stand-in, since a server holds thousands of idle connections.
+
+All of these rely on trio-websocket internals (``_handle_pong_event``,
 ``_handle_ping_event``, ``_handle_close_connection_event``, ``_send``, ``_wsproto``,
-``_reader_task``, ``_get_request``), which is why the dependency is pinned
+``_stream``, ``_stream_lock``, ``_abort_web_socket``, ``_accept``, ``_reader_task``,
+``_get_request``; wsproto's ``WSConnection.handshake``), which is why the dependency is pinned
 to the 0.12 series and why ``tests/test_keepalive.py`` checks both
 behaviours over real sockets: an upgrade that changes them fails there.
 """
@@ -48,17 +56,36 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+from collections.abc import Iterator, Sequence
+from typing import cast
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection, Ping, Pong
+from wsproto.events import CloseConnection, Event, Ping, Pong, Request, TextMessage
+from wsproto.handshake import H11Handshake
 
 __all__ = ["CLOSE_SEND_TIMEOUT", "ServerWebSocket", "wrap_server_stream"]
 
 CLOSE_SEND_TIMEOUT = 1.0
 """Seconds the close frame for an unacceptable frame may take to leave."""
+
+
+class _FinishedHandshake:
+    """Stands in for wsproto's ``H11Handshake`` once the connection is open.
+
+    ``WSConnection.events`` still asks its handshake for events; this
+    answers none, and keeps no h11 state (about 3 KiB per connection).
+    """
+
+    __slots__ = ()
+
+    def events(self) -> Iterator[Event]:
+        return iter(())
+
+
+_FINISHED_HANDSHAKE = _FinishedHandshake()
 
 
 class ServerWebSocket(WebSocketConnection):
@@ -91,6 +118,34 @@ class ServerWebSocket(WebSocketConnection):
         if self._ping_sent_at is None:
             self._ping_sent_at = trio.current_time()
         await self._send(Ping(payload=self._ping_payload))
+
+    async def send_messages(self, messages: Sequence[str]) -> None:
+        """Send text ``messages`` in order with one write (the writer's batch).
+
+        Equivalent to ``send_message`` for each in turn, without a lock round
+        and a ``send_all`` per frame.  Raises ``ConnectionClosed`` if the
+        connection is closed or breaks during the write (the stream is then
+        aborted, as trio-websocket's own ``_send`` does).
+        """
+        if self.closed is not None:
+            raise ConnectionClosed(self.closed)
+        encode = self._wsproto.send
+        data = b"".join([encode(TextMessage(data=message)) for message in messages])
+        async with self._stream_lock:
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._abort_web_socket()
+                raise ConnectionClosed(self._close_reason) from None
+
+    async def _accept(
+        self, request: Request, subprotocol: str | None, extra_headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        await super()._accept(request, subprotocol, extra_headers)
+        if self._wsproto.connection is not None:
+            # The handshake is over: wsproto only asks the finished handshake
+            # for events (none are left); its h11 machine is never used again.
+            self._wsproto.handshake = cast(H11Handshake, _FINISHED_HANDSHAKE)
 
     async def _handle_pong_event(self, event: Pong) -> None:
         if self._ping_payload is not None and bytes(event.payload) == self._ping_payload:
