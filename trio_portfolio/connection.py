@@ -243,6 +243,7 @@ class Connection:
         "_starting",
         "_store",
         "_stream_broken",
+        "_unresolved",
         "_writer_scope",
         "dialect",
         "id",
