@@ -20,23 +20,16 @@ scenario (from the real server when it is integrated, else the fake peer).
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
-import queue
 import random
 import secrets
-import shutil
-import subprocess
 import sys
-import threading
 import time
 import traceback
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import orjson
 import pytest
@@ -45,6 +38,12 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_st
 
 from trio_portfolio.http import serve_front_door
 from trio_portfolio.testing import RedisServerInfo, free_port
+from trio_portfolio.testing.processes import (
+    find_chromium,
+    headless_browser,
+    popen_until_healthy,
+    threaded_tcp_server,
+)
 
 if TYPE_CHECKING:
     from playwright.sync_api import BrowserContext, Page
@@ -85,10 +84,7 @@ START_TIMEOUT = 30.0
 
 
 def _chromium() -> str:
-    for candidate in (os.environ.get("PORTFOLIO_TEST_CHROMIUM"), "/usr/bin/chromium"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    found = find_chromium()
     if found is None:
         pytest.skip("no chromium binary: apt-get install chromium (or set PORTFOLIO_TEST_CHROMIUM)")
     return found
@@ -303,33 +299,17 @@ def _fake_server() -> Iterator[str]:
     A connection that fails is recorded, not fatal (as in the real server),
     and fails the test when the server stops.
     """
-    started: queue.Queue[tuple[int, trio.lowlevel.TrioToken, trio.CancelScope]] = queue.Queue()
     failures: list[BaseException] = []
+    peer = FakePeer(random.Random(7))
 
-    async def main() -> None:
-        peer = FakePeer(random.Random(7))
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            await serve_front_door(stream, on_websocket=peer.on_websocket, app=peer)
+        except Exception as exc:
+            failures.append(exc)
 
-        async def handle(stream: trio.SocketStream) -> None:
-            try:
-                await serve_front_door(stream, on_websocket=peer.on_websocket, app=peer)
-            except Exception as exc:
-                failures.append(exc)
-
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
-                serve = functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1")
-                listeners = await nursery.start(serve)
-                port = listeners[0].socket.getsockname()[1]
-                started.put((port, trio.lowlevel.current_trio_token(), scope))
-
-    thread = threading.Thread(target=trio.run, args=(main,), name="fake-dashboard-server")
-    thread.start()
-    port, token, scope = started.get(timeout=START_TIMEOUT)
-    try:
+    with threaded_tcp_server(handle, "fake-dashboard-server", START_TIMEOUT) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        trio.from_thread.run_sync(scope.cancel, trio_token=token)
-        thread.join(START_TIMEOUT)
     assert failures == [], "".join(traceback.format_exception(failures[0]))
 
 
@@ -361,30 +341,8 @@ def _real_server(redis_url: str, key_prefix: str, log_path: Path) -> Iterator[st
         "text",
     ]
     base = f"http://127.0.0.1:{port}"
-    with log_path.open("wb") as log, subprocess.Popen(command, cwd=ROOT, stderr=log) as proc:
-        try:
-            deadline = time.monotonic() + START_TIMEOUT
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
-                try:
-                    with urllib.request.urlopen(f"{base}/health", timeout=1) as reply:
-                        if reply.status == 200:
-                            break
-                except (urllib.error.URLError, OSError):
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server did not answer /health:\n{log_path.read_text()}")
-                time.sleep(0.1)
-            yield base
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            print(f"--- server log (exit {proc.returncode}) ---\n{log_path.read_text()[-8000:]}")
+    with popen_until_healthy(command, base, log_path, ROOT, START_TIMEOUT):
+        yield base
 
 
 # -- the scenario -------------------------------------------------------------------------------
@@ -392,23 +350,9 @@ def _real_server(redis_url: str, key_prefix: str, log_path: Path) -> Iterator[st
 
 @contextlib.contextmanager
 def _browser(profile: Path) -> Iterator[BrowserContext]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("playwright is missing: pip install -e '.[test]'")
-    executable = _chromium()
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(profile),
-            executable_path=executable,
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1280, "height": 900},
-        )
-        try:
-            yield context
-        finally:
-            context.close()
+    viewport = {"width": 1280, "height": 900}
+    with headless_browser(profile, _chromium(), CHROMIUM_ARGS, viewport) as context:
+        yield cast("BrowserContext", context)
 
 
 def _switch_mid_analysis(page: Page) -> None:

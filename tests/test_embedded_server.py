@@ -16,16 +16,10 @@ import json
 import os
 import secrets
 import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import attrs
 import pytest
 import redis
 import trio
@@ -33,123 +27,23 @@ import trio
 from trio_portfolio.config import ConfigError, MaxmemoryPolicy, Settings, load_settings
 from trio_portfolio.embedded import PIDFILE_NAME
 from trio_portfolio.testing.live_server import connect_client
+from trio_portfolio.testing.processes import (
+    is_gone,
+    redis_servers_in,
+    server_process,
+    wait_for_ready,
+)
 
 IO = 10.0
-STARTUP = 30.0
-CLI = [sys.executable, "-m", "trio_portfolio"]
-FAST = ["--metric-delay-seconds", "0.02,0.1", "--market-update-interval-seconds", "3600"]
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("PORTFOLIO_")}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@attrs.define
-class ServerProcess:
-    process: trio.Process
-    port: int
-    stderr: bytearray = attrs.field(factory=bytearray)
-
-    def log(self) -> str:
-        return self.stderr.decode(errors="replace")
-
-
-async def _drain(stream: trio.abc.ReceiveStream | None, into: bytearray) -> None:
-    assert stream is not None
-    async with stream:
-        async for chunk in stream:
-            into += chunk
-
-
-@asynccontextmanager
-async def server_process(*args: str) -> AsyncIterator[ServerProcess]:
-    """``trio-portfolio serve --port <free> *args``; stopped for sure on the way out."""
-    port = free_port()
-    process = await trio.lowlevel.open_process(
-        [*CLI, "serve", "--port", str(port), "--log-format", "text", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=clean_env(),
-    )
-    server = ServerProcess(process, port)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_drain, process.stderr, server.stderr)
-        try:
-            yield server
-        finally:
-            with trio.CancelScope(shield=True):
-                if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
-                    with trio.move_on_after(10):
-                        await process.wait()
-                if process.poll() is None:
-                    process.kill()
-                await process.wait()
-
-
-async def ready_status(port: int) -> int | None:
-    """The status of ``GET /ready``, or None if nothing answers."""
-    request = b"GET /ready HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    try:
-        with trio.fail_after(2):
-            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-                await stream.send_all(request)
-                head = b""
-                while b"\r\n" not in head:
-                    chunk = await stream.receive_some()
-                    if not chunk:
-                        return None
-                    head += chunk
-    except (OSError, trio.BrokenResourceError, trio.TooSlowError):
-        return None
-    return int(head.split()[1])
-
-
-async def wait_for_ready(port: int, want: int = 200, timeout: float = STARTUP) -> float:
-    """Poll ``/ready`` until it answers ``want``; the seconds it took."""
-    started = trio.current_time()
-    with trio.fail_after(timeout):
-        while await ready_status(port) != want:  # noqa: ASYNC110  # polling from outside
-            await trio.sleep(0.01)
-    return trio.current_time() - started
+#: Fast metrics, no market ticks in the way, and text logs (the assertions read them).
+FAST = [
+    *("--metric-delay-seconds", "0.02,0.1", "--market-update-interval-seconds", "3600"),
+    *("--log-format", "text"),
+]
 
 
 def owners(data_dir: Path) -> dict[str, Any]:
     found: dict[str, Any] = json.loads((data_dir / PIDFILE_NAME).read_text())
-    return found
-
-
-def is_gone(pid: int) -> bool:
-    """No such process, or a zombie (exited; its parent has not reaped it yet)."""
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat_line.rpartition(")")[2].split()[0] == "Z"
-
-
-def redis_servers_in(data_dir: Path) -> list[int]:
-    """Pids of live redis-server processes working in ``data_dir`` (cwd and name)."""
-    target = os.fsencode(data_dir.resolve())
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path("/proc", entry, "cmdline").read_bytes()
-            cwd = os.readlink(os.path.join(b"/proc", entry.encode(), b"cwd"))
-        except OSError:
-            continue
-        if b"redis-server" in cmdline and cwd == target and not is_gone(int(entry)):
-            found.append(int(entry))
     return found
 
 

@@ -22,26 +22,22 @@ expectation with a deadline.
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
-import queue
 import secrets
-import shutil
-import socket
-import subprocess
 import sys
-import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import pytest
 import trio
 
-from trio_portfolio.testing import RedisServerInfo
+from trio_portfolio.testing import RedisServerInfo, free_port
+from trio_portfolio.testing.processes import (
+    find_chromium,
+    headless_browser,
+    popen_until_healthy,
+    threaded_tcp_server,
+)
 
 if TYPE_CHECKING:
     from playwright.sync_api import BrowserContext
@@ -134,57 +130,24 @@ init();
 
 
 def _chromium() -> str:
-    for candidate in (os.environ.get("PORTFOLIO_TEST_CHROMIUM"), "/usr/bin/chromium"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    found = find_chromium()
     if found is None:
         pytest.skip("no chromium binary: apt-get install chromium (or set PORTFOLIO_TEST_CHROMIUM)")
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextlib.contextmanager
 def _server(redis_url: str, log_path: Path, *extra: str) -> Iterator[int]:
     """``python -m trio_portfolio serve`` until ``/health`` answers; its port; SIGTERM after."""
-    port = _free_port()
+    port = free_port()
     command = [
         *(sys.executable, "-m", "trio_portfolio", "serve", "--port", str(port)),
         *("--redis-url", redis_url, "--key-prefix", "t" + secrets.token_hex(6)),
         *("--metric-delay-seconds", "0.2,0.6", "--market-update-interval-seconds", "1.1"),
         *("--log-format", "text", *extra),
     ]
-    with log_path.open("wb") as log, subprocess.Popen(command, cwd=ROOT, stderr=log) as proc:
-        try:
-            deadline = time.monotonic() + START_TIMEOUT
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
-                health = f"http://127.0.0.1:{port}/health"
-                with (
-                    contextlib.suppress(urllib.error.URLError, OSError),
-                    urllib.request.urlopen(health, timeout=1) as reply,
-                ):
-                    if reply.status == 200:
-                        break
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server did not answer /health:\n{log_path.read_text()}")
-                time.sleep(0.1)
-            yield port
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            print(f"--- server log (exit {proc.returncode}) ---\n{log_path.read_text()[-6000:]}")
+    with popen_until_healthy(command, f"http://127.0.0.1:{port}", log_path, ROOT, START_TIMEOUT):
+        yield port
 
 
 async def _serve_page_or_forward(stream: trio.SocketStream, upstream_port: int) -> None:
@@ -222,46 +185,20 @@ async def _serve_page_or_forward(stream: trio.SocketStream, upstream_port: int) 
 @contextlib.contextmanager
 def _page_host(upstream_port: int) -> Iterator[str]:
     """The page's own origin (a thread running a small Trio server); its base URL."""
-    started: queue.Queue[tuple[int, trio.lowlevel.TrioToken, trio.CancelScope]] = queue.Queue()
 
-    async def main() -> None:
-        async def handle(stream: trio.SocketStream) -> None:
-            async with stream:
-                with contextlib.suppress(trio.BrokenResourceError, OSError):
-                    await _serve_page_or_forward(stream, upstream_port)
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            with contextlib.suppress(trio.BrokenResourceError, OSError):
+                await _serve_page_or_forward(stream, upstream_port)
 
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
-                serve = functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1")
-                listeners = await nursery.start(serve)
-                port = listeners[0].socket.getsockname()[1]
-                started.put((port, trio.lowlevel.current_trio_token(), scope))
-
-    thread = threading.Thread(target=trio.run, args=(main,), name="original-page-host")
-    thread.start()
-    port, token, scope = started.get(timeout=START_TIMEOUT)
-    try:
+    with threaded_tcp_server(handle, "original-page-host", START_TIMEOUT) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        trio.from_thread.run_sync(scope.cancel, trio_token=token)
-        thread.join(START_TIMEOUT)
 
 
 @contextlib.contextmanager
 def _browser(profile: Path) -> Iterator[BrowserContext]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("playwright is missing: pip install -e '.[test]'")
-    executable = _chromium()
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(profile), executable_path=executable, headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield context
-        finally:
-            context.close()
+    with headless_browser(profile, _chromium(), CHROMIUM_ARGS) as context:
+        yield cast("BrowserContext", context)
 
 
 def test_the_original_page_sees_five_results_for_the_ticker_it_clicks(

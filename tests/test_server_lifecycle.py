@@ -12,17 +12,14 @@ sockets the test owns.  Every wait on the process or the network is under
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import attrs
 import pytest
 import trio
 
@@ -33,121 +30,24 @@ from trio_portfolio.testing import (
     Client,
     RedisServerInfo,
     connect_client,
-    free_port,
     greet,
     is_type,
 )
-
-STARTUP = 30.0
-CLI = [sys.executable, "-m", "trio_portfolio"]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without any PORTFOLIO_* setting, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTFOLIO_")}
-    env.update(extra)
-    return env
-
-
-@attrs.define
-class ServerProcess:
-    process: trio.Process
-    port: int
-    stdout: bytearray = attrs.field(factory=bytearray)
-    stderr: bytearray = attrs.field(factory=bytearray)
-
-    def log_lines(self) -> list[str]:
-        return [line for line in self.stderr.decode(errors="replace").splitlines() if line]
-
-    async def stop(self, signum: signal.Signals = signal.SIGTERM, timeout: float = 5.0) -> int:
-        """Send ``signum`` and wait (at most ``timeout``) for the exit code."""
-        self.process.send_signal(signum)
-        with trio.fail_after(timeout):
-            return await self.process.wait()
-
-
-async def _drain(stream: trio.abc.ReceiveStream | None, into: bytearray) -> None:
-    assert stream is not None
-    async with stream:
-        async for chunk in stream:
-            into += chunk
-
-
-@asynccontextmanager
-async def server_process(*args: str, env: dict[str, str]) -> AsyncIterator[ServerProcess]:
-    """``trio-portfolio serve --port <free> *args``; stopped for sure on the way out."""
-    port = free_port()
-    process = await trio.lowlevel.open_process(
-        [*CLI, "serve", "--port", str(port), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    server = ServerProcess(process, port)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_drain, process.stdout, server.stdout)
-        nursery.start_soon(_drain, process.stderr, server.stderr)
-        try:
-            yield server
-        finally:
-            with trio.CancelScope(shield=True):
-                if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
-                    with trio.move_on_after(10):
-                        await process.wait()
-                if process.poll() is None:
-                    process.kill()
-                await process.wait()
-
-
-async def wait_until_ready(port: int, timeout: float = STARTUP) -> None:
-    """Until ``GET /ready`` answers 200 (the listener comes up before the store is open)."""
-    request = b"GET /ready HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    with trio.fail_after(timeout):
-        while True:
-            try:
-                async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-                    await stream.send_all(request)
-                    head = b""
-                    while b"\r\n" not in head:
-                        chunk = await stream.receive_some()
-                        if not chunk:
-                            break
-                        head += chunk
-                if head.startswith(b"HTTP/1.1 200"):
-                    return
-            except (OSError, trio.BrokenResourceError):
-                pass
-            await trio.sleep(0.05)
+from trio_portfolio.testing.processes import (
+    CLI,
+    clean_env,
+    redis_servers_in,
+    server_process,
+    wait_for_ready,
+)
 
 
 @asynccontextmanager
 async def connect(port: int, session_id: str, *, v2: bool = True) -> AsyncIterator[Client]:
     """A WebSocket client (on a socket the harness owns), once the server is ready."""
-    await wait_until_ready(port)
+    await wait_for_ready(port)
     async with connect_client(port, session_id, v2=v2, timeout=IO) as client:
         yield client
-
-
-def redis_servers_in(data_dir: Path) -> list[int]:
-    """Pids of live redis-server processes working in ``data_dir`` (Linux /proc).
-
-    Found by working directory (``--dir`` makes Redis chdir there), since
-    redis-server rewrites its command line to a process title.
-    """
-    target = os.fsencode(data_dir.resolve())
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path("/proc", entry, "cmdline").read_bytes()
-            cwd = os.readlink(os.path.join(b"/proc", entry.encode(), b"cwd"))
-        except OSError:
-            continue
-        if b"redis-server" in cmdline and cwd == target:
-            found.append(int(entry))
-    return found
 
 
 async def no_redis_servers_in(data_dir: Path, timeout: float = 5.0) -> None:
@@ -279,7 +179,7 @@ async def test_demo_against_a_running_server(real_redis: RedisServerInfo, key_pr
     async with server_process(
         *args, "--metric-delay-seconds", "0.1,0.3", env=clean_env()
     ) as server:
-        await wait_until_ready(server.port)
+        await wait_for_ready(server.port)
         url = f"ws://127.0.0.1:{server.port}/ws/demo-{secrets.token_hex(4)}"
         done = await run_cli("demo", url, "--timeout", "30")
         output = done.stdout.decode()

@@ -36,41 +36,21 @@ from trio_portfolio.group import merge_families, render
 from trio_portfolio.metrics import ServerMetrics
 from trio_portfolio.redis_io import open_redis
 from trio_portfolio.server import WORKER_HEADER
-from trio_portfolio.testing import RedisServerInfo
+from trio_portfolio.testing import RedisServerInfo, free_port, is_type
 from trio_portfolio.testing.live_server import Client, connect_client
+from trio_portfolio.testing.processes import (
+    CLI,
+    STARTUP,
+    alive,
+    clean_env,
+    drain,
+    redis_servers_in,
+)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
 
 Frame = dict[str, Any]
 IO = 10.0
-STARTUP = 30.0
-CLI = [sys.executable, "-m", "trio_portfolio"]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTFOLIO_")}
-    env.update(extra)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def is_type(kind: str) -> Callable[[Frame], bool]:
-    return lambda frame: frame["type"] == kind
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def children_of(pid: int) -> list[int]:
@@ -84,23 +64,6 @@ def children_of(pid: int) -> list[int]:
                 continue
             if int(fields[1]) == pid and fields[0] != "Z":
                 found.append(int(entry))
-    return found
-
-
-def redis_servers_in(data_dir: Path) -> list[int]:
-    """Pids of live redis-servers working in ``data_dir`` (found by their cwd)."""
-    target = os.fsencode(data_dir.resolve())
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path("/proc", entry, "cmdline").read_bytes()
-            cwd = os.readlink(os.path.join(b"/proc", entry.encode(), b"cwd"))
-        except OSError:
-            continue
-        if b"redis-server" in cmdline and cwd == target:
-            found.append(int(entry))
     return found
 
 
@@ -132,13 +95,6 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-async def _drain(stream: trio.abc.ReceiveStream | None, into: bytearray) -> None:
-    assert stream is not None
-    async with stream:
-        async for chunk in stream:
-            into += chunk
-
-
 @asynccontextmanager
 async def supervisor(*args: str, workers: str = "2") -> AsyncIterator[Tree]:
     """``serve --workers 2 --port <free> *args`` (JSON logs); its whole tree killed on exit."""
@@ -151,7 +107,7 @@ async def supervisor(*args: str, workers: str = "2") -> AsyncIterator[Tree]:
     )
     tree = Tree(process, port)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_drain, process.stderr, tree.stderr)
+        nursery.start_soon(drain, process.stderr, tree.stderr)
         try:
             yield tree
         finally:
