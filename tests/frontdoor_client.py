@@ -25,6 +25,8 @@ from wsproto.events import (
     TextMessage,
 )
 
+from trio_portfolio.testing.live_server import HttpResponse as Reply
+
 IO = 10.0
 Headers = Sequence[tuple[str, str]]
 
@@ -162,16 +164,6 @@ async def raw_websocket(
         assert isinstance(event, AcceptConnection), event
         raw.subprotocol = event.subprotocol
         yield raw
-
-
-@attrs.frozen
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return orjson.loads(self.body)
 
 
 async def http(

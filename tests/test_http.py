@@ -19,7 +19,6 @@ from contextlib import asynccontextmanager
 
 import attrs
 import h11
-import orjson
 import pytest
 import trio
 import trio.testing
@@ -32,6 +31,7 @@ from trio_portfolio.http import (
     ServiceUnavailable,
     serve_front_door,
 )
+from trio_portfolio.testing.live_server import HttpResponse as Reply
 
 IO_TIMEOUT = 30.0
 HANDSHAKE = (
@@ -76,16 +76,6 @@ class FakeApp:
             raise self.session_error
         self.sessions += 1
         return {"session_id": f"s{self.sessions}", "portfolio": {"holdings": {"AAPL": 100.0}}}
-
-
-@attrs.frozen
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> object:
-        return orjson.loads(self.body)
 
 
 class Client:
@@ -212,7 +202,7 @@ async def test_health_ready_and_metrics() -> None:
         assert not_ready.json() == {
             "status": "not_ready",
             "reason": "redis",  # what follows ": " is for the log only, under error_id
-            "error_id": not_ready.json()["error_id"],  # type: ignore[index]
+            "error_id": not_ready.json()["error_id"],
         }
 
         metrics = await client.request("GET", "/metrics")
@@ -248,7 +238,7 @@ async def test_new_session() -> None:
         assert down.json() == {
             "error": "service_unavailable",
             "detail": "store unavailable",  # the rest is logged under error_id
-            "error_id": down.json()["error_id"],  # type: ignore[index]
+            "error_id": down.json()["error_id"],
         }
 
 
@@ -319,7 +309,7 @@ async def test_unknown_paths_and_traversal_are_404(target: str) -> None:
     async with front_door() as (stream, _):
         reply = await Client(stream).request("GET", target.replace("\\", "%5C"))
         assert reply.status == 404
-        assert reply.json()["error"] == "not_found"  # type: ignore[index]
+        assert reply.json()["error"] == "not_found"
 
 
 @pytest.mark.parametrize(
