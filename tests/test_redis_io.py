@@ -25,6 +25,7 @@ from trio_portfolio.redis_io import (
 )
 from trio_portfolio.redis_pubsub import open_pubsub
 from trio_portfolio.testing import RedisServerInfo, open_tcp_proxy
+from trio_portfolio.testing.redis_clients import subscribed
 
 
 async def test_commands_replies_and_errors(real_redis: RedisServerInfo, key_prefix: str) -> None:
@@ -199,9 +200,8 @@ async def test_pubsub_delivers_and_resubscribes_after_loss(
     real_redis: RedisServerInfo, key_prefix: str
 ) -> None:
     channel = f"{key_prefix}:events"
-    async with open_redis(real_redis.url) as redis, open_pubsub(real_redis.url) as pubsub:
+    async with subscribed(real_redis.url, channel) as (redis, pubsub):
         with trio.fail_after(5):
-            await pubsub.subscribe(channel)
             assert await redis.execute("PUBLISH", channel, "one") == 1
             message = await pubsub.messages.receive()
             assert (message.channel, message.data) == (channel, "one")

@@ -28,6 +28,7 @@ from trio_portfolio.redis_pubsub import open_pubsub
 from trio_portfolio.session_events import AnalysisStarted, SessionEvents, SessionEventsStatistics
 from trio_portfolio.testing import RedisServerInfo
 from trio_portfolio.testing.live_server import open_client, open_live_server, test_settings
+from trio_portfolio.testing.redis_clients import subscribed
 
 BAD = b"\xff\xfe"
 
@@ -61,9 +62,8 @@ async def test_an_undecodable_message_is_dropped_and_the_next_arrives(
     real_redis: RedisServerInfo, key_prefix: str
 ) -> None:
     channel = f"{key_prefix}:events"
-    async with open_redis(real_redis.url) as redis, open_pubsub(real_redis.url) as pubsub:
+    async with subscribed(real_redis.url, channel) as (redis, pubsub):
         with trio.fail_after(5):
-            await pubsub.subscribe(channel)
             assert await redis.execute("PUBLISH", channel, BAD) == 1
             assert await redis.execute("PUBLISH", channel, "fine") == 1
             message = await pubsub.messages.receive()
