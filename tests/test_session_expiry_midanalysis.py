@@ -15,9 +15,7 @@ the harness's real redis-server; real WebSocket clients; every wait bounded.
 from __future__ import annotations
 
 import re
-import secrets
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import pytest
@@ -25,27 +23,32 @@ import trio
 
 from trio_portfolio.config import RedisLayout
 from trio_portfolio.redis_io import open_redis
-from trio_portfolio.testing import RedisServerInfo, StoreTarget
+from trio_portfolio.testing import (
+    IO,
+    RedisServerInfo,
+    StoreTarget,
+    greet,
+    live,
+    new_session_id,
+    next_frame,
+    services_of,
+)
 from trio_portfolio.testing.live_server import (
-    Client,
     LiveServer,
     http_request,
     open_client,
-    open_live_server,
 )
-from trio_portfolio.testing.live_server import test_settings as server_settings
 
 Frame = dict[str, Any]
 DEFAULT_HOLDINGS = {"AAPL": 100.0, "GOOGL": 50.0, "MSFT": 75.0}
-TIMEOUT = 10.0
 
 
-@asynccontextmanager
-async def expiry_server(redis_url: str, **overrides: Any) -> AsyncIterator[LiveServer]:
+def expiry_server(
+    redis: RedisServerInfo, **overrides: Any
+) -> AbstractAsyncContextManager[LiveServer]:
     """A server whose metrics take long enough for a deletion to land mid-analysis."""
     overrides.setdefault("metric_delay_seconds", (0.3, 0.8))
-    async with open_live_server(server_settings(redis_url, **overrides)) as server:
-        yield server
+    return live(redis, **overrides)
 
 
 async def delete_session_keys(server: LiveServer, redis_url: str, session_id: str) -> int:
@@ -56,12 +59,6 @@ async def delete_session_keys(server: LiveServer, redis_url: str, session_id: st
         assert keys, f"no keys match {pattern}"
         deleted: int = await redis.execute("DEL", *keys)
     return deleted
-
-
-async def first_frame(client: Client, kind: str) -> Frame:
-    frame = await client.recv(TIMEOUT)
-    assert frame["type"] == kind, frame
-    return frame
 
 
 async def counter(server: LiveServer, series: str) -> float:
@@ -79,17 +76,17 @@ async def test_v2_session_deleted_mid_analysis_is_session_expired_not_switched(
     store_target: StoreTarget,
 ) -> None:
     redis_url = store_target.server.url
-    session_id = "x-" + secrets.token_hex(6)
+    session_id = new_session_id("x")
     async with (
-        expiry_server(redis_url, redis_layout=RedisLayout(store_target.layout)) as server,
+        expiry_server(store_target.server, redis_layout=RedisLayout(store_target.layout)) as server,
         open_client(server, session_id) as client,
     ):
-        await first_frame(client, "session")
+        await greet(client)
         await client.send("analyze", ticker="AAPL")
-        started = await first_frame(client, "analysis_started")
+        started = await next_frame(client, "analysis_started")
         assert await delete_session_keys(server, redis_url, session_id) >= 1
 
-        ended = await client.recv_until(lambda f: f["type"] == "session", timeout=TIMEOUT)
+        ended = await client.recv_until(lambda f: f["type"] == "session", timeout=IO)
         kinds = [f["type"] for f in ended]
         # Nothing was due before the deletion (metrics take >= 0.3 s), so nothing
         # was stored or sent; the analysis ends as cancelled, then the one error.
@@ -107,7 +104,7 @@ async def test_v2_session_deleted_mid_analysis_is_session_expired_not_switched(
         # Told once: nothing more arrives, and the connection works on the fresh session.
         await client.expect_quiet(1.5)
         await client.send("get_portfolio")
-        portfolio = await first_frame(client, "portfolio")
+        portfolio = await next_frame(client, "portfolio")
         assert portfolio["analysis_results"] == []
         assert portfolio["current_analysis"] is None
         await client.send("analyze", ticker="MSFT")
@@ -125,18 +122,18 @@ async def test_v2_session_deleted_mid_analysis_is_session_expired_not_switched(
 async def test_results_before_the_deletion_stand_and_none_follow_it(
     real_redis: RedisServerInfo,
 ) -> None:
-    session_id = "x-" + secrets.token_hex(6)
+    session_id = new_session_id("x")
     async with (
-        expiry_server(real_redis.url, metric_delay_seconds=(0.1, 2.5)) as server,
+        expiry_server(real_redis, metric_delay_seconds=(0.1, 2.5)) as server,
         open_client(server, session_id) as client,
     ):
-        await first_frame(client, "session")
+        await greet(client)
         await client.send("analyze", ticker="GOOGL")
-        await first_frame(client, "analysis_started")
-        first = await first_frame(client, "analysis_result")
+        await next_frame(client, "analysis_started")
+        first = await next_frame(client, "analysis_result")
         await delete_session_keys(server, real_redis.url, session_id)
 
-        ended = await client.recv_until(lambda f: f["type"] == "session", timeout=TIMEOUT)
+        ended = await client.recv_until(lambda f: f["type"] == "session", timeout=IO)
         kinds = [f["type"] for f in ended]
         # A result committed in the moment before the DEL may still arrive; after
         # the analysis ends, only the error and the fresh session.
@@ -150,16 +147,15 @@ async def test_results_before_the_deletion_stand_and_none_follow_it(
 
 
 async def test_v1_gets_one_error_and_no_result_after_it(real_redis: RedisServerInfo) -> None:
-    session_id = "x-" + secrets.token_hex(6)
+    session_id = new_session_id("x")
     async with (
-        expiry_server(real_redis.url) as server,
+        expiry_server(real_redis) as server,
         open_client(server, session_id, v2=False) as client,
     ):
         await client.send("analyze", ticker="AAPL")
         # v1 has no analysis_started: wait until the analysis is the session's current one.
-        services = server.info.server.services
-        assert services is not None
-        with trio.fail_after(TIMEOUT):
+        services = services_of(server)
+        with trio.fail_after(IO):
             while True:
                 portfolio = await services.store.get(session_id)
                 if portfolio is not None and portfolio.current_analysis is not None:
@@ -167,13 +163,13 @@ async def test_v1_gets_one_error_and_no_result_after_it(real_redis: RedisServerI
                 await trio.sleep(0.01)
         await delete_session_keys(server, real_redis.url, session_id)
 
-        error = await client.recv(TIMEOUT)
+        error = await client.recv(IO)
         assert (error["type"], error["code"]) == ("error", "session_expired"), error
         await client.expect_quiet(1.5)
         # Still usable, on a fresh session.
         await client.send("analyze", ticker="AAPL")
         with trio.fail_after(20):
-            results = [await client.recv(TIMEOUT) for _ in range(5)]
+            results = [await client.recv(IO) for _ in range(5)]
         assert [f["type"] for f in results] == ["analysis_result"] * 5
         assert len(expiry_errors(client.frames)) == 1
 
@@ -183,25 +179,25 @@ async def test_an_action_racing_the_analysis_still_tells_once(
     real_redis: RedisServerInfo, action: str
 ) -> None:
     """The control loop may find the session gone before the analysis does: one answer."""
-    session_id = "x-" + secrets.token_hex(6)
+    session_id = new_session_id("x")
     async with (
-        expiry_server(real_redis.url, metric_delay_seconds=(0.0, 0.4)) as server,
+        expiry_server(real_redis, metric_delay_seconds=(0.0, 0.4)) as server,
         open_client(server, session_id) as client,
     ):
-        await first_frame(client, "session")
+        await greet(client)
         await client.send("analyze", ticker="AAPL")
-        await first_frame(client, "analysis_started")
+        await next_frame(client, "analysis_started")
         await delete_session_keys(server, real_redis.url, session_id)
         await client.send(action)
 
-        ended = await client.recv_until(lambda f: f["type"] == "session", timeout=TIMEOUT)
+        ended = await client.recv_until(lambda f: f["type"] == "session", timeout=IO)
         kinds = [f["type"] for f in ended]
         assert kinds[-3:] == ["analysis_cancelled", "error", "session"], ended
         assert set(kinds[:-3]) <= {"analysis_result"}, ended
         assert ended[-3]["reason"] == "cancelled", ended
         assert ended[-2]["code"] == "session_expired"
         if action == "get_portfolio":
-            await first_frame(client, "portfolio")
+            await next_frame(client, "portfolio")
         await client.expect_quiet(1.5)
         assert len(expiry_errors(client.frames)) == 1
         assert not [f for f in client.frames if f.get("reason") == "switched"]
@@ -217,18 +213,18 @@ async def test_a_re_creation_at_the_session_cap_is_refused_with_an_error_frame(
     session: the re-creation is refused with ``too_many_sessions`` (after the
     one ``session_expired``) and the connection stays usable.
     """
-    session_id = "cap-" + secrets.token_hex(4)
+    session_id = new_session_id("cap")
     async with (
-        expiry_server(real_redis.url, max_sessions=1) as server,
+        expiry_server(real_redis, max_sessions=1) as server,
         open_client(server, session_id, v2=True) as client,
     ):
-        await first_frame(client, "session")
+        await greet(client)
         await delete_session_keys(server, real_redis.url, session_id)
         await client.send("get_portfolio")
-        expired = await first_frame(client, "error")
+        expired = await next_frame(client, "error")
         assert expired["code"] == "session_expired", expired
-        refused = await first_frame(client, "error")
+        refused = await next_frame(client, "error")
         assert refused["code"] == "too_many_sessions", refused
         await client.send("bogus")
-        answer = await first_frame(client, "error")
+        answer = await next_frame(client, "error")
         assert answer["code"] == "unknown_action", answer

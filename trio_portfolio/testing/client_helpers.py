@@ -51,6 +51,7 @@ __all__ = [
     "is_type",
     "live",
     "new_session_id",
+    "next_frame",
     "services_of",
     "start_analysis",
     "store_of",
@@ -125,14 +126,22 @@ def is_type(kind: str) -> Callable[[Frame], bool]:
     return lambda frame: frame["type"] == kind
 
 
+async def next_frame(client: Client, kind: str, timeout: float = IO) -> Frame:
+    """The next frame, asserted to be of type ``kind`` (nothing else may come first).
+
+    Raises ``trio.TooSlowError`` if none arrives within ``timeout``.
+    """
+    frame = await client.recv(timeout)
+    assert frame["type"] == kind, frame
+    return frame
+
+
 async def greet(client: Client, timeout: float = IO) -> Frame:
     """The ``session`` frame every v2 connection starts with (asserted to be one).
 
     Raises ``trio.TooSlowError`` if none arrives within ``timeout``.
     """
-    frame = await client.recv(timeout)
-    assert frame["type"] == "session", frame
-    return frame
+    return await next_frame(client, "session", timeout)
 
 
 async def start_analysis(client: Client, ticker: str, timeout: float = IO) -> Frame:
