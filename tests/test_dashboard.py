@@ -24,7 +24,6 @@ import math
 import os
 import random
 import secrets
-import sys
 import time
 import traceback
 from collections.abc import Iterator
@@ -39,6 +38,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_st
 from trio_portfolio.http import serve_front_door
 from trio_portfolio.testing import RedisServerInfo, free_port
 from trio_portfolio.testing.processes import (
+    CLI,
     find_chromium,
     headless_browser,
     popen_until_healthy,
@@ -321,9 +321,7 @@ def _real_server(redis_url: str, key_prefix: str, log_path: Path) -> Iterator[st
     """``python -m trio_portfolio serve`` until ``/health`` answers; SIGTERM at the end."""
     port = free_port()
     command = [
-        sys.executable,
-        "-m",
-        "trio_portfolio",
+        *CLI,
         "serve",
         "--host",
         "127.0.0.1",

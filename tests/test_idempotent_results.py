@@ -41,6 +41,7 @@ from trio_portfolio.testing import (
     open_client,
     open_live_server,
     open_tcp_proxy,
+    read_forever,
     store_of,
 )
 from trio_portfolio.testing import test_settings as server_settings
@@ -139,12 +140,7 @@ async def switch_in_a_loop(
     async with open_client(server, session_id) as client:
         await greet(client)
         async with trio.open_nursery() as nursery:
-
-            async def read() -> None:
-                while True:
-                    await client.recv(60)
-
-            nursery.start_soon(read)
+            nursery.start_soon(read_forever, client)
             while trio.current_time() < until:
                 await client.send("analyze", ticker=rng.choice(TICKERS))
                 await trio.sleep(rng.uniform(0.1, 0.4))

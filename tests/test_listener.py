@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import resource
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,19 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from trio_portfolio.testing import RedisServerInfo, unique_key_prefix
+from trio_portfolio.testing import RedisServerInfo, free_port, unique_key_prefix
+from trio_portfolio.testing.processes import CLI, popen_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 30.0
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _health(port: int) -> int:
@@ -51,14 +43,9 @@ def _cpu_seconds(pid: int) -> float:
 @contextlib.contextmanager
 def _server(redis_url: str, log_path: Path, nofile: tuple[int, int]) -> Iterator[tuple[int, int]]:
     """The server with ``RLIMIT_NOFILE`` = ``nofile`` (soft, hard); yields (port, pid)."""
-    port = _free_port()
+    port = free_port()
     command = [
-        sys.executable,
-        "-m",
-        "trio_portfolio",
-        "serve",
-        "--port",
-        str(port),
+        *(*CLI, "serve", "--port", str(port)),
         "--redis-url",
         redis_url,
         "--key-prefix",
@@ -72,30 +59,10 @@ def _server(redis_url: str, log_path: Path, nofile: tuple[int, int]) -> Iterator
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
 
-    with (
-        log_path.open("wb") as log,
-        subprocess.Popen(command, cwd=ROOT, stderr=log, preexec_fn=limit) as proc,
-    ):
-        try:
-            deadline = time.monotonic() + START_TIMEOUT
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
-                with contextlib.suppress(OSError):
-                    if _health(port) == 200:
-                        break
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server did not answer /health:\n{log_path.read_text()}")
-                time.sleep(0.1)
-            yield port, proc.pid
-            assert proc.poll() is None, f"server died:\n{log_path.read_text()}"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    base = f"http://127.0.0.1:{port}"
+    with popen_until_healthy(command, base, log_path, ROOT, START_TIMEOUT, limit) as proc:
+        yield port, proc.pid
+        assert proc.poll() is None, f"server died:\n{log_path.read_text()}"
 
 
 def test_soft_limit_is_raised_to_the_hard_limit(

@@ -14,7 +14,7 @@ around the real store's or market's own method) and does the edit there.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -33,7 +33,7 @@ from trio_portfolio.models import Portfolio, utc_now
 from trio_portfolio.redis_io import RedisClient, open_redis
 from trio_portfolio.simulation import GbmSimulator
 from trio_portfolio.store import SessionStore, open_store
-from trio_portfolio.testing import Layout, RedisServerInfo, StoreTarget
+from trio_portfolio.testing import Layout, RedisServerInfo, StoreTarget, hold_before
 
 SEED = 7
 Parts = tuple[MarketData, SessionStore, RedisClient]
@@ -236,19 +236,6 @@ async def test_one_of_two_updaters_leads_and_the_other_takes_over_within_the_lea
 
 
 # -- a tick racing an edit --------------------------------------------------------------------
-
-
-def hold_before(target: Any, name: str, reached: trio.Event, release: trio.Event) -> None:
-    """Make ``target.name`` (an async method) wait for ``release`` once ``reached`` is set."""
-    original: Callable[..., Awaitable[Any]] = getattr(target, name)
-
-    @functools.wraps(original)
-    async def held(*args: Any, **kwargs: Any) -> Any:
-        reached.set()
-        await release.wait()
-        return await original(*args, **kwargs)
-
-    setattr(target, name, held)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ real store's method does the edit at the chosen step.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -41,7 +41,7 @@ from trio_portfolio.store import (
     SessionStore,
     open_store,
 )
-from trio_portfolio.testing import StoreTarget
+from trio_portfolio.testing import StoreTarget, hold_before
 
 HOLDINGS = {"AAPL": 10.0, "MSFT": 2.0}
 PRICES = {"AAPL": 100.0, "MSFT": 200.0, "XOM": 50.0}
@@ -316,18 +316,6 @@ async def test_an_advance_is_fenced_on_the_leader(parts: Parts) -> None:
         assert (await market.read()).tick == 1
 
 
-def hold(target: Any, name: str, reached: trio.Event, release: trio.Event) -> None:
-    original: Callable[..., Awaitable[Any]] = getattr(target, name)
-
-    @functools.wraps(original)
-    async def held(*args: Any, **kwargs: Any) -> Any:
-        reached.set()
-        await release.wait()
-        return await original(*args, **kwargs)
-
-    setattr(target, name, held)
-
-
 async def test_a_leader_that_loses_its_lease_mid_tick_stops_writing(parts: Parts) -> None:
     store, market, redis = parts
     reports: list[Any] = []
@@ -335,7 +323,7 @@ async def test_a_leader_that_loses_its_lease_mid_tick_stops_writing(parts: Parts
         prices = await market.ensure_prices(["AAPL"])
         await store.create_if_missing("s1", {"AAPL": 1.0}, prices, utc_now())
         reached, release = trio.Event(), trio.Event()
-        hold(store, "revalue_many", reached, release)
+        hold_before(store, "revalue_many", reached, release)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
                 functools.partial(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-import sys
 import tomllib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -48,6 +47,7 @@ from trio_portfolio.simulation import GbmSimulator
 from trio_portfolio.testing import RedisServerInfo
 from trio_portfolio.testing.live_server import open_client, open_live_server
 from trio_portfolio.testing.live_server import test_settings as server_settings
+from trio_portfolio.testing.processes import CLI
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = datetime(2024, 1, 2, 9, 30, tzinfo=UTC)
@@ -427,9 +427,7 @@ def test_serve_with_a_bad_replay_file_exits_with_the_problem(tmp_path: Path) -> 
     bad.write_text(GOOD + "2024-01-02T09:29:00Z,AAPL,1\n", encoding="utf-8")
     child = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "trio_portfolio",
+            *CLI,
             "serve",
             "--port",
             "0",

@@ -45,6 +45,7 @@ from trio_portfolio.testing import (
     new_session_id,
     open_client,
     open_live_server,
+    read_forever,
     start_analysis,
     store_of,
 )
@@ -216,12 +217,7 @@ async def storm_one(
         if conn.v2:
             await greet(client)
         async with trio.open_nursery() as nursery:
-
-            async def read() -> None:
-                while True:
-                    await client.recv(60)
-
-            nursery.start_soon(read)
+            nursery.start_soon(read_forever, client)
             last = None
             while trio.current_time() < until:
                 ticker = rng.choice([t for t in TICKERS if t != last])

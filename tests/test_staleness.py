@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -65,6 +64,7 @@ from trio_portfolio.testing import (
     store_of,
 )
 from trio_portfolio.testing import test_settings as server_settings
+from trio_portfolio.testing.processes import CLI
 
 REFUSAL = "use --max-staleness-seconds 5.5 or --market-update-interval-seconds 5.5"
 """What start-up says for 2-5 s metrics under ticks faster than 5.5 s (README quotes it)."""
@@ -166,9 +166,7 @@ def test_max_staleness_from_every_source(tmp_path: Path) -> None:
 
 def test_the_command_line_refuses_to_start_and_says_what_works() -> None:
     command = [
-        sys.executable,
-        "-m",
-        "trio_portfolio",
+        *CLI,
         "serve",
         "--port",
         "0",

@@ -8,12 +8,20 @@
 * :mod:`~trio_portfolio.testing.redis_topologies` - a local Redis Cluster
   (3 masters, 3 replicas) and a Sentinel setup, with failover helpers.
 * :mod:`~trio_portfolio.testing.faults` - a TCP proxy that cuts, refuses or
-  black-holes connections, for outage tests.
+  black-holes connections, for outage tests; :func:`hold_before` to pause a
+  method so two operations race at a chosen step.
 * :mod:`~trio_portfolio.testing.live_server` - a whole server in-process and a
   WebSocket client that decodes and records every frame.
 * :mod:`~trio_portfolio.testing.client_helpers` - what every suite that talks
-  to a server needs: :func:`live`, :func:`greet`, :func:`is_type`,
-  :func:`new_session_id`, the :data:`IO` bound, the wire's field sets.
+  to a server needs: :func:`live`, :func:`greet`, :func:`next_frame`,
+  :func:`is_type`, :func:`read_forever`, :func:`new_session_id`, the
+  :data:`IO` bound, the wire's field sets.
+* :mod:`~trio_portfolio.testing.processes` - the server as a subprocess
+  (``python -m trio_portfolio serve``), ``/ready`` polling, ``/proc`` walks
+  for redis-servers and workers, a Trio server in a thread and a headless
+  browser for the synchronous browser suites.
+* :mod:`~trio_portfolio.testing.redis_clients` - adapter clients opened as
+  the Redis suites open them (:func:`subscribed`).
 
 None of it imports pytest; ``tests/conftest.py`` is the thin pytest layer.
 """
@@ -33,12 +41,19 @@ from trio_portfolio.testing.client_helpers import (
     live,
     new_session_id,
     next_frame,
+    read_forever,
     record_market_ticks,
     services_of,
     start_analysis,
     store_of,
 )
-from trio_portfolio.testing.faults import BUSY_SCRIPT, ProxyStatistics, TcpProxy, open_tcp_proxy
+from trio_portfolio.testing.faults import (
+    BUSY_SCRIPT,
+    ProxyStatistics,
+    TcpProxy,
+    hold_before,
+    open_tcp_proxy,
+)
 from trio_portfolio.testing.live_server import (
     Client,
     Frame,
@@ -147,6 +162,7 @@ __all__ = [
     "find_wheel_servers",
     "free_port",
     "greet",
+    "hold_before",
     "http_request",
     "in_thread",
     "is_type",
@@ -160,6 +176,7 @@ __all__ = [
     "open_redis_sentinel",
     "open_tcp_proxy",
     "probe_server",
+    "read_forever",
     "record_market_ticks",
     "run_fakeredis_json",
     "run_redis_binary",

@@ -52,6 +52,7 @@ __all__ = [
     "live",
     "new_session_id",
     "next_frame",
+    "read_forever",
     "services_of",
     "start_analysis",
     "store_of",
@@ -153,6 +154,17 @@ async def start_analysis(client: Client, ticker: str, timeout: float = IO) -> Fr
     """
     await client.send("analyze", ticker=ticker)
     return (await client.recv_until(is_type("analysis_started"), timeout=timeout))[-1]
+
+
+async def read_forever(client: Client, timeout: float = 60.0) -> None:
+    """Read (and record in ``client.frames``) every frame until cancelled.
+
+    For a background task while the test sends; each wait is bounded, so a
+    server that goes quiet for ``timeout`` seconds fails the test with
+    ``trio.TooSlowError`` instead of hanging it.
+    """
+    while True:
+        await client.recv(timeout)
 
 
 def services_of(server: LiveServer) -> Services:

@@ -6,19 +6,24 @@ connection, :meth:`TcpProxy.refuse` closes new ones at once, and
 :meth:`TcpProxy.blackhole` holds all traffic (for timeout tests) and
 releases it intact when cleared.  Every task lives in a nursery the proxy
 owns; :func:`open_tcp_proxy` scopes it to an ``async with`` block.
+
+:func:`hold_before` pauses an async method at its door, so that a test can
+make two operations race at exactly the step it wants to check.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import attrs
 import trio
 
 from trio_portfolio.services import open_service_nursery
 
-__all__ = ["BUSY_SCRIPT", "ProxyStatistics", "TcpProxy", "open_tcp_proxy"]
+__all__ = ["BUSY_SCRIPT", "ProxyStatistics", "TcpProxy", "hold_before", "open_tcp_proxy"]
 
 BUSY_SCRIPT = """
 local os_lib = rawget(_G, 'os')
@@ -180,3 +185,21 @@ async def open_tcp_proxy(target_host: str, target_port: int) -> AsyncIterator[Tc
     """A running :class:`TcpProxy` to ``target_host:target_port``; stopped on exit."""
     async with open_service_nursery() as nursery:
         yield await nursery.start(TcpProxy(target_host, target_port).run)
+
+
+def hold_before(target: Any, name: str, reached: trio.Event, release: trio.Event) -> None:
+    """Make ``target.name`` (an async method) wait for ``release`` once ``reached`` is set.
+
+    Every later call waits too (each sets ``reached`` and waits on the same
+    ``release``); the method is replaced on ``target`` itself, so the patch
+    dies with the object.
+    """
+    original: Callable[..., Awaitable[Any]] = getattr(target, name)
+
+    @functools.wraps(original)
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        reached.set()
+        await release.wait()
+        return await original(*args, **kwargs)
+
+    setattr(target, name, held)

@@ -224,13 +224,19 @@ def threaded_tcp_server(
 
 @contextmanager
 def popen_until_healthy(
-    command: list[str], base: str, log_path: Path, cwd: Path, timeout: float = 30.0
+    command: list[str],
+    base: str,
+    log_path: Path,
+    cwd: Path,
+    timeout: float = 30.0,
+    preexec_fn: Callable[[], object] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``command`` (stderr to ``log_path``) until ``{base}/health`` answers 200.
 
     The synchronous twin of :func:`server_process`, for tests that drive a
     browser: SIGTERM (then SIGKILL after 15 s) on the way out, and the log's
-    tail printed so a failing test shows it.
+    tail printed so a failing test shows it.  ``preexec_fn`` runs in the
+    child before the server starts (a resource limit, say).
 
     Raises:
         AssertionError: the process exited, or ``/health`` did not answer
@@ -240,7 +246,10 @@ def popen_until_healthy(
     import urllib.error
     import urllib.request
 
-    with log_path.open("wb") as log, subprocess.Popen(command, cwd=cwd, stderr=log) as proc:
+    with (
+        log_path.open("wb") as log,
+        subprocess.Popen(command, cwd=cwd, stderr=log, preexec_fn=preexec_fn) as proc,
+    ):
         try:
             deadline = time.monotonic() + timeout
             while True:
