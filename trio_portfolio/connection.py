@@ -154,6 +154,19 @@ class Services:
         """Create ``session_id`` with the default holdings at market prices (or resume it).
 
         Counts as client activity.  Used for WebSocket connects and ``POST /session``.
+        It does not check the session cap: callers ask :meth:`at_session_cap`
+        first.
+
+        Raises:
+          ValueError: for an invalid ``session_id`` (callers validate it first).
+          TickerRefused: a default holding is off the symbol list, or adding
+            it would take the universe past ``max_tickers``.
+          ClaimExpired: the prices' claim aged past its grace between
+            :meth:`MarketData.ensure_prices` and the write (nothing written;
+            retrying is safe).
+          StoreUnavailable: Redis cannot serve this now.
+          CommandError, StoreDataError: Redis refused a command, or the
+            stored session cannot be decoded.
         """
         holdings = self.settings.default_holdings
         prices = await self.market.ensure_prices(list(holdings))
@@ -164,7 +177,11 @@ class Services:
 
         The handshake and ``POST /session`` check this before a creation; a
         connection checks it again before re-creating a session that expired
-        under it.  Raises :class:`StoreUnavailable` when Redis cannot answer.
+        under it.  Ids the updater has not pruned yet still count.
+
+        Raises:
+          StoreUnavailable: Redis cannot answer now.
+          CommandError: the index key is not a set (clobbered).
         """
         live = await self.store.redis.execute("SCARD", self.store.keys.index)
         return session_cap_refusal(int(live), self.settings.max_sessions) is not None

@@ -53,7 +53,13 @@ async def open_redis(
 
     Options as for :func:`trio_portfolio.redis_io.open_redis` (``connections``
     is per node on a cluster).  Succeeds while Redis is down (the first call
-    reports it).  Raises :class:`ValueError` for a bad URL or setting.
+    reports it): a node that does not answer the cluster probe is taken for
+    a single node.
+
+    Raises:
+      ValueError: for a bad URL or setting.
+      StoreUnavailable: never from opening; from calls, as
+        :func:`trio_portfolio.redis_io.open_redis` says.
     """
     options = {
         "timeout": timeout,
@@ -87,7 +93,11 @@ async def open_pubsub(
     """The subscriber for ``url``: sharded on a Redis >= 7 cluster, classic otherwise.
 
     A Sentinel URL subscribes on the master the sentinels name at open.
-    Raises :class:`ValueError` for a bad URL.
+    Like :func:`open_redis` it succeeds while Redis is down: the subscriber
+    reconnects and resubscribes on its own (counted in its statistics).
+
+    Raises:
+      ValueError: for a bad URL.
     """
     if is_sentinel_url(url):
         async with open_sentinel(url, connections=1) as sentinel:

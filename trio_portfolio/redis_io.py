@@ -606,7 +606,12 @@ async def open_redis(
     long Redis may send nothing at all, with requests outstanding, before a
     connection is judged dead (a call cannot outlive its connection, whatever
     its own timeout).  ``on_latency`` is called with each completed call's
-    seconds.  Raises :class:`ValueError` for a bad URL or setting.
+    seconds.
+
+    Raises:
+      ValueError: for a bad URL or setting (at once, before any connection).
+      StoreUnavailable: never from opening; from the first call that cannot
+        be served (the module docstring lists the reasons).
     """
     params = ConnectionParams.from_url(url)
     async with open_service_nursery() as nursery:

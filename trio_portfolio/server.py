@@ -664,10 +664,18 @@ async def serve(
     """Run the server until shut down (a signal, :meth:`Server.stop`, or cancellation).
 
     Without ``redis_url`` it first starts the embedded Redis, which is
-    restarted if it dies (the store answers ``store_unavailable`` meanwhile);
-    :class:`~trio_portfolio.embedded.EmbeddedRedisError` (in an
-    ``ExceptionGroup``) ends the server when it cannot start or crash-loops.
-    ``listen_sockets`` and ``group``: see :class:`Server` (a worker's).
+    restarted if it dies (the store answers ``store_unavailable`` meanwhile).
+    ``listen_sockets`` and ``group``: see :class:`Server` (a worker's).  A
+    Redis that is down or refusing at start-up is not an error: the server
+    listens, answers ``/ready`` with 503 and retries with backoff until the
+    store opens; ``task_status.started`` is called only then.  A graceful
+    stop returns normally; cancellation propagates as ``trio.Cancelled``.
+
+    Raises:
+      ExceptionGroup: what ends the server early, from its nurseries:
+        :class:`~trio_portfolio.embedded.EmbeddedRedisError` when the
+        embedded Redis cannot start or crash-loops (no ``redis_url`` only),
+        and everything :func:`run_service` raises.
     """
     async with trio.open_nursery() as root:
         redis_url = settings.redis_url
@@ -700,7 +708,25 @@ async def run_service(
     group: GroupSpec | None = None,
     task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Everything but the embedded Redis: store, market, events, listener, connections."""
+    """Everything but the embedded Redis: store, market, events, listener, connections.
+
+    Runs until :meth:`Server.stop` (or a signal, with ``handle_signals``)
+    and a graceful shutdown; :func:`serve` with a Redis of one's own.
+
+    Raises:
+      ExceptionGroup: from its nurseries, holding one of:
+        ``OSError`` when ``host:port`` cannot be bound (in use, no
+        permission), before ``task_status.started``;
+        :class:`ValueError` for a ``redis_url`` the adapter cannot parse;
+        :class:`~trio_portfolio.config.ConfigError` when the ``symbols``
+        file cannot be read or ``default_holdings`` are off it (including
+        :class:`~trio_portfolio.replay.ReplayFileError`, an unusable market
+        replay file); :class:`~trio_portfolio.store.StoreLayoutUnavailable`
+        for ``redis_layout = json`` on a server without RedisJSON;
+        :class:`~trio_portfolio.redis_io.CommandError` when Redis refuses the
+        store's scripts.  ``StoreUnavailable`` never ends it: start-up waits
+        for the store, and a running server answers ``store_unavailable``.
+    """
     metrics = ServerMetrics()
     async with (
         open_redis(

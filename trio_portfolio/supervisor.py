@@ -345,9 +345,16 @@ async def run_supervisor(
 ) -> None:
     """Bind the port, start the embedded Redis if needed, run the workers until stopped.
 
-    Raises :class:`OSError` if the port cannot be bound,
-    :class:`~trio_portfolio.embedded.EmbeddedRedisError` if the embedded
-    Redis fails, and :class:`CrashLoop` if the workers keep dying.
+    A worker that exits is restarted with backoff (``policy``); a graceful
+    stop (signal or :meth:`Supervisor.stop`) returns normally once every
+    worker has exited.  Errors come out unwrapped (not in an ``ExceptionGroup``).
+
+    Raises:
+      OSError: the port cannot be bound (in use, no permission), before
+        any worker starts.
+      EmbeddedRedisError: the embedded Redis cannot start or crash-loops
+        (no ``redis_url`` only).
+      CrashLoop: the workers keep dying faster than ``policy`` allows.
     """
     sockets = await trio.to_thread.run_sync(bind_listeners, settings.host, settings.port)
     try:
