@@ -352,8 +352,8 @@ async def run_supervisor(
     Raises:
       OSError: the port cannot be bound (in use, no permission), before
         any worker starts.
-      EmbeddedRedisError: the embedded Redis cannot start or crash-loops
-        (no ``redis_url`` only).
+      trio_portfolio.embedded.EmbeddedRedisError: the embedded Redis cannot
+        start or crash-loops (no ``redis_url`` only).
       CrashLoop: the workers keep dying faster than ``policy`` allows.
     """
     sockets = await trio.to_thread.run_sync(bind_listeners, settings.host, settings.port)
