@@ -14,11 +14,11 @@ The whole task tree lives here; read this file to see who owns what::
         └── connections nursery            one handle_tcp per TCP connection (max_connections)
             └── serve_front_door           HTTP routes, or hand-off of a WebSocket upgrade
                 └── _serve_websocket       handshake checks: Origin, per-address count,
-                                           credential, then (creating only) rate and cap
-                └── Connection.run         see connection.py for the subtree:
-                    ├── reader / writer / events / control loop
-                    └── AnalysisRunner     own cancel scope
-                        └── five metric tasks
+                    │                      credential, then (creating only) rate and cap
+                    └── Connection.run     see connection.py for the subtree:
+                        ├── reader / writer / events / control loop
+                        └── AnalysisRunner own cancel scope
+                            └── five metric tasks
 
 Start-up: the listener comes up first, so ``/health`` answers and ``/ready``
 says why it is not ready while Redis is still unreachable; WebSocket
