@@ -17,11 +17,13 @@ Fixtures:
   each), from :func:`find_topology_binary`.  Tests that fail over must leave
   the same shape behind (fail back, or wait until ready again).
 
-``store_target`` also has the targets ``hash-cluster`` and ``hash-sentinel``
-(when a topology binary is found and no ``PORTFOLIO_TEST_REDIS_URL`` pins one
-server): the hash layout on that same cluster (``redis+cluster://`` with every
-node as a seed) and through that same Sentinel setup, started once for both
-uses and listed as the rows ``cluster`` and ``sentinel`` of the closing table.
+``store_target`` in the suites named in :data:`TOPOLOGY_SUITES` (the store
+contract and concurrency suites) also has the targets ``hash-cluster`` and
+``hash-sentinel`` (when a topology binary is found and no
+``PORTFOLIO_TEST_REDIS_URL`` pins one server): the hash layout on that same
+cluster (``redis+cluster://`` with every node as a seed) and through that same
+Sentinel setup, started once for both uses and listed as the rows ``cluster``
+and ``sentinel`` of the closing table.
 
 Discovery runs once, at collection, and starts nothing; each server starts
 when a test first needs it and stops when the session ends.  The run ends
@@ -53,6 +55,15 @@ from trio_portfolio.testing import (
     store_target_params,
     unique_key_prefix,
 )
+
+TOPOLOGY_SUITES = frozenset({"test_store_contract", "test_store_concurrency"})
+"""Modules whose ``store_target`` also covers ``cluster`` and ``sentinel``.
+
+They open Redis through :func:`trio_portfolio.redis_connect.open_redis` (the
+URL dispatch); a suite that opens with the single-node
+:func:`trio_portfolio.redis_io.open_redis` cannot use a ``redis+cluster://``
+or ``redis+sentinel://`` URL, so it joins here once it switches.
+"""
 
 _POOL = pytest.StashKey[RedisServerPool]()
 _TOPOLOGIES = pytest.StashKey["_Topologies"]()
@@ -146,7 +157,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             "redis_server", specs, ids=[s.name for s in specs], indirect=True, scope="session"
         )
     if "store_target" in metafunc.fixturenames:
-        pairs = store_target_params(_store_specs(metafunc.config))
+        topologies = metafunc.module.__name__.rpartition(".")[2] in TOPOLOGY_SUITES
+        specs = _store_specs(metafunc.config) if topologies else _pool(metafunc.config).specs
+        pairs = store_target_params(specs)
         metafunc.parametrize(
             "store_target",
             pairs,
