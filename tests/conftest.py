@@ -17,6 +17,14 @@ Fixtures:
   each), from :func:`find_topology_binary`.  Tests that fail over must leave
   the same shape behind (fail back, or wait until ready again).
 
+``store_target`` in the suites named in :data:`TOPOLOGY_SUITES` (the store
+contract and concurrency suites) also has the targets ``hash-cluster`` and
+``hash-sentinel`` (when a topology binary is found and no
+``PORTFOLIO_TEST_REDIS_URL`` pins one server): the hash layout on that same
+cluster (``redis+cluster://`` with every node as a seed) and through that same
+Sentinel setup, started once for both uses and listed as the rows ``cluster``
+and ``sentinel`` of the closing table.
+
 Discovery runs once, at collection, and starts nothing; each server starts
 when a test first needs it and stops when the session ends.  The run ends
 with a summary of the servers and layouts tests actually used.
@@ -24,11 +32,14 @@ with a summary of the servers and layouts tests actually used.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterator
 
 import pytest
 
 from trio_portfolio.testing import (
+    ENV_URL,
     LayoutUnavailable,
     RedisCluster,
     RedisSentinelSetup,
@@ -45,13 +56,98 @@ from trio_portfolio.testing import (
     unique_key_prefix,
 )
 
+TOPOLOGY_SUITES = frozenset({"test_store_contract", "test_store_concurrency"})
+"""Modules whose ``store_target`` also covers ``cluster`` and ``sentinel``.
+
+They open Redis through :func:`trio_portfolio.redis_connect.open_redis` (the
+URL dispatch); a suite that opens with the single-node
+:func:`trio_portfolio.redis_io.open_redis` cannot use a ``redis+cluster://``
+or ``redis+sentinel://`` URL, so it joins here once it switches.
+"""
+
 _POOL = pytest.StashKey[RedisServerPool]()
+_TOPOLOGIES = pytest.StashKey["_Topologies"]()
+_TARGETS = pytest.StashKey[list[ServerSpec]]()
+
+
+class _Topologies:
+    """The one cluster and the one Sentinel setup of a run, started on first use.
+
+    Shared by the ``redis_cluster``/``redis_sentinel`` fixtures and the
+    ``cluster``/``sentinel`` store targets, so a run starts at most one of each.
+    A topology that failed to start is not retried (its error is re-raised).
+    """
+
+    def __init__(self) -> None:
+        self._stack = contextlib.ExitStack()
+        self._cluster: RedisCluster | None = None
+        self._sentinel: RedisSentinelSetup | None = None
+        self._failed: dict[str, BaseException] = {}
+
+    def _start(self, what: str, start: contextlib.AbstractContextManager[object]) -> object:
+        if what in self._failed:
+            raise RuntimeError(f"the {what} failed to start earlier") from self._failed[what]
+        try:
+            return self._stack.enter_context(start)
+        except BaseException as exc:
+            self._failed[what] = exc
+            raise
+
+    def cluster(self) -> RedisCluster:
+        if self._cluster is None:
+            cluster = self._start("cluster", run_redis_cluster(_topology_binary()))
+            assert isinstance(cluster, RedisCluster)
+            self._cluster = cluster
+        return self._cluster
+
+    def sentinel(self) -> RedisSentinelSetup:
+        if self._sentinel is None:
+            setup = self._start("sentinel setup", run_redis_sentinel(_topology_binary()))
+            assert isinstance(setup, RedisSentinelSetup)
+            self._sentinel = setup
+        return self._sentinel
+
+    @contextlib.contextmanager
+    def cluster_info(self) -> Iterator[RedisServerInfo]:
+        cluster = self.cluster()
+        yield RedisServerInfo("cluster", cluster.url, cluster.version, False, False)
+
+    @contextlib.contextmanager
+    def sentinel_info(self) -> Iterator[RedisServerInfo]:
+        setup = self.sentinel()
+        yield RedisServerInfo("sentinel", setup.url, setup.version, False, False)
+
+    def close(self) -> None:
+        self._cluster = self._sentinel = None
+        self._stack.close()
+
+
+def _topologies(config: pytest.Config) -> _Topologies:
+    if _TOPOLOGIES not in config.stash:
+        config.stash[_TOPOLOGIES] = _Topologies()
+    return config.stash[_TOPOLOGIES]
 
 
 def _pool(config: pytest.Config) -> RedisServerPool:
     if _POOL not in config.stash:
         config.stash[_POOL] = RedisServerPool(discover_servers())
     return config.stash[_POOL]
+
+
+def _store_specs(config: pytest.Config) -> list[ServerSpec]:
+    """The servers the store is tested on: the pool's, then ``cluster`` and ``sentinel``."""
+    if _TARGETS not in config.stash:
+        specs = list(_pool(config).specs)
+        binary = find_topology_binary()
+        if binary is not None and not os.environ.get(ENV_URL):
+            topologies = _topologies(config)
+            for name, start in (
+                ("cluster", topologies.cluster_info),
+                ("sentinel", topologies.sentinel_info),
+            ):
+                specs.append(ServerSpec(name, start, has_json=False, source=os.fspath(binary)))
+        config.stash[_TARGETS] = specs
+    return config.stash[_TARGETS]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -61,7 +157,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             "redis_server", specs, ids=[s.name for s in specs], indirect=True, scope="session"
         )
     if "store_target" in metafunc.fixturenames:
-        pairs = store_target_params(_pool(metafunc.config).specs)
+        topologies = metafunc.module.__name__.rpartition(".")[2] in TOPOLOGY_SUITES
+        specs = _store_specs(metafunc.config) if topologies else _pool(metafunc.config).specs
+        pairs = store_target_params(specs)
         metafunc.parametrize(
             "store_target",
             pairs,
@@ -84,6 +182,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _POOL in config.stash:
         config.stash[_POOL].close()
+    if _TOPOLOGIES in config.stash:
+        config.stash[_TOPOLOGIES].close()
 
 
 def pytest_terminal_summary(
@@ -151,18 +251,18 @@ def _topology_binary() -> str:
 
 
 @pytest.fixture(scope="session")
-def redis_cluster(_redis_pool: RedisServerPool) -> Iterator[RedisCluster]:
-    with run_redis_cluster(_topology_binary()) as cluster:
-        name = f"cluster-{len(cluster.nodes)}-nodes-{cluster.version}"
-        info = RedisServerInfo(name, cluster.url, cluster.version, has_json=False, emulated=False)
-        _redis_pool.record_use("-", info)
-        yield cluster
+def redis_cluster(request: pytest.FixtureRequest, _redis_pool: RedisServerPool) -> RedisCluster:
+    cluster = _topologies(request.config).cluster()
+    info = RedisServerInfo("cluster", cluster.url, cluster.version, has_json=False, emulated=False)
+    _redis_pool.record_use("-", info)
+    return cluster
 
 
 @pytest.fixture(scope="session")
-def redis_sentinel(_redis_pool: RedisServerPool) -> Iterator[RedisSentinelSetup]:
-    with run_redis_sentinel(_topology_binary()) as setup:
-        name = f"sentinel-{len(setup.sentinels)}-sentinels-{setup.version}"
-        info = RedisServerInfo(name, setup.url, setup.version, has_json=False, emulated=False)
-        _redis_pool.record_use("-", info)
-        yield setup
+def redis_sentinel(
+    request: pytest.FixtureRequest, _redis_pool: RedisServerPool
+) -> RedisSentinelSetup:
+    setup = _topologies(request.config).sentinel()
+    info = RedisServerInfo("sentinel", setup.url, setup.version, has_json=False, emulated=False)
+    _redis_pool.record_use("-", info)
+    return setup

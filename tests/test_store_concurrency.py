@@ -36,7 +36,8 @@ from trio_portfolio.models import (
     Snapshot,
     utc_now,
 )
-from trio_portfolio.redis_io import RedisClient, open_redis
+from trio_portfolio.redis_connect import open_redis
+from trio_portfolio.redis_io import RedisClient
 from trio_portfolio.store import SessionStore, open_store
 from trio_portfolio.testing import StoreTarget
 

@@ -28,8 +28,9 @@ from trio_portfolio.models import (
     Snapshot,
     StartRefused,
 )
-from trio_portfolio.redis_io import RedisClient, open_redis
-from trio_portfolio.redis_pubsub import PubSub, open_pubsub
+from trio_portfolio.redis_connect import open_pubsub, open_redis
+from trio_portfolio.redis_io import RedisClient
+from trio_portfolio.redis_pubsub import PubSub
 from trio_portfolio.store import (
     SessionStore,
     StoreLayoutUnavailable,

@@ -46,7 +46,15 @@ from trio_portfolio.staleness import analyses_finish_problem, analysis_duration_
 
 ENV_PREFIX = "PORTFOLIO_"
 CONFIG_ENV = "PORTFOLIO_CONFIG"
-REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_URL_SCHEMES = (
+    "redis://",
+    "rediss://",
+    "unix://",
+    "redis+cluster://",
+    "rediss+cluster://",
+    "redis+sentinel://",
+    "rediss+sentinel://",
+)
 _MASK = "***"
 MIN_MARKET_INTERVAL = 0.1
 """The shortest market tick interval accepted (sub-second feeds; see docs/adr/003)."""
@@ -312,7 +320,8 @@ class Settings:
         repr=_mask_repr,
         metadata=_rule(
             "Redis to use; unset starts the embedded Redis",
-            "a URL starting with redis://, rediss:// or unix://",
+            "a URL starting with redis://, rediss://, unix://, redis[s]+cluster:// or"
+            " redis[s]+sentinel://",
             _valid_redis_url,
             "URL",
         ),

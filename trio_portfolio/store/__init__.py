@@ -26,6 +26,7 @@ from trio_portfolio.lua_scripts import load_script
 from trio_portfolio.redis_io import CommandError, RedisClient
 from trio_portfolio.store.base import (
     CLAIM_GRACE_MS,
+    INDEX_BUCKET_TAGS,
     INDEX_BUCKETS,
     LUA,
     OPERATIONS,
@@ -51,6 +52,7 @@ from trio_portfolio.store.json_layout import JsonSessionStore
 __all__ = [
     "CLAIM_GRACE_MS",
     "INDEX_BUCKETS",
+    "INDEX_BUCKET_TAGS",
     "OPERATIONS",
     "RESULT_IDS_LIMIT",
     "ClaimExpired",

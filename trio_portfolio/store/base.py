@@ -35,8 +35,11 @@ slot); see :meth:`SessionStore.create_if_missing` and
 
 The index is kept twice, written together in one pipeline: the set
 ``<prefix>:sessions`` of every id (what counts and lists sessions), and
-:data:`INDEX_BUCKETS` bucket sets ``<prefix>:sessions:<n>`` with
-``n = crc32(id) % INDEX_BUCKETS``, the unit of work several processes share
+:data:`INDEX_BUCKETS` bucket sets ``<prefix>:sessions:{<tag n>}`` with
+``n = crc32(id) % INDEX_BUCKETS``, whose hash tags (:data:`INDEX_BUCKET_TAGS`)
+put bucket ``n`` in the middle of the ``n``-th 64th of the 16384 slots, so on a
+Redis Cluster the buckets spread over the masters as evenly as whole buckets
+can (21/21/22 over 3 masters), the unit of work several processes share
 in one market tick (see :mod:`trio_portfolio.market`).  Ids indexed by an
 earlier version are only in the first; the market updater copies them into
 their buckets (:meth:`SessionStore.bucket_legacy_index`) whenever the first
@@ -116,6 +119,7 @@ from trio_portfolio.store.codec import (
 __all__ = [
     "CLAIM_GRACE_MS",
     "INDEX_BUCKETS",
+    "INDEX_BUCKET_TAGS",
     "LUA",
     "OPERATIONS",
     "RESULT_IDS_LIMIT",
@@ -153,6 +157,88 @@ RESULT_IDS_LIMIT = len(METRICS)
 
 INDEX_BUCKETS = 64
 """How many sets the session index is split into (the unit of shared market work)."""
+
+INDEX_BUCKET_TAGS: tuple[str, ...] = (
+    "b0-383",
+    "b1-506",
+    "b2-73",
+    "b3-161",
+    "b4-1933",
+    "b5-2627",
+    "b6-1399",
+    "b7-882",
+    "b8-1772",
+    "b9-1227",
+    "b10-277",
+    "b11-332",
+    "b12-700",
+    "b13-185",
+    "b14-1560",
+    "b15-6",
+    "b16-883",
+    "b17-5",
+    "b18-913",
+    "b19-80",
+    "b20-16",
+    "b21-783",
+    "b22-561",
+    "b23-424",
+    "b24-1327",
+    "b25-1672",
+    "b26-962",
+    "b27-827",
+    "b28-1886",
+    "b29-2052",
+    "b30-1281",
+    "b31-896",
+    "b32-2081",
+    "b33-1855",
+    "b34-526",
+    "b35-463",
+    "b36-791",
+    "b37-81",
+    "b38-601",
+    "b39-72",
+    "b40-2392",
+    "b41-2107",
+    "b42-875",
+    "b43-930",
+    "b44-42",
+    "b45-259",
+    "b46-196",
+    "b47-713",
+    "b48-776",
+    "b49-633",
+    "b50-747",
+    "b51-602",
+    "b52-87",
+    "b53-258",
+    "b54-849",
+    "b55-821",
+    "b56-1162",
+    "b57-1437",
+    "b58-863",
+    "b59-926",
+    "b60-2285",
+    "b61-133",
+    "b62-411",
+    "b63-294",
+)
+"""The hash tag of each index bucket: ``redis.crc.key_slot`` of tag ``n`` is within 8 of
+``n * 256 + 128``, the middle of the ``n``-th of 64 equal slot ranges.
+
+Why: a Redis Cluster splits the 16384 slots into contiguous ranges, one per
+master (evenly, as ``redis-cli --cluster create`` does); CRC16 of small
+consecutive names (``sessions:0``, ``sessions:1`` ...) lands anywhere, so some
+masters would hold many more buckets, and every bucket's market work, than
+others.  A slot in the middle of each 64th gives every master count up to 8 the
+most even split whole buckets allow (3 masters: 21/21/22; 2, 4, 8: equal), and
+an uneven resharding still moves a bucket only with a whole 64th.  Found once
+by trying salts ``b<n>-0``, ``b<n>-1``, ... in order (the smallest that fits);
+``tests/test_index_buckets.py`` recomputes and checks them.  Fixed forever: a
+new tag would orphan the ids in the old bucket set (the market would re-copy
+them from the whole index, :meth:`SessionStore.bucket_legacy_index`).
+"""
 
 CLAIM_GRACE_MS = 1000
 """How long (ms of Redis's clock) a market claim of tickers stays good for a write of holdings.
@@ -245,7 +331,7 @@ class SessionKeys:
 
     def index_bucket(self, bucket: int) -> str:
         """One of the :data:`INDEX_BUCKETS` sets of session ids the market updater walks."""
-        return f"{self.prefix}:sessions:{bucket}"
+        return f"{self.prefix}:sessions:{{{INDEX_BUCKET_TAGS[bucket]}}}"
 
     def index_keys(self) -> list[str]:
         """Every index set: the whole one, then the buckets in order."""
