@@ -126,7 +126,7 @@ from trio_portfolio.analysis_outcome import (
     Failed,
     SessionGone,
 )
-from trio_portfolio.analytics import MetricInputs, compute_all
+from trio_portfolio.analytics import HistoryCache, cache_key, compute_all_shared
 from trio_portfolio.market import MarketData, unpack_history
 from trio_portfolio.models import (
     METRICS,
@@ -158,6 +158,13 @@ RETRY_BACKOFF_MIN = 0.05
 RETRY_BACKOFF_MAX = 1.0
 """Seconds between re-asks of an append whose outcome is unknown (doubling from the minimum)."""
 
+INLINE_MAX_HOLDINGS = 100
+"""Most holdings whose metrics are computed on the Trio loop on a history cache hit.
+
+Measured with ``bench/bench_loop_latency.py``: a hit at this size holds the
+loop well under 1 ms; larger portfolios always go to a worker thread.
+"""
+
 
 class _Ending(enum.Enum):
     """How one attempt ended (internal: the runner turns it into an outcome)."""
@@ -183,6 +190,8 @@ class AnalysisContext:
     metric_delay: tuple[float, float]
     rng: random.Random
     connection_id: str
+    history_cache: HistoryCache
+    """The server's cache of history arrays, shared by every analysis of the process."""
     send_timeout: float = 10.0
     max_staleness: float = 0.0
     """``max_staleness_seconds``: how long results may use superseded prices."""
@@ -567,13 +576,22 @@ class AnalysisRunner:
             attempt.ended.set()
 
     async def _compute(self, attempt: Attempt) -> dict[str, float] | Failed:
-        """All five values from the snapshot, computed in a worker thread.
+        """All five values from the snapshot: inline on a history cache hit, else in a thread.
 
-        :class:`Failed` (with an ``error`` frame queued) when the inputs are unusable.
+        Between two market ticks every analysis of the same holdings reads the
+        same packed histories, so their arrays (log prices, returns) come from
+        the server's :class:`~trio_portfolio.analytics.HistoryCache` and what is
+        left is a few small matrix-vector products, cheaper than the hand-off
+        to a worker thread.  A miss (decoding and validating the histories)
+        runs in a worker thread, and so does every portfolio of more than
+        :data:`INLINE_MAX_HOLDINGS` holdings (hashing its histories alone
+        would hold the loop too long).  :class:`Failed` (with an ``error``
+        frame queued) when the inputs are unusable.
         """
         snapshot = attempt.snapshot
+        tickers = sorted(snapshot.holdings)
         try:
-            raw = await self.ctx.market.raw_histories(sorted(snapshot.holdings))
+            raw = await self.ctx.market.raw_histories(tickers)
         except StoreUnavailable as exc:
             log.warning(
                 "no price history for %s, using prices only: %s",
@@ -582,9 +600,15 @@ class AnalysisRunner:
                 extra=self._ids(attempt.analysis_id),
             )
             raw = {}
+        cache = self.ctx.history_cache
         try:
+            if (
+                len(tickers) <= INLINE_MAX_HOLDINGS
+                and cache_key(tickers, _fingerprint(raw)) in cache
+            ):
+                return _compute_values(snapshot, raw, cache)
             return await trio.to_thread.run_sync(
-                _compute_values, snapshot, raw, abandon_on_cancel=True
+                _compute_values, snapshot, raw, cache, abandon_on_cancel=True
             )
         except ValueError as exc:
             log.error(
@@ -776,17 +800,30 @@ _RESTART_REFUSED = {
 """How a restarted attempt is reported when its restart is refused."""
 
 
-def _compute_values(snapshot: Snapshot, raw_history: dict[str, str]) -> dict[str, float]:
-    """Build the metric inputs (decoding the packed history) and compute all five.
+def _fingerprint(raw_history: dict[str, str]) -> tuple[str, ...]:
+    """The :class:`HistoryCache` fingerprint of packed histories: the strings themselves.
 
-    Runs in a worker thread: decoding tens of thousands of prices and the
-    covariance work must not stall the Trio loop.
+    ``raw_history`` holds exactly the held tickers (in sorted order) or
+    nothing, so the strings determine the histories the metrics read.
     """
-    history = {t: unpack_history(packed) for t, packed in raw_history.items()}
-    inputs = MetricInputs(
-        ticker=snapshot.ticker,
-        holdings=dict(snapshot.holdings),
-        prices=dict(snapshot.prices),
-        history=history,
+    return tuple(raw_history.values())
+
+
+def _compute_values(
+    snapshot: Snapshot, raw_history: dict[str, str], cache: HistoryCache
+) -> dict[str, float]:
+    """The five values, the history arrays shared through ``cache``.
+
+    On a miss the packed histories are decoded and validated (raises
+    :class:`ValueError` for unusable inputs, like
+    :class:`~trio_portfolio.analytics.MetricInputs`); that and numpy's work on
+    large portfolios run in a worker thread, not on the Trio loop.
+    """
+    return compute_all_shared(
+        snapshot.ticker,
+        snapshot.holdings,
+        snapshot.prices,
+        fingerprint=_fingerprint(raw_history),
+        load_history=lambda: {t: unpack_history(p) for t, p in raw_history.items()},
+        cache=cache,
     )
-    return compute_all(inputs)

@@ -104,6 +104,7 @@ from trio_websocket import ConnectionClosed
 from trio_portfolio.admission import session_cap_refusal
 from trio_portfolio.analysis import AnalysisContext, AnalysisRunner
 from trio_portfolio.analysis_outcome import AnalysisId, AnalysisOutcome, SessionGone
+from trio_portfolio.analytics import HistoryCache
 from trio_portfolio.config import Settings
 from trio_portfolio.logs import new_error_id
 from trio_portfolio.market import MarketData, TickerRefused
@@ -149,6 +150,8 @@ class Services:
     events: SessionEvents
     metrics: ServerMetrics
     rng: random.Random
+    history_cache: HistoryCache = attrs.field(factory=HistoryCache)
+    """The history arrays every analysis of this server shares (bounded LRU)."""
 
     async def create_session(self, session_id: str) -> Portfolio:
         """Create ``session_id`` with the default holdings at market prices (or resume it).
@@ -795,6 +798,7 @@ class Connection:
             metric_delay=settings.metric_delay_seconds,
             rng=self.services.rng,
             connection_id=self.id,
+            history_cache=self.services.history_cache,
             send_timeout=SEND_TIMEOUT,
             max_staleness=settings.max_staleness_seconds,
         )
