@@ -108,11 +108,10 @@ finishes in time is not restarted at all.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import attrs
 import trio
@@ -365,25 +364,24 @@ class AnalysisRunner:
         for scope in list(self._shields):
             scope.cancel()
 
-    @contextlib.contextmanager
-    def _shielded(self, timeout: float | None = None) -> Iterator[trio.CancelScope]:
+    def _shield(self, timeout: float | None = None) -> trio.CancelScope:
         """A scope shielded from outside cancellation, for at most ``timeout``.
 
-        ``timeout`` defaults to ``send_timeout``.  Cancelled by :meth:`abandon`;
-        check ``cancelled_caught`` after it.
+        ``timeout`` defaults to ``send_timeout``.  Registered in
+        :attr:`_shields` so that :meth:`abandon` can cancel it (cancelled at
+        once if the runner is abandoned already): the caller enters it and
+        discards it from :attr:`_shields` in a ``finally``, then checks
+        ``cancelled_caught``.  A plain scope and a ``try``, not a generator
+        context manager: this is on every commit and frame of an analysis.
         """
-        scope = trio.CancelScope(shield=True)
-        scope.deadline = trio.current_time() + (
-            self.ctx.send_timeout if timeout is None else timeout
+        scope = trio.CancelScope(
+            shield=True,
+            deadline=trio.current_time() + (self.ctx.send_timeout if timeout is None else timeout),
         )
         if self._abandoned:
             scope.cancel()
         self._shields.add(scope)
-        try:
-            with scope:
-                yield scope
-        finally:
-            self._shields.discard(scope)
+        return scope
 
     async def portfolio_changed(self, portfolio_version: int, *, holdings_changed: bool) -> None:
         """The session's portfolio moved to ``portfolio_version``: restart now, or later.
@@ -424,8 +422,12 @@ class AnalysisRunner:
         if attempt is None:
             return
         if attempt.unconfirmed:
-            with self._shielded(self.ctx.commit_timeout):
-                await self._resolve_unconfirmed(attempt)
+            shield = self._shield(self.ctx.commit_timeout)
+            try:
+                with shield:
+                    await self._resolve_unconfirmed(attempt)
+            finally:
+                self._shields.discard(shield)
             self._give_up_unconfirmed(attempt)
         attempt.closed = True
         self._observer.analysis_cancelled(attempt.analysis_id, reason)
@@ -439,8 +441,12 @@ class AnalysisRunner:
 
     async def _send_shielded(self, frame: str | None) -> None:
         """Queue ``frame`` even while being cancelled, for at most ``send_timeout``."""
-        with self._shielded():
-            await self._observer.send(frame)
+        shield = self._shield()
+        try:
+            with shield:
+                await self._observer.send(frame)
+        finally:
+            self._shields.discard(shield)
 
     def _forget_fence(self, analysis_id: AnalysisId) -> None:
         """``analysis_id`` is known not to be current (refused, or replaced by a restart)."""
@@ -457,11 +463,15 @@ class AnalysisRunner:
         if analysis_id not in self._fences:
             return  # cleared already (or never set)
         self._fences.remove(analysis_id)
-        with self._shielded():
-            try:
-                await self.ctx.store.finish_analysis(self.ctx.session_id, analysis_id)
-            except StoreUnavailable as exc:
-                log.warning("could not clear analysis: %s", exc, extra=self._ids(analysis_id))
+        shield = self._shield()
+        try:
+            with shield:
+                try:
+                    await self.ctx.store.finish_analysis(self.ctx.session_id, analysis_id)
+                except StoreUnavailable as exc:
+                    log.warning("could not clear analysis: %s", exc, extra=self._ids(analysis_id))
+        finally:
+            self._shields.discard(shield)
 
     async def _fail(self, code: ErrorCode, detail: str) -> Failed:
         """Queue the ``error`` frame of a failure; the outcome that records it."""
@@ -484,14 +494,18 @@ class AnalysisRunner:
             # Shielded (the adapter's timeout bounds it): a start cancelled after
             # its write would still run in Redis, possibly *after* the unfencing
             # finish_analysis sent on another pooled connection.
-            with self._shielded() as shield:
-                started = await ctx.store.start_analysis(
-                    ctx.session_id,
-                    analysis_id,
-                    self.ticker,
-                    utc_now(),
-                    replacing=None if previous is None else previous.analysis_id,
-                )
+            shield = self._shield()
+            try:
+                with shield:
+                    started = await ctx.store.start_analysis(
+                        ctx.session_id,
+                        analysis_id,
+                        self.ticker,
+                        utc_now(),
+                        replacing=None if previous is None else previous.analysis_id,
+                    )
+            finally:
+                self._shields.discard(shield)
         except StoreUnavailable as exc:
             if previous is not None:
                 await self._close_live_attempt(CancelReason.PORTFOLIO_CHANGED)
@@ -639,12 +653,16 @@ class AnalysisRunner:
             attempt.ending = _Ending.FAILED
             attempt.scope.cancel()
             if first:
-                with self._shielded():
-                    attempt.failure = await self._fail(
-                        ErrorCode.STORE_UNAVAILABLE,
-                        f"result {metric} not confirmed within {self.ctx.commit_timeout:g}s; "
-                        "the analysis stops once the store answers",
-                    )
+                shield = self._shield()
+                try:
+                    with shield:
+                        attempt.failure = await self._fail(
+                            ErrorCode.STORE_UNAVAILABLE,
+                            f"result {metric} not confirmed within {self.ctx.commit_timeout:g}s; "
+                            "the analysis stops once the store answers",
+                        )
+                finally:
+                    self._shields.discard(shield)
                 if attempt.failure is None:
                     attempt.failure = Failed(ErrorCode.STORE_UNAVAILABLE, "result not confirmed")
             return
@@ -668,26 +686,30 @@ class AnalysisRunner:
         ctx = self.ctx
         backoff = RETRY_BACKOFF_MIN
         retry = False
-        with self._shielded(ctx.commit_timeout):
-            while True:
-                try:
-                    return await ctx.store.append_result(
-                        ctx.session_id,
-                        result,
-                        holdings_version=attempt.snapshot.holdings_version,
-                        max_staleness_ms=to_milliseconds(ctx.max_staleness),
-                        retry=retry,
-                    )
-                except StoreUnavailable as exc:
-                    log.warning(
-                        "append of %s unanswered, asking again: %s",
-                        result.result_id,
-                        exc,
-                        extra=self._ids(attempt.analysis_id),
-                    )
-                retry = True
-                await trio.sleep(backoff)
-                backoff = min(RETRY_BACKOFF_MAX, backoff * 2)
+        shield = self._shield(ctx.commit_timeout)
+        try:
+            with shield:
+                while True:
+                    try:
+                        return await ctx.store.append_result(
+                            ctx.session_id,
+                            result,
+                            holdings_version=attempt.snapshot.holdings_version,
+                            max_staleness_ms=to_milliseconds(ctx.max_staleness),
+                            retry=retry,
+                        )
+                    except StoreUnavailable as exc:
+                        log.warning(
+                            "append of %s unanswered, asking again: %s",
+                            result.result_id,
+                            exc,
+                            extra=self._ids(attempt.analysis_id),
+                        )
+                    retry = True
+                    await trio.sleep(backoff)
+                    backoff = min(RETRY_BACKOFF_MAX, backoff * 2)
+        finally:
+            self._shields.discard(shield)
         return None
 
     async def _deliver(self, attempt: Attempt, result: AnalysisResult) -> None:
@@ -755,24 +777,28 @@ class AnalysisRunner:
         waiting for this runner to start.
         """
         ctx = self.ctx
-        with self._shielded(ctx.commit_timeout):
-            try:
-                for analysis_id in dict.fromkeys(r.analysis_id for r in self.unresolved):
-                    await ctx.store.finish_analysis(ctx.session_id, analysis_id)
-                while self.unresolved:
-                    result = self.unresolved[0]
-                    status = await ctx.store.append_result(ctx.session_id, result, retry=True)
-                    del self.unresolved[0]
-                    if status in (AppendStatus.STORED, AppendStatus.ALREADY_STORED):
-                        log.info(
-                            "unconfirmed result %s was stored: streaming it",
-                            result.result_id,
-                            extra=self._ids(result.analysis_id),
-                        )
-                        self._observer.result_committed(result)
-                        await self._send_shielded(render_result(result, ctx.dialect))
-            except StoreUnavailable as exc:
-                log.warning("cannot resolve earlier results yet: %s", exc, extra=self._ids())
+        shield = self._shield(ctx.commit_timeout)
+        try:
+            with shield:
+                try:
+                    for analysis_id in dict.fromkeys(r.analysis_id for r in self.unresolved):
+                        await ctx.store.finish_analysis(ctx.session_id, analysis_id)
+                    while self.unresolved:
+                        result = self.unresolved[0]
+                        status = await ctx.store.append_result(ctx.session_id, result, retry=True)
+                        del self.unresolved[0]
+                        if status in (AppendStatus.STORED, AppendStatus.ALREADY_STORED):
+                            log.info(
+                                "unconfirmed result %s was stored: streaming it",
+                                result.result_id,
+                                extra=self._ids(result.analysis_id),
+                            )
+                            self._observer.result_committed(result)
+                            await self._send_shielded(render_result(result, ctx.dialect))
+                except StoreUnavailable as exc:
+                    log.warning("cannot resolve earlier results yet: %s", exc, extra=self._ids())
+        finally:
+            self._shields.discard(shield)
         return not self.unresolved
 
     async def _complete(self, attempt: Attempt) -> None:
