@@ -157,11 +157,12 @@ RETRY_BACKOFF_MIN = 0.05
 RETRY_BACKOFF_MAX = 1.0
 """Seconds between re-asks of an append whose outcome is unknown (doubling from the minimum)."""
 
-INLINE_MAX_HOLDINGS = 100
+INLINE_MAX_HOLDINGS = 32
 """Most holdings whose metrics are computed on the Trio loop on a history cache hit.
 
-Measured with ``bench/bench_loop_latency.py``: a hit at this size holds the
-loop well under 1 ms; larger portfolios always go to a worker thread.
+Measured with ``bench/bench_loop_latency.py``: a hit of 100 holdings held the
+loop up to 1.3 ms (hashing 400 KB of packed history, then the products), a
+hit of 32 well under 1 ms; larger portfolios always go to a worker thread.
 """
 
 
