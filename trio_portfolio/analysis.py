@@ -108,11 +108,10 @@ finishes in time is not restarted at all.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import attrs
 import trio
@@ -126,7 +125,7 @@ from trio_portfolio.analysis_outcome import (
     Failed,
     SessionGone,
 )
-from trio_portfolio.analytics import MetricInputs, compute_all
+from trio_portfolio.analytics import HistoryCache, cache_key, compute_all_shared
 from trio_portfolio.market import MarketData, unpack_history
 from trio_portfolio.models import (
     METRICS,
@@ -158,6 +157,14 @@ RETRY_BACKOFF_MIN = 0.05
 RETRY_BACKOFF_MAX = 1.0
 """Seconds between re-asks of an append whose outcome is unknown (doubling from the minimum)."""
 
+INLINE_MAX_HOLDINGS = 32
+"""Most holdings whose metrics are computed on the Trio loop on a history cache hit.
+
+Measured with ``bench/bench_loop_latency.py``: a hit of 100 holdings held the
+loop up to 1.3 ms (hashing 400 KB of packed history, then the products), a
+hit of 32 well under 1 ms; larger portfolios always go to a worker thread.
+"""
+
 
 class _Ending(enum.Enum):
     """How one attempt ended (internal: the runner turns it into an outcome)."""
@@ -183,6 +190,8 @@ class AnalysisContext:
     metric_delay: tuple[float, float]
     rng: random.Random
     connection_id: str
+    history_cache: HistoryCache
+    """The server's cache of history arrays, shared by every analysis of the process."""
     send_timeout: float = 10.0
     max_staleness: float = 0.0
     """``max_staleness_seconds``: how long results may use superseded prices."""
@@ -356,25 +365,24 @@ class AnalysisRunner:
         for scope in list(self._shields):
             scope.cancel()
 
-    @contextlib.contextmanager
-    def _shielded(self, timeout: float | None = None) -> Iterator[trio.CancelScope]:
+    def _shield(self, timeout: float | None = None) -> trio.CancelScope:
         """A scope shielded from outside cancellation, for at most ``timeout``.
 
-        ``timeout`` defaults to ``send_timeout``.  Cancelled by :meth:`abandon`;
-        check ``cancelled_caught`` after it.
+        ``timeout`` defaults to ``send_timeout``.  Registered in
+        :attr:`_shields` so that :meth:`abandon` can cancel it (cancelled at
+        once if the runner is abandoned already): the caller enters it and
+        discards it from :attr:`_shields` in a ``finally``, then checks
+        ``cancelled_caught``.  A plain scope and a ``try``, not a generator
+        context manager: this is on every commit and frame of an analysis.
         """
-        scope = trio.CancelScope(shield=True)
-        scope.deadline = trio.current_time() + (
-            self.ctx.send_timeout if timeout is None else timeout
+        scope = trio.CancelScope(
+            shield=True,
+            deadline=trio.current_time() + (self.ctx.send_timeout if timeout is None else timeout),
         )
         if self._abandoned:
             scope.cancel()
         self._shields.add(scope)
-        try:
-            with scope:
-                yield scope
-        finally:
-            self._shields.discard(scope)
+        return scope
 
     async def portfolio_changed(self, portfolio_version: int, *, holdings_changed: bool) -> None:
         """The session's portfolio moved to ``portfolio_version``: restart now, or later.
@@ -415,8 +423,12 @@ class AnalysisRunner:
         if attempt is None:
             return
         if attempt.unconfirmed:
-            with self._shielded(self.ctx.commit_timeout):
-                await self._resolve_unconfirmed(attempt)
+            shield = self._shield(self.ctx.commit_timeout)
+            try:
+                with shield:
+                    await self._resolve_unconfirmed(attempt)
+            finally:
+                self._shields.discard(shield)
             self._give_up_unconfirmed(attempt)
         attempt.closed = True
         self._observer.analysis_cancelled(attempt.analysis_id, reason)
@@ -430,8 +442,12 @@ class AnalysisRunner:
 
     async def _send_shielded(self, frame: str | None) -> None:
         """Queue ``frame`` even while being cancelled, for at most ``send_timeout``."""
-        with self._shielded():
-            await self._observer.send(frame)
+        shield = self._shield()
+        try:
+            with shield:
+                await self._observer.send(frame)
+        finally:
+            self._shields.discard(shield)
 
     def _forget_fence(self, analysis_id: AnalysisId) -> None:
         """``analysis_id`` is known not to be current (refused, or replaced by a restart)."""
@@ -448,11 +464,15 @@ class AnalysisRunner:
         if analysis_id not in self._fences:
             return  # cleared already (or never set)
         self._fences.remove(analysis_id)
-        with self._shielded():
-            try:
-                await self.ctx.store.finish_analysis(self.ctx.session_id, analysis_id)
-            except StoreUnavailable as exc:
-                log.warning("could not clear analysis: %s", exc, extra=self._ids(analysis_id))
+        shield = self._shield()
+        try:
+            with shield:
+                try:
+                    await self.ctx.store.finish_analysis(self.ctx.session_id, analysis_id)
+                except StoreUnavailable as exc:
+                    log.warning("could not clear analysis: %s", exc, extra=self._ids(analysis_id))
+        finally:
+            self._shields.discard(shield)
 
     async def _fail(self, code: ErrorCode, detail: str) -> Failed:
         """Queue the ``error`` frame of a failure; the outcome that records it."""
@@ -475,14 +495,18 @@ class AnalysisRunner:
             # Shielded (the adapter's timeout bounds it): a start cancelled after
             # its write would still run in Redis, possibly *after* the unfencing
             # finish_analysis sent on another pooled connection.
-            with self._shielded() as shield:
-                started = await ctx.store.start_analysis(
-                    ctx.session_id,
-                    analysis_id,
-                    self.ticker,
-                    utc_now(),
-                    replacing=None if previous is None else previous.analysis_id,
-                )
+            shield = self._shield()
+            try:
+                with shield:
+                    started = await ctx.store.start_analysis(
+                        ctx.session_id,
+                        analysis_id,
+                        self.ticker,
+                        utc_now(),
+                        replacing=None if previous is None else previous.analysis_id,
+                    )
+            finally:
+                self._shields.discard(shield)
         except StoreUnavailable as exc:
             if previous is not None:
                 await self._close_live_attempt(CancelReason.PORTFOLIO_CHANGED)
@@ -567,13 +591,22 @@ class AnalysisRunner:
             attempt.ended.set()
 
     async def _compute(self, attempt: Attempt) -> dict[str, float] | Failed:
-        """All five values from the snapshot, computed in a worker thread.
+        """All five values from the snapshot: inline on a history cache hit, else in a thread.
 
-        :class:`Failed` (with an ``error`` frame queued) when the inputs are unusable.
+        Between two market ticks every analysis of the same holdings reads the
+        same packed histories, so their arrays (log prices, returns) come from
+        the server's :class:`~trio_portfolio.analytics.HistoryCache` and what is
+        left is a few small matrix-vector products, cheaper than the hand-off
+        to a worker thread.  A miss (decoding and validating the histories)
+        runs in a worker thread, and so does every portfolio of more than
+        :data:`INLINE_MAX_HOLDINGS` holdings (hashing its histories alone
+        would hold the loop too long).  :class:`Failed` (with an ``error``
+        frame queued) when the inputs are unusable.
         """
         snapshot = attempt.snapshot
+        tickers = sorted(snapshot.holdings)
         try:
-            raw = await self.ctx.market.raw_histories(sorted(snapshot.holdings))
+            raw = await self.ctx.market.raw_histories(tickers)
         except StoreUnavailable as exc:
             log.warning(
                 "no price history for %s, using prices only: %s",
@@ -582,9 +615,15 @@ class AnalysisRunner:
                 extra=self._ids(attempt.analysis_id),
             )
             raw = {}
+        cache = self.ctx.history_cache
         try:
+            if (
+                len(tickers) <= INLINE_MAX_HOLDINGS
+                and cache_key(tickers, _fingerprint(raw)) in cache
+            ):
+                return _compute_values(snapshot, raw, cache)
             return await trio.to_thread.run_sync(
-                _compute_values, snapshot, raw, abandon_on_cancel=True
+                _compute_values, snapshot, raw, cache, abandon_on_cancel=True
             )
         except ValueError as exc:
             log.error(
@@ -615,12 +654,16 @@ class AnalysisRunner:
             attempt.ending = _Ending.FAILED
             attempt.scope.cancel()
             if first:
-                with self._shielded():
-                    attempt.failure = await self._fail(
-                        ErrorCode.STORE_UNAVAILABLE,
-                        f"result {metric} not confirmed within {self.ctx.commit_timeout:g}s; "
-                        "the analysis stops once the store answers",
-                    )
+                shield = self._shield()
+                try:
+                    with shield:
+                        attempt.failure = await self._fail(
+                            ErrorCode.STORE_UNAVAILABLE,
+                            f"result {metric} not confirmed within {self.ctx.commit_timeout:g}s; "
+                            "the analysis stops once the store answers",
+                        )
+                finally:
+                    self._shields.discard(shield)
                 if attempt.failure is None:
                     attempt.failure = Failed(ErrorCode.STORE_UNAVAILABLE, "result not confirmed")
             return
@@ -644,26 +687,30 @@ class AnalysisRunner:
         ctx = self.ctx
         backoff = RETRY_BACKOFF_MIN
         retry = False
-        with self._shielded(ctx.commit_timeout):
-            while True:
-                try:
-                    return await ctx.store.append_result(
-                        ctx.session_id,
-                        result,
-                        holdings_version=attempt.snapshot.holdings_version,
-                        max_staleness_ms=to_milliseconds(ctx.max_staleness),
-                        retry=retry,
-                    )
-                except StoreUnavailable as exc:
-                    log.warning(
-                        "append of %s unanswered, asking again: %s",
-                        result.result_id,
-                        exc,
-                        extra=self._ids(attempt.analysis_id),
-                    )
-                retry = True
-                await trio.sleep(backoff)
-                backoff = min(RETRY_BACKOFF_MAX, backoff * 2)
+        shield = self._shield(ctx.commit_timeout)
+        try:
+            with shield:
+                while True:
+                    try:
+                        return await ctx.store.append_result(
+                            ctx.session_id,
+                            result,
+                            holdings_version=attempt.snapshot.holdings_version,
+                            max_staleness_ms=to_milliseconds(ctx.max_staleness),
+                            retry=retry,
+                        )
+                    except StoreUnavailable as exc:
+                        log.warning(
+                            "append of %s unanswered, asking again: %s",
+                            result.result_id,
+                            exc,
+                            extra=self._ids(attempt.analysis_id),
+                        )
+                    retry = True
+                    await trio.sleep(backoff)
+                    backoff = min(RETRY_BACKOFF_MAX, backoff * 2)
+        finally:
+            self._shields.discard(shield)
         return None
 
     async def _deliver(self, attempt: Attempt, result: AnalysisResult) -> None:
@@ -731,24 +778,28 @@ class AnalysisRunner:
         waiting for this runner to start.
         """
         ctx = self.ctx
-        with self._shielded(ctx.commit_timeout):
-            try:
-                for analysis_id in dict.fromkeys(r.analysis_id for r in self.unresolved):
-                    await ctx.store.finish_analysis(ctx.session_id, analysis_id)
-                while self.unresolved:
-                    result = self.unresolved[0]
-                    status = await ctx.store.append_result(ctx.session_id, result, retry=True)
-                    del self.unresolved[0]
-                    if status in (AppendStatus.STORED, AppendStatus.ALREADY_STORED):
-                        log.info(
-                            "unconfirmed result %s was stored: streaming it",
-                            result.result_id,
-                            extra=self._ids(result.analysis_id),
-                        )
-                        self._observer.result_committed(result)
-                        await self._send_shielded(render_result(result, ctx.dialect))
-            except StoreUnavailable as exc:
-                log.warning("cannot resolve earlier results yet: %s", exc, extra=self._ids())
+        shield = self._shield(ctx.commit_timeout)
+        try:
+            with shield:
+                try:
+                    for analysis_id in dict.fromkeys(r.analysis_id for r in self.unresolved):
+                        await ctx.store.finish_analysis(ctx.session_id, analysis_id)
+                    while self.unresolved:
+                        result = self.unresolved[0]
+                        status = await ctx.store.append_result(ctx.session_id, result, retry=True)
+                        del self.unresolved[0]
+                        if status in (AppendStatus.STORED, AppendStatus.ALREADY_STORED):
+                            log.info(
+                                "unconfirmed result %s was stored: streaming it",
+                                result.result_id,
+                                extra=self._ids(result.analysis_id),
+                            )
+                            self._observer.result_committed(result)
+                            await self._send_shielded(render_result(result, ctx.dialect))
+                except StoreUnavailable as exc:
+                    log.warning("cannot resolve earlier results yet: %s", exc, extra=self._ids())
+        finally:
+            self._shields.discard(shield)
         return not self.unresolved
 
     async def _complete(self, attempt: Attempt) -> None:
@@ -776,17 +827,30 @@ _RESTART_REFUSED = {
 """How a restarted attempt is reported when its restart is refused."""
 
 
-def _compute_values(snapshot: Snapshot, raw_history: dict[str, str]) -> dict[str, float]:
-    """Build the metric inputs (decoding the packed history) and compute all five.
+def _fingerprint(raw_history: dict[str, str]) -> tuple[str, ...]:
+    """The :class:`HistoryCache` fingerprint of packed histories: the strings themselves.
 
-    Runs in a worker thread: decoding tens of thousands of prices and the
-    covariance work must not stall the Trio loop.
+    ``raw_history`` holds exactly the held tickers (in sorted order) or
+    nothing, so the strings determine the histories the metrics read.
     """
-    history = {t: unpack_history(packed) for t, packed in raw_history.items()}
-    inputs = MetricInputs(
-        ticker=snapshot.ticker,
-        holdings=dict(snapshot.holdings),
-        prices=dict(snapshot.prices),
-        history=history,
+    return tuple(raw_history.values())
+
+
+def _compute_values(
+    snapshot: Snapshot, raw_history: dict[str, str], cache: HistoryCache
+) -> dict[str, float]:
+    """The five values, the history arrays shared through ``cache``.
+
+    On a miss the packed histories are decoded and validated (raises
+    :class:`ValueError` for unusable inputs, like
+    :class:`~trio_portfolio.analytics.MetricInputs`); that and numpy's work on
+    large portfolios run in a worker thread, not on the Trio loop.
+    """
+    return compute_all_shared(
+        snapshot.ticker,
+        snapshot.holdings,
+        snapshot.prices,
+        fingerprint=_fingerprint(raw_history),
+        load_history=lambda: {t: unpack_history(p) for t, p in raw_history.items()},
+        cache=cache,
     )
-    return compute_all(inputs)

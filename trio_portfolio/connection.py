@@ -4,11 +4,13 @@ Theory of operation
 ===================
 
 Each accepted WebSocket gets a :class:`Connection` whose :meth:`~Connection.run`
-owns a nursery with three helper tasks and runs the *control loop* itself::
+owns a nursery with two helper tasks and runs the *control loop* itself;
+the server's session events hub puts the session's pub/sub events straight
+into the control channel (dropped and counted when it is full), so watching
+costs no task::
 
     connection nursery
     ├── reader      ws.get_message() -> rate limit -> control channel; idle timeout
-    ├── events      session pub/sub events -> control channel (drop when full)
     ├── writer      outbox channel -> ws.send_messages()  (the only sender); pings
     └── analysis    AnalysisRunner in its own cancel scope (at most one)
                     └── metrics nursery: five metric tasks
@@ -104,6 +106,7 @@ from trio_websocket import ConnectionClosed
 from trio_portfolio.admission import session_cap_refusal
 from trio_portfolio.analysis import AnalysisContext, AnalysisRunner
 from trio_portfolio.analysis_outcome import AnalysisId, AnalysisOutcome, SessionGone
+from trio_portfolio.analytics import HistoryCache
 from trio_portfolio.config import Settings
 from trio_portfolio.logs import new_error_id
 from trio_portfolio.market import MarketData, TickerRefused
@@ -149,6 +152,8 @@ class Services:
     events: SessionEvents
     metrics: ServerMetrics
     rng: random.Random
+    history_cache: HistoryCache = attrs.field(factory=HistoryCache)
+    """The history arrays every analysis of this server shares (bounded LRU)."""
 
     async def create_session(self, session_id: str) -> Portfolio:
         """Create ``session_id`` with the default holdings at market prices (or resume it).
@@ -368,14 +373,15 @@ class Connection:
     async def run(self) -> None:
         """Serve the client until it leaves or the server shuts down; never raises."""
         async with (
-            self.services.events.watch(self.session_id) as events,
+            self.services.events.deliver_into(
+                self.session_id, self._control_send, on_drop=self.services.metrics.event_dropped
+            ),
             trio.open_nursery() as nursery,
         ):
             self._nursery = nursery
             writer_done = trio.Event()
             nursery.start_soon(self._writer, writer_done)
             nursery.start_soon(self._reader)
-            nursery.start_soon(self._forward_events, events)
             try:
                 with self._control_scope:
                     await self._open_session()
@@ -540,14 +546,6 @@ class Connection:
                 self.services.metrics.error(Refusal.INVALID_UTF8)
             self._discarding = True
             self._end(1000, "client gone")
-
-    async def _forward_events(self, events: trio.MemoryReceiveChannel[object]) -> None:
-        async for event in events:
-            if isinstance(event, PortfolioChanged | AnalysisStarted):
-                try:
-                    self._control_send.send_nowait(event)
-                except trio.WouldBlock:
-                    self.services.metrics.event_dropped()
 
     async def send(self, frame: str | None) -> None:
         """Queue ``frame`` for the writer (``None``: not for this dialect).
@@ -812,6 +810,7 @@ class Connection:
             metric_delay=settings.metric_delay_seconds,
             rng=self.services.rng,
             connection_id=self.id,
+            history_cache=self.services.history_cache,
             send_timeout=SEND_TIMEOUT,
             max_staleness=settings.max_staleness_seconds,
         )

@@ -73,6 +73,7 @@ from trio_portfolio.admission import (
     parse_networks,
     session_cap_refusal,
 )
+from trio_portfolio.analytics import HistoryCache
 from trio_portfolio.auth import check_credential, choose_subprotocol, mint_credential
 from trio_portfolio.config import ConfigError, Settings
 from trio_portfolio.connection import CLOSE_TIMEOUT, Connection, Services
@@ -240,6 +241,7 @@ class Server:
             events=events,
             metrics=self.metrics,
             rng=random.Random(),
+            history_cache=HistoryCache(),
         )
         self.metrics.watch_session_events(events)
         nursery.start_soon(events.run)

@@ -4,7 +4,10 @@ The store's scripts publish a small JSON event on a session's channel
 whenever its portfolio version moves (market revaluation, new holdings) or
 an analysis starts.  Every server process runs one :class:`SessionEvents`
 hub over one pub/sub connection; a connection watching a session gets its
-own bounded channel of parsed events.  The hub subscribes to a session's
+parsed events in a bounded channel (:meth:`SessionEvents.watch`), or
+straight in one of its own (:meth:`SessionEvents.deliver_into`: a server
+connection's control channel, so that watching costs it no task and no
+channel).  The hub subscribes to a session's
 channel when the first local connection watches it and unsubscribes when
 the last one leaves, so a process hears only about sessions it serves.
 
@@ -111,7 +114,10 @@ class SessionEvents:
         self._pubsub = pubsub
         self._channel_for = channel_for
         self._buffer = buffer
-        self._watchers: dict[str, set[trio.MemorySendChannel[SessionEvent]]] = {}
+        self._watchers: dict[
+            str, dict[trio.MemorySendChannel[SessionEvent], Callable[[], None] | None]
+        ] = {}
+        """Per channel, each watcher's send channel and what to tell when it drops one."""
         self.dropped = 0
         """Events not delivered because a watcher's buffer was full."""
         self.malformed = 0
@@ -135,25 +141,45 @@ class SessionEvents:
 
         Waits (briefly) for the subscription to be confirmed so that no event
         published after this returns is missed; if Redis is down, it returns
-        anyway and the subscription is made when Redis is back.
+        anyway and the subscription is made when Redis is back.  Events that
+        do not fit the channel's ``buffer`` are dropped and counted.
+        """
+        send, receive = trio.open_memory_channel[SessionEvent](self._buffer)
+        with send:
+            async with self.deliver_into(session_id, send):
+                yield receive
+
+    @asynccontextmanager
+    async def deliver_into(
+        self,
+        session_id: str,
+        send: trio.MemorySendChannel[SessionEvent],
+        *,
+        on_drop: Callable[[], None] | None = None,
+    ) -> AsyncIterator[None]:
+        """Put the session's events straight into ``send`` for the duration of the block.
+
+        As :meth:`watch`, but into the caller's own channel (a connection's
+        control channel), so that a watcher costs no channel and no
+        forwarding task of its own.  Never blocks the hub: an event that
+        ``send`` cannot take at once is dropped, counted in ``dropped`` and
+        reported to ``on_drop``.  ``send`` is not closed here.
         """
         channel = self._channel_for(session_id)
-        send, receive = trio.open_memory_channel[SessionEvent](self._buffer)
-        watchers = self._watchers.setdefault(channel, set())
-        watchers.add(send)
+        watchers = self._watchers.setdefault(channel, {})
+        watchers[send] = on_drop
         try:
             if len(watchers) == 1 or not self._pubsub.connected:
                 try:
                     await self._pubsub.subscribe(channel, timeout=2.0)
                 except StoreUnavailable as exc:
                     log.warning("session events for %s delayed: %s", session_id, exc)
-            yield receive
+            yield
         finally:
-            watchers.discard(send)
+            watchers.pop(send, None)
             if not watchers:
                 del self._watchers[channel]
                 self._pubsub.unsubscribe(channel)
-            send.close()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Route every message to the watchers of its channel, forever."""
@@ -163,11 +189,13 @@ class SessionEvents:
             if event is None:
                 self._count_malformed(message.channel, message.data)
                 continue
-            for send in list(self._watchers.get(message.channel, ())):
+            for send, on_drop in list(self._watchers.get(message.channel, {}).items()):
                 try:
                     send.send_nowait(event)
                 except trio.WouldBlock:
                     self.dropped += 1
+                    if on_drop is not None:
+                        on_drop()
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
 
