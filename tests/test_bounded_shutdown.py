@@ -20,64 +20,18 @@ import os
 import secrets
 import signal
 import socket
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import trio
 
 from trio_portfolio.connection import CLOSE_TIMEOUT
 from trio_portfolio.server import SHUTDOWN_MARGIN
-from trio_portfolio.testing import RedisServerInfo, free_port, open_tcp_proxy, unique_key_prefix
+from trio_portfolio.testing import RedisServerInfo, open_tcp_proxy, unique_key_prefix
+from trio_portfolio.testing.processes import server_process, wait_for_ready
 
 EXIT_SLACK = 1.0
 """Seconds for the interpreter to unwind and exit once the service has ended."""
 
 GRACE = 2.0
-
-
-@asynccontextmanager
-async def server_process(*args: str) -> AsyncIterator[tuple[trio.Process, int, bytearray]]:
-    """``serve --port <free> *args`` (stderr collected); killed for sure on the way out."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTFOLIO_")}
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "trio_portfolio", "serve", "--port", str(port), *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    stderr = bytearray()
-
-    async def drain() -> None:
-        assert process.stderr is not None
-        async for chunk in process.stderr:
-            stderr.extend(chunk)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(drain)
-        try:
-            yield process, port, stderr
-        finally:
-            with trio.CancelScope(shield=True):
-                if process.poll() is None:
-                    process.kill()
-                await process.wait()
-
-
-async def wait_until_ready(port: int) -> None:
-    request = b"GET /ready HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    with trio.fail_after(30):
-        while True:
-            try:
-                async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-                    await stream.send_all(request)
-                    if (await stream.receive_some()).startswith(b"HTTP/1.1 200"):
-                        return
-            except (OSError, trio.BrokenResourceError):
-                pass
-            await trio.sleep(0.05)
 
 
 def masked_text(text: bytes) -> bytes:
@@ -130,8 +84,9 @@ async def test_sigterm_with_a_non_reading_client_and_a_stalled_redis(
             "--log-format",
             "text",
         ]
-        async with server_process(*args) as (process, port, stderr):
-            await wait_until_ready(port)
+        async with server_process(*args) as server:
+            process, port, stderr = server.process, server.port, server.stderr
+            await wait_for_ready(port, timeout=30)
             with trio.fail_after(10):
                 stream = await non_reading_client(port, f"/ws/bounded-{secrets.token_hex(4)}")
             async with stream:

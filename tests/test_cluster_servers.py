@@ -11,11 +11,9 @@ works again.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -28,12 +26,13 @@ from trio_portfolio.testing import (
     RedisCluster,
     RedisNode,
     find_topology_binary,
-    free_port,
     open_redis_cluster,
     unique_key_prefix,
     wait_for_cluster_ok,
 )
 from trio_portfolio.testing.live_server import Client, connect_client
+from trio_portfolio.testing.processes import server_process as serve_process
+from trio_portfolio.testing.processes import wait_for_ready
 
 Frame = dict[str, Any]
 IO = 15.0
@@ -49,49 +48,9 @@ def is_type(kind: str) -> Callable[[Frame], bool]:
 @asynccontextmanager
 async def server_process(redis_url: str, key_prefix: str, *args: str) -> AsyncIterator[int]:
     """One ``serve`` on a free port, ready; SIGTERM (then SIGKILL) on the way out; its port."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTFOLIO_")}
-    process = await trio.lowlevel.open_process(
-        [*CLI, "--port", str(port), "--redis-url", redis_url, "--key-prefix", key_prefix, *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    stderr = bytearray()
-
-    async def drain() -> None:
-        assert process.stderr is not None
-        async for chunk in process.stderr:
-            stderr.extend(chunk)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(drain)
-        try:
-            await _wait_ready(port, process, stderr)
-            yield port
-        finally:
-            with trio.CancelScope(shield=True):
-                if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
-                    with trio.move_on_after(10):
-                        await process.wait()
-                if process.poll() is None:
-                    process.kill()
-                await process.wait()
-            nursery.cancel_scope.cancel()
-
-
-async def _wait_ready(port: int, process: trio.Process, stderr: bytearray) -> None:
-    request = b"GET /ready HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    with trio.fail_after(30):
-        while True:
-            assert process.poll() is None, stderr.decode(errors="replace")[-2000:]
-            with contextlib.suppress(OSError, trio.BrokenResourceError):
-                async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-                    await stream.send_all(request)
-                    if (await stream.receive_some()).startswith(b"HTTP/1.1 200"):
-                        return
-            await trio.sleep(0.1)
+    async with serve_process("--redis-url", redis_url, "--key-prefix", key_prefix, *args) as server:
+        await wait_for_ready(server.port, timeout=30)
+        yield server.port
 
 
 def _masters_by_range(cluster: RedisCluster) -> list[tuple[RedisNode, tuple[tuple[int, int], ...]]]:
