@@ -149,6 +149,31 @@ async def run_all(count: int, job: Callable[[int], Awaitable[None]]) -> None:
             nursery.start_soon(job, index)
 
 
+async def measured_phase(
+    args: argparse.Namespace,
+    count: int,
+    client: Callable[[int], Awaitable[None]],
+    all_connected: trio.Event,
+    ready: trio.Event,
+    finished: list[tuple[float, float]],
+) -> tuple[float, float]:
+    """Run ``count`` clients; measure from their release (``ready``) to the last one's end.
+
+    The clients connect, then wait for ``ready``; each appends ``(wall clock,
+    server CPU)`` to ``finished`` when done.  Returns ``(wall, cpu)`` seconds.
+    """
+    async with trio.open_nursery() as nursery:
+        for index in range(count):
+            nursery.start_soon(client, index)
+        with trio.fail_after(IO_TIMEOUT):
+            await all_connected.wait()
+        await trio.sleep(args.settle)
+        cpu0, wall0 = tree_cpu_seconds(args.server_pid), time.perf_counter()
+        ready.set()
+    wall1, cpu1 = max(finished)  # when the last client had its last result
+    return wall1 - wall0, cpu1 - cpu0
+
+
 # --- scenarios -----------------------------------------------------------------------------------
 
 
@@ -179,16 +204,7 @@ async def throughput(args: argparse.Namespace) -> dict[str, float]:
             finished.append((time.perf_counter(), tree_cpu_seconds(args.server_pid)))
 
     finished: list[tuple[float, float]] = []
-    async with trio.open_nursery() as nursery:
-        for index in range(args.sessions):
-            nursery.start_soon(session, index)
-        with trio.fail_after(IO_TIMEOUT):
-            await all_connected.wait()
-        await trio.sleep(args.settle)
-        cpu0, wall0 = tree_cpu_seconds(args.server_pid), time.perf_counter()
-        ready.set()
-    wall1, cpu1 = max(finished)  # when the last client had its last result
-    wall, cpu = wall1 - wall0, cpu1 - cpu0
+    wall, cpu = await measured_phase(args, args.sessions, session, all_connected, ready, finished)
     count = len(latencies)
     return {
         "analyses": count,
@@ -233,16 +249,9 @@ async def switch(args: argparse.Namespace) -> dict[str, float]:
             finished.append((time.perf_counter(), tree_cpu_seconds(args.server_pid)))
 
     finished: list[tuple[float, float]] = []
-    async with trio.open_nursery() as nursery:
-        for index in range(args.connections):
-            nursery.start_soon(connection, index)
-        with trio.fail_after(IO_TIMEOUT):
-            await all_connected.wait()
-        await trio.sleep(args.settle)
-        cpu0, wall0 = tree_cpu_seconds(args.server_pid), time.perf_counter()
-        ready.set()
-    wall1, cpu1 = max(finished)  # when the last client had its last result
-    wall, cpu = wall1 - wall0, cpu1 - cpu0
+    wall, cpu = await measured_phase(
+        args, args.connections, connection, all_connected, ready, finished
+    )
     rounds = len(latencies)
     return {
         "rounds": rounds,
