@@ -72,7 +72,7 @@ from trio_portfolio.market_data import (
     pack_history,
     unpack_history,
 )
-from trio_portfolio.redis_io import ReplyError, StoreUnavailable
+from trio_portfolio.redis_io import CommandError, StoreUnavailable
 from trio_portfolio.services import open_service_nursery
 from trio_portfolio.store import INDEX_BUCKETS, MarketPrices, RevalueTally, SessionStore
 from trio_portfolio.store.codec import StoreDataError
@@ -199,7 +199,7 @@ async def revalue_tick(
     and is raised.
 
     Raises:
-      StoreUnavailable, ReplyError, StoreDataError: from any round trip
+      StoreUnavailable, CommandError, StoreDataError: from any round trip
         (the buckets done so far stay done).
     """
     share = TickShare()
@@ -233,7 +233,7 @@ async def revalue_tick(
                 if pruned:
                     share.tickers_pruned += pruned
                     log.info("market universe: %d tickers no session holds dropped", len(pruned))
-        except (StoreUnavailable, ReplyError, StoreDataError) as exc:
+        except (StoreUnavailable, CommandError, StoreDataError) as exc:
             errors.append(exc)
             cancel.cancel()
 
@@ -284,7 +284,7 @@ async def tick_once(
 
     Raises:
       TickRace: the market moved on meanwhile or ``holder`` lost the lead.
-      StoreUnavailable, ReplyError, StoreDataError: from any round trip.
+      StoreUnavailable, CommandError, StoreDataError: from any round trip.
     """
     started = trio.current_time()
     await _bucket_legacy_ids(store)
@@ -351,7 +351,7 @@ async def help_current_tick(
     tick (with ``cache``) in the same script as its number.
 
     Raises:
-      StoreUnavailable, ReplyError, StoreDataError: from any round trip.
+      StoreUnavailable, CommandError, StoreDataError: from any round trip.
     """
     tick, done = await market.tick_progress()
     if tick < 0 or done >= INDEX_BUCKETS:
@@ -434,7 +434,7 @@ async def run_market_updater(
             log.info("market tick skipped: %s", exc)
             schedule = None
             continue
-        except (StoreUnavailable, ReplyError, StoreDataError) as exc:
+        except (StoreUnavailable, CommandError, StoreDataError) as exc:
             failures = min(failures + 1, 6)
             log.warning("market tick failed (attempt %d), retrying: %s", failures, exc)
             continue
@@ -499,7 +499,7 @@ async def _renew_lease(
         sent = trio.current_time()
         try:
             ours = await market.try_lead(holder, lease)
-        except (StoreUnavailable, ReplyError) as exc:
+        except (StoreUnavailable, CommandError) as exc:
             log.warning("market lease renewal failed: %s", exc)
             continue
         if not ours:

@@ -229,7 +229,7 @@ class MarketData:
           TickerRefused: ``unknown_ticker`` for a ticker off the symbol list
             (nothing sent), ``ticker_limit`` if the new tickers would take the
             universe past ``max_tickers`` (nothing written).
-          StoreUnavailable, ReplyError: as every Redis call.
+          StoreUnavailable, CommandError: as every Redis call.
         """
         tickers = sorted(set(tickers))
         if self.symbols is not None:
@@ -311,7 +311,7 @@ class MarketData:
         Raises:
           TickRace: another process advanced the market meanwhile, or
             ``holder`` no longer leads; nothing was written.
-          StoreUnavailable, ReplyError: as every Redis call.
+          StoreUnavailable, CommandError: as every Redis call.
         """
         state = await self.read()
         if not state.prices:

@@ -72,7 +72,7 @@ Errors, the same for every operation unless its docstring says otherwise:
   used now (down, refusing, not answering within the adapter's timeout, or
   the connection was lost with the call in flight, in which case a mutation
   may or may not have run); retrying later is the caller's choice;
-* :data:`~trio_portfolio.redis_io.ReplyError` - an error reply: a bug, or a
+* :data:`~trio_portfolio.redis_io.CommandError` - an error reply: a bug, or a
   session key clobbered by something else (``WRONGTYPE``);
 * :class:`~trio_portfolio.store.codec.StoreDataError` - a reply that cannot
   be read as a session;
@@ -102,7 +102,7 @@ from trio_portfolio.models import (
     Snapshot,
     StartRefused,
 )
-from trio_portfolio.redis_io import RedisClient, ReplyError, Script, StoreUnavailable
+from trio_portfolio.redis_io import CommandError, RedisClient, Script, StoreUnavailable
 from trio_portfolio.store.codec import (
     StoreDataError,
     append_status,
@@ -466,7 +466,7 @@ class SessionStore(abc.ABC):
 
         Raises:
           StoreUnavailable: if Redis cannot be used now.
-          ReplyError: if Redis refuses a script (a syntax error in the Lua,
+          CommandError: if Redis refuses a script (a syntax error in the Lua,
             or scripting disabled) or hashes it differently.
         """
         await self.redis.load_scripts(self.scripts)
@@ -511,7 +511,7 @@ class SessionStore(abc.ABC):
           ClaimExpired: if ``prices`` is a :class:`ClaimedPrices` whose claim
             is older than :data:`CLAIM_GRACE_MS` and the session had to be
             created (nothing was written).
-          StoreUnavailable, ReplyError, StoreDataError: as every operation.
+          StoreUnavailable, CommandError, StoreDataError: as every operation.
         """
         check_session_id(session_id)
         holdings_json, prices_json = holdings_and_prices_json(holdings, prices)
@@ -536,7 +536,7 @@ class SessionStore(abc.ABC):
 
         Raises:
           ValueError: for an invalid session id.
-          StoreUnavailable, ReplyError, StoreDataError: as every operation.
+          StoreUnavailable, CommandError, StoreDataError: as every operation.
         """
         check_session_id(session_id)
         document = await self._read_document(session_id)
@@ -549,7 +549,7 @@ class SessionStore(abc.ABC):
 
         Raises:
           ValueError: for an invalid session id.
-          StoreUnavailable, ReplyError, StoreDataError: as every operation.
+          StoreUnavailable, CommandError, StoreDataError: as every operation.
         """
         status, _ = await self._run("touch", session_id, now, self.session_ttl_seconds)
         return status == "touched"
@@ -581,7 +581,7 @@ class SessionStore(abc.ABC):
 
         Raises:
           ValueError: for an invalid session id.
-          StoreUnavailable, ReplyError, StoreDataError: as every operation.
+          StoreUnavailable, CommandError, StoreDataError: as every operation.
         """
         status, payload = await self._run(
             "start_analysis",
@@ -640,7 +640,7 @@ class SessionStore(abc.ABC):
           ValueError: for an invalid session id, a non-finite value, or a
             staleness bound without a holdings version.
           StoreDataError: also for a status the fence does not know.
-          StoreUnavailable, ReplyError: as every operation.
+          StoreUnavailable, CommandError: as every operation.
         """
         if holdings_version is None and max_staleness_ms > 0:
             raise ValueError("a staleness bound needs the snapshot's holdings version")
@@ -668,7 +668,7 @@ class SessionStore(abc.ABC):
 
         Raises:
           ValueError: for an invalid session id.
-          StoreUnavailable, ReplyError, StoreDataError: as every operation.
+          StoreUnavailable, CommandError, StoreDataError: as every operation.
         """
         status, _ = await self._run("finish_analysis", session_id, analysis_id)
         return status == "finished"
@@ -691,7 +691,7 @@ class SessionStore(abc.ABC):
             missing from ``prices``; nothing is written.
           ClaimExpired: if ``prices`` is a :class:`ClaimedPrices` whose claim
             is older than :data:`CLAIM_GRACE_MS` (nothing was written).
-          StoreUnavailable, ReplyError, StoreDataError: as every operation.
+          StoreUnavailable, CommandError, StoreDataError: as every operation.
         """
         check_session_id(session_id)
         holdings_json, prices_json = holdings_and_prices_json(holdings, prices)
@@ -807,7 +807,7 @@ class SessionStore(abc.ABC):
 
         Raises:
           ValueError: if ``batch`` is below 1.
-          StoreUnavailable, ReplyError: from any SSCAN round trip, so after
+          StoreUnavailable, CommandError: from any SSCAN round trip, so after
             some batches may already have been yielded.
         """
         async with aclosing(self._scan_set(self.keys.index, batch)) as pages:
@@ -842,7 +842,7 @@ class SessionStore(abc.ABC):
         simply redone.
 
         Raises:
-          StoreUnavailable, ReplyError: from any round trip.
+          StoreUnavailable, CommandError: from any round trip.
         """
         copied = 0
         async with aclosing(self._scan_set(self.keys.index, batch)) as pages:
@@ -853,7 +853,7 @@ class SessionStore(abc.ABC):
 
     async def _index(self, session_ids: Sequence[str]) -> None:
         for reply in await self.redis.pipeline(self.keys.index_commands("SADD", session_ids)):
-            if isinstance(reply, ReplyError):
+            if isinstance(reply, CommandError):
                 raise reply
 
     async def forget(self, session_ids: Sequence[str]) -> int:
@@ -870,7 +870,7 @@ class SessionStore(abc.ABC):
 
         Raises:
           StoreUnavailable: if Redis cannot be used now.
-          ReplyError: if ``SREM`` is refused (an id whose ``EXISTS`` was
+          CommandError: if ``SREM`` is refused (an id whose ``EXISTS`` was
             refused counts as present and is kept).
         """
         if not session_ids:
@@ -879,7 +879,7 @@ class SessionStore(abc.ABC):
         if not gone:
             return 0
         for reply in await self.redis.pipeline(self.keys.index_commands("SREM", gone)):
-            if isinstance(reply, ReplyError):
+            if isinstance(reply, CommandError):
                 raise reply
         still_gone = set(await self._gone(gone))
         back = [s for s in gone if s not in still_gone]
@@ -913,7 +913,7 @@ def _failed(session_id: str, reply: Any) -> bool:
     """
     if isinstance(reply, StoreUnavailable):
         raise reply
-    if isinstance(reply, ReplyError):
+    if isinstance(reply, CommandError):
         log.error("revaluation of session %s failed: %s", session_id, reply)
         return True
     return False
