@@ -374,9 +374,11 @@ async def test_sessions_indexed_by_an_older_version_are_bucketed_and_revalued(
         # As a version without buckets left it: in the whole index only.
         bucket = store.keys.index_bucket(store.keys.bucket_of("old"))
         await redis.execute("SREM", bucket, "old")
+        await redis.execute("SADD", store.keys.legacy_index, "old")
         report = await tick_once(market, store)
         assert report.sessions_revalued == 1
         assert await redis.execute("SISMEMBER", bucket, "old") == 1
+        assert await redis.execute("EXISTS", store.keys.legacy_index) == 0
         assert (await fields(redis, store, "old"))["valued_tick"] == report.tick
 
 

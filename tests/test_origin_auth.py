@@ -25,6 +25,7 @@ from trio_portfolio.auth import mint_credential
 from trio_portfolio.logs import JsonFormatter, session_log_id
 from trio_portfolio.origins import OriginPolicy
 from trio_portfolio.redis_io import open_redis
+from trio_portfolio.store import SessionKeys
 from trio_portfolio.testing import RedisServerInfo, open_tcp_proxy
 from trio_portfolio.testing.live_server import LiveServer, open_live_server
 from trio_portfolio.testing.live_server import test_settings as server_settings
@@ -52,7 +53,8 @@ async def eventually(predicate: Callable[[], bool]) -> None:
 async def session_keys(redis_url: str, prefix: str) -> tuple[int, list[str]]:
     """(size of the session index, every key of a session) under ``prefix``."""
     async with open_redis(redis_url) as redis:
-        index = await redis.execute("SCARD", f"{prefix}:sessions")
+        sizes = await redis.pipeline([("SCARD", k) for k in SessionKeys(prefix).index_keys()])
+        index = sum(sizes)
         keys = await redis.execute("KEYS", f"{prefix}:session:*")
     return index, sorted(k.decode() if isinstance(k, bytes) else k for k in keys)
 

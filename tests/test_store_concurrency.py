@@ -317,7 +317,7 @@ async def test_concurrent_creates_agree(store_target: StoreTarget, key_prefix: s
             async with trio.open_nursery() as nursery:
                 for i in range(30):
                     nursery.start_soon(create, i)
-            members = await redis.execute("SMEMBERS", store.keys.index)
+            members = [i async for page in store.iter_session_ids() for i in page]
         assert members == [SESSION]
         assert len({(p.created_at, tuple(p.holdings.items())) for p in created}) == 1
         assert all(p.portfolio_version == 1 for p in created)

@@ -130,7 +130,9 @@ async def test_create_if_missing_creates_once(store_target: StoreTarget, key_pre
             assert again.portfolio_version == 1
             assert (again.created_at, again.last_activity) == (T0, T1)
             assert await store.get("s1") == again
-            assert await redis.execute("SISMEMBER", store.keys.index, "s1") == 1
+            bucket = store.keys.index_bucket(store.keys.bucket_of("s1"))
+            assert await redis.execute("SISMEMBER", bucket, "s1") == 1
+            assert (await store.session_census("s1")).exists
 
 
 async def test_get_is_not_activity_and_missing_is_none(

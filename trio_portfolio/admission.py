@@ -26,7 +26,10 @@ is passed in), so the rules are unit-testable and the server only asks:
   is bounded by the open connections, themselves bounded by
   ``max_connections``.
 * :func:`session_cap_refusal` - the global cap on live sessions, given the
-  live count (the size of the store's session index, read by the caller).
+  live count, which every caller (the handshake, ``POST /session``, a
+  connection re-creating its expired session) reads the one same way:
+  :meth:`trio_portfolio.store.SessionStore.session_census`, the sum of the
+  index buckets' sizes.
 
 A refusal is a :class:`Refusal`: the HTTP status, a machine code (the same
 vocabulary as the ``errors`` metric) and a human detail, plus

@@ -178,7 +178,7 @@ class Services:
         return await self.store.create_if_missing(session_id, holdings, prices, utc_now())
 
     async def at_session_cap(self) -> bool:
-        """Whether the store already holds ``max_sessions`` live sessions (one ``SCARD``).
+        """Whether the store already holds ``max_sessions`` live sessions (the buckets' ``SCARD``).
 
         The handshake and ``POST /session`` check this before a creation; a
         connection checks it again before re-creating a session that expired
@@ -186,10 +186,10 @@ class Services:
 
         Raises:
           StoreUnavailable: Redis cannot answer now.
-          CommandError: the index key is not a set (clobbered).
+          CommandError: an index key is not a set (clobbered).
         """
-        live = await self.store.redis.execute("SCARD", self.store.keys.index)
-        return session_cap_refusal(int(live), self.settings.max_sessions) is not None
+        census = await self.store.session_census()
+        return session_cap_refusal(census.live, self.settings.max_sessions) is not None
 
 
 @attrs.define(slots=True)

@@ -317,15 +317,15 @@ async def tick_once(
 
 
 async def _bucket_legacy_ids(store: SessionStore) -> None:
-    """Copy ids indexed only in the whole set (by an older version) into their buckets.
+    """Fold ids left in the whole index (by an earlier version) into their buckets.
 
-    Cheap when nothing is missing: one pipeline of ``SCARD``.
+    Cheap when there is nothing to fold: one ``SCARD`` of a key that no
+    longer exists.  Kept every tick, not once, because a process of the
+    earlier version may still be running beside this one during an upgrade.
     """
-    keys = store.keys.index_keys()
-    sizes = await store.redis.pipeline([("SCARD", key) for key in keys])
-    if isinstance(sizes[0], int) and sizes[0] > sum(s for s in sizes[1:] if isinstance(s, int)):
-        copied = await store.bucket_legacy_index()
-        log.info("session index: %d ids copied into buckets", copied)
+    if await store.legacy_index_size() > 0:
+        moved = await store.fold_legacy_index()
+        log.info("session index: %d ids moved from the whole index into buckets", moved)
 
 
 @attrs.define

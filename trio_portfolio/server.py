@@ -105,7 +105,7 @@ from trio_portfolio.redis_io import CommandError, RedisClient, StoreUnavailable
 from trio_portfolio.redis_pubsub import PubSub
 from trio_portfolio.replay import market_source_for
 from trio_portfolio.session_events import SessionEvents
-from trio_portfolio.store import SessionStore, open_store
+from trio_portfolio.store import SessionCensus, SessionStore, open_store
 from trio_portfolio.websocket import ServerWebSocket, wrap_server_stream
 
 log = logging.getLogger(__name__)
@@ -473,25 +473,23 @@ class Server:
     async def _admit_connect(self, services: Services, session_id: str, key: str) -> Refusal | None:
         """Rate and cap for a connect that would create its session; ``None`` to go ahead.
 
-        One round trip: does the session exist, and how many live sessions
-        does the store's index hold (``SCARD``; it may briefly count expired
-        sessions until the market updater prunes them).  Without an answer
-        from Redis the connect is charged as a creation but not capped: the
-        connection reports the outage itself.
+        One round trip (:meth:`~trio_portfolio.store.SessionStore.session_census`):
+        does the session exist, and how many live sessions does the store's
+        index hold (it may briefly count expired sessions until the market
+        updater prunes them).  Without an answer from Redis the connect is
+        charged as a creation but not capped: the connection reports the
+        outage itself.
         """
-        keys = services.store.keys
+        census: SessionCensus | None
         try:
-            exists, live = await self.redis.pipeline(
-                [("EXISTS", keys.session(session_id)), ("SCARD", keys.index)],
-                timeout=ADMISSION_TIMEOUT,
-            )
-        except StoreUnavailable:
-            exists, live = 0, 0
-        if isinstance(exists, int) and exists > 0:
+            census = await services.store.session_census(session_id, timeout=ADMISSION_TIMEOUT)
+        except (StoreUnavailable, CommandError):
+            census = None
+        if census is not None and census.exists:
             return None
         refusal = self.session_rate.take(key, trio.current_time())
-        if refusal is None and isinstance(live, int):
-            refusal = session_cap_refusal(live, self.settings.max_sessions)
+        if refusal is None and census is not None:
+            refusal = session_cap_refusal(census.live, self.settings.max_sessions)
         return refusal
 
     async def _route(self, request: WebSocketRequest) -> tuple[str, str] | None:
@@ -598,8 +596,8 @@ class ServerHttpApp:
             raise _http_error(server, refusal)
         session_id = secrets.token_urlsafe(24)
         try:
-            live = await server.redis.execute("SCARD", services.store.keys.index)
-            refusal = session_cap_refusal(int(live), server.settings.max_sessions)
+            census = await services.store.session_census()
+            refusal = session_cap_refusal(census.live, server.settings.max_sessions)
             if refusal is not None:
                 raise _http_error(server, refusal)
             portfolio = await services.create_session(session_id)

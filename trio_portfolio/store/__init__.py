@@ -23,7 +23,7 @@ import uuid
 import orjson
 
 from trio_portfolio.lua_scripts import load_script
-from trio_portfolio.redis_io import CommandError, RedisClient
+from trio_portfolio.redis_io import CommandError, RedisClient, StoreUnavailable
 from trio_portfolio.store.base import (
     CLAIM_GRACE_MS,
     INDEX_BUCKET_TAGS,
@@ -37,6 +37,7 @@ from trio_portfolio.store.base import (
     LayoutChoice,
     MarketPrices,
     RevalueTally,
+    SessionCensus,
     SessionKeys,
     SessionStore,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "LayoutChoice",
     "MarketPrices",
     "RevalueTally",
+    "SessionCensus",
     "SessionKeys",
     "SessionStore",
     "StoreDataError",
@@ -76,6 +78,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_SAMPLE = 5
+"""Indexed ids :func:`detect_layout` looks at."""
 
 _LAYOUTS: dict[Layout, type[SessionStore]] = {"json": JsonSessionStore, "hash": HashSessionStore}
 
@@ -115,18 +120,28 @@ async def detect_layout(redis: RedisClient, *, key_prefix: str = "portfolio") ->
 
     Existing sessions win so that upgrading Redis (say 7 to 8, gaining JSON)
     does not make the sessions already stored unreadable.  A few random ids
-    from the index are looked at: only the hash layout has a ``:holdings``
-    key.  (``TYPE`` would say it directly, but fakeredis cannot answer it
+    from the index are looked at (one drawn from each bucket and a few from
+    the whole index of earlier versions, in one pipeline): only the hash
+    layout has a ``:holdings`` key.  (``TYPE`` would say it directly, but fakeredis cannot answer it
     for a JSON key.)  Without sessions: ``json`` where the JSON module works
     from scripts, else ``hash``.
 
     Raises:
       StoreUnavailable: if Redis cannot be used now.
-      CommandError: if the index key is not a set (clobbered), or Redis
+      CommandError: if an index key is not a set (clobbered), or Redis
         refuses to load the probe script.
     """
     keys = SessionKeys(key_prefix)
-    sample = await redis.execute("SRANDMEMBER", keys.index, 5)
+    draws = await redis.pipeline(
+        [("SRANDMEMBER", key, 1) for key in keys.index_keys()]
+        + [("SRANDMEMBER", keys.legacy_index, _SAMPLE)]
+    )
+    sample: list[str] = []
+    for drawn in draws:
+        if isinstance(drawn, CommandError | StoreUnavailable):
+            raise drawn
+        sample += [s for s in drawn if s not in sample]
+    del sample[_SAMPLE:]
     if sample:
         commands: list[tuple[str, str]] = []
         for session_id in sample:

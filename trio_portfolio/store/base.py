@@ -33,17 +33,23 @@ session's script, which on Redis Cluster may only touch that session's
 slot); see :meth:`SessionStore.create_if_missing` and
 :meth:`SessionStore.forget` for why its races are harmless.
 
-The index is kept twice, written together in one pipeline: the set
-``<prefix>:sessions`` of every id (what counts and lists sessions), and
-:data:`INDEX_BUCKETS` bucket sets ``<prefix>:sessions:{<tag n>}`` with
-``n = crc32(id) % INDEX_BUCKETS``, whose hash tags (:data:`INDEX_BUCKET_TAGS`)
+The index is :data:`INDEX_BUCKETS` bucket sets ``<prefix>:sessions:{<tag n>}``
+with ``n = crc32(id) % INDEX_BUCKETS``, whose hash tags (:data:`INDEX_BUCKET_TAGS`)
 put bucket ``n`` in the middle of the ``n``-th 64th of the 16384 slots, so on a
 Redis Cluster the buckets spread over the masters as evenly as whole buckets
-can (21/21/22 over 3 masters), the unit of work several processes share
-in one market tick (see :mod:`trio_portfolio.market`).  Ids indexed by an
-earlier version are only in the first; the market updater copies them into
-their buckets (:meth:`SessionStore.bucket_legacy_index`) whenever the first
-holds more ids than the buckets together.
+can (21/21/22 over 3 masters): no slot grows with the number of sessions
+beyond a 64th of them.  A bucket is the unit of work several processes share
+in one market tick (see :mod:`trio_portfolio.market`).  Counting sessions is
+one pipeline of 64 ``SCARD`` (:meth:`SessionStore.session_census`; a cluster
+client splits it per node), listing them a walk of the buckets.
+
+Migration: versions before this one also kept the whole set
+``<prefix>:sessions`` (:attr:`SessionKeys.legacy_index`), one key in one slot;
+the oldest ones kept only that.  Nothing writes it any more; the market
+updater folds whatever it holds into the buckets and removes it there
+(:meth:`SessionStore.fold_legacy_index`, one ``SCARD`` per tick when it is
+gone), so a store written by an earlier version, or by one still running
+beside this one during a rolling upgrade, ends up bucketed.
 
 Revaluation (:meth:`SessionStore.revalue_many`) carries its market tick and
 is *fenced* by it: each session records ``valued_tick`` (and ``as_of``), and
@@ -129,6 +135,7 @@ __all__ = [
     "LayoutChoice",
     "MarketPrices",
     "RevalueTally",
+    "SessionCensus",
     "SessionKeys",
     "SessionStore",
 ]
@@ -237,7 +244,7 @@ an uneven resharding still moves a bucket only with a whole 64th.  Found once
 by trying salts ``b<n>-0``, ``b<n>-1``, ... in order (the smallest that fits);
 ``tests/test_index_buckets.py`` recomputes and checks them.  Fixed forever: a
 new tag would orphan the ids in the old bucket set (the market would re-copy
-them from the whole index, :meth:`SessionStore.bucket_legacy_index`).
+them only if they were still in the legacy whole index, :meth:`SessionStore.fold_legacy_index`).
 """
 
 CLAIM_GRACE_MS = 1000
@@ -314,6 +321,16 @@ class RevalueTally:
 
 
 @attrs.frozen
+class SessionCensus:
+    """What :meth:`SessionStore.session_census` counted: live sessions, and one's existence."""
+
+    live: int
+    """Ids in the index buckets (sessions not yet pruned after expiry included)."""
+    exists: bool = False
+    """Whether the session asked about exists (``False`` when none was asked about)."""
+
+
+@attrs.frozen
 class SessionKeys:
     """Key and channel names.  Every key of a session carries the hash tag ``{session_id}``.
 
@@ -325,27 +342,24 @@ class SessionKeys:
     prefix: str
 
     @property
-    def index(self) -> str:
-        """The set of every session id (not hash-tagged: it spans slots)."""
+    def legacy_index(self) -> str:
+        """The whole set of session ids earlier versions kept (one slot; only read to migrate)."""
         return f"{self.prefix}:sessions"
 
     def index_bucket(self, bucket: int) -> str:
-        """One of the :data:`INDEX_BUCKETS` sets of session ids the market updater walks."""
+        """One of the :data:`INDEX_BUCKETS` sets of session ids (the whole index, together)."""
         return f"{self.prefix}:sessions:{{{INDEX_BUCKET_TAGS[bucket]}}}"
 
     def index_keys(self) -> list[str]:
-        """Every index set: the whole one, then the buckets in order."""
-        return [self.index, *(self.index_bucket(b) for b in range(INDEX_BUCKETS))]
+        """Every index bucket, in order."""
+        return [self.index_bucket(b) for b in range(INDEX_BUCKETS)]
 
     def index_commands(self, verb: str, session_ids: Sequence[str]) -> list[tuple[str, ...]]:
-        """``SADD`` or ``SREM`` of ``session_ids`` on the whole index and on their buckets."""
+        """``SADD`` or ``SREM`` of ``session_ids`` on their buckets (one command per bucket)."""
         by_bucket: dict[int, list[str]] = {}
         for session_id in session_ids:
             by_bucket.setdefault(self.bucket_of(session_id), []).append(session_id)
-        return [
-            (verb, self.index, *session_ids),
-            *((verb, self.index_bucket(b), *ids) for b, ids in sorted(by_bucket.items())),
-        ]
+        return [(verb, self.index_bucket(b), *ids) for b, ids in sorted(by_bucket.items())]
 
     @staticmethod
     def bucket_of(session_id: str) -> int:
@@ -798,8 +812,39 @@ class SessionStore(abc.ABC):
             log.warning("revaluation of %d sessions skipped: holdings kept moving", len(pending))
         return [outcomes[s] for s in session_ids if s in outcomes]
 
+    async def session_census(
+        self, session_id: str | None = None, *, timeout: float | None = None
+    ) -> SessionCensus:
+        """How many sessions the index holds and, given ``session_id``, whether it exists.
+
+        One pipeline (on a cluster the client splits it per node and sends
+        the parts at once): ``EXISTS`` of the session, then ``SCARD`` of every
+        bucket.  The count may briefly include sessions that expired and
+        have not been pruned by the market updater yet, and (during an
+        upgrade from a version with the whole index) miss ids it has not
+        folded yet.  This is what the global session cap reads
+        (:func:`trio_portfolio.admission.session_cap_refusal`).
+
+        Raises:
+          ValueError: for an invalid ``session_id``.
+          StoreUnavailable: if Redis cannot answer now (within ``timeout``).
+          CommandError: if a bucket key is not a set (clobbered).
+        """
+        commands: list[tuple[str, ...]] = []
+        if session_id is not None:
+            check_session_id(session_id)
+            commands.append(("EXISTS", self.keys.session(session_id)))
+        commands += [("SCARD", key) for key in self.keys.index_keys()]
+        replies = await self.redis.pipeline(commands, timeout=timeout)
+        for reply in replies:
+            if isinstance(reply, StoreUnavailable | CommandError):
+                raise reply
+        exists = session_id is not None and int(replies[0]) > 0
+        sizes = replies[1:] if session_id is not None else replies
+        return SessionCensus(live=sum(int(n) for n in sizes), exists=exists)
+
     async def iter_session_ids(self, batch: int = 500) -> AsyncGenerator[list[str], None]:
-        """Walk the session index with SSCAN, in lists of at most ``batch`` ids.
+        """Walk every index bucket with SSCAN, in lists of at most ``batch`` ids.
 
         SSCAN's guarantees apply: an id present for the whole walk is
         yielded at least once (rarely twice: revaluing twice at the same
@@ -810,9 +855,18 @@ class SessionStore(abc.ABC):
           StoreUnavailable, CommandError: from any SSCAN round trip, so after
             some batches may already have been yielded.
         """
-        async with aclosing(self._scan_set(self.keys.index, batch)) as pages:
-            async for ids in pages:
-                yield ids
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
+        page: list[str] = []
+        for key in self.keys.index_keys():
+            async with aclosing(self._scan_set(key, batch)) as pages:
+                async for ids in pages:
+                    page += ids
+                    while len(page) >= batch:
+                        yield page[:batch]
+                        page = page[batch:]
+        if page:
+            yield page
 
     async def iter_bucket(self, bucket: int, batch: int = 500) -> AsyncGenerator[list[str], None]:
         """Walk one index bucket in lists of at most ``batch`` ids (as :meth:`iter_session_ids`)."""
@@ -832,24 +886,37 @@ class SessionStore(abc.ABC):
             if cursor == "0":
                 return
 
-    async def bucket_legacy_index(self, batch: int = 1000) -> int:
-        """Copy every id of the whole index into its bucket; how many were copied.
-
-        Ids indexed by a version without buckets (or by such a process still
-        running beside this one) are only in the whole set.  The market
-        updater calls this when the whole set holds more ids than the
-        buckets together; ``SADD`` is idempotent, so an interrupted copy is
-        simply redone.
+    async def legacy_index_size(self) -> int:
+        """How many ids the whole index of earlier versions still holds (0 once folded).
 
         Raises:
+          StoreUnavailable, CommandError: as every operation.
+        """
+        return int(await self.redis.execute("SCARD", self.keys.legacy_index))
+
+    async def fold_legacy_index(self, batch: int = 1000) -> int:
+        """Move every id of the legacy whole index into its bucket; how many were moved.
+
+        Page by page: ``SADD`` to the buckets first, then ``SREM`` from the
+        whole set, so an interrupted fold loses nothing (the ids still in the
+        whole set are moved by the next one; ``SADD`` is idempotent).  An id
+        whose session is gone is moved too: the next revaluation reports it
+        missing and :meth:`forget` prunes it.  When the last id is removed
+        Redis deletes the key, so the one slot it lived in stops growing.
+
+        Raises:
+          ValueError: if ``batch`` is below 1.
           StoreUnavailable, CommandError: from any round trip.
         """
-        copied = 0
-        async with aclosing(self._scan_set(self.keys.index, batch)) as pages:
+        moved = 0
+        async with aclosing(self._scan_set(self.keys.legacy_index, batch)) as pages:
             async for ids in pages:
-                await self.redis.pipeline(self.keys.index_commands("SADD", ids)[1:])
-                copied += len(ids)
-        return copied
+                for reply in await self.redis.pipeline(self.keys.index_commands("SADD", ids)):
+                    if isinstance(reply, StoreUnavailable | CommandError):
+                        raise reply
+                await self.redis.execute("SREM", self.keys.legacy_index, *ids)
+                moved += len(ids)
+        return moved
 
     async def _index(self, session_ids: Sequence[str]) -> None:
         for reply in await self.redis.pipeline(self.keys.index_commands("SADD", session_ids)):
