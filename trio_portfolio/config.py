@@ -186,6 +186,14 @@ def _valid_pipelines(value: int) -> bool:
     return 1 <= value <= 64
 
 
+def _valid_wait_replicas(value: int) -> bool:
+    return 0 <= value <= 16
+
+
+def _valid_wait_timeout(value: int) -> bool:
+    return 1 <= value <= 60_000
+
+
 def _valid_port(value: int) -> bool:
     return 0 <= value <= 65535
 
@@ -338,6 +346,36 @@ class Settings:
     redis_timeout_seconds: float = attrs.field(
         default=5.0,
         metadata=_rule("timeout of one Redis round trip", _POSITIVE_NUMBER, _positive, "SECONDS"),
+    )
+    wait_replicas: int = attrs.field(
+        default=0,
+        metadata=_rule(
+            "replicas that must acknowledge a stored result before it is sent (WAIT; 0: off, "
+            "docs/adr/005)",
+            "an integer 0-16",
+            _valid_wait_replicas,
+            "N",
+        ),
+    )
+    wait_replicas_timeout_ms: int = attrs.field(
+        default=100,
+        metadata=_rule(
+            "longest wait for --wait-replicas acknowledgements; fewer in time: sent anyway, "
+            "counted in replica_wait_short",
+            "an integer 1-60000 (milliseconds)",
+            _valid_wait_timeout,
+            "MS",
+        ),
+    )
+    wait_replicas_connections: int = attrs.field(
+        default=4,
+        metadata=_rule(
+            "dedicated write-and-WAIT connections per Redis master (results waiting beyond "
+            "them queue)",
+            "an integer 1-64",
+            _valid_pipelines,
+            "N",
+        ),
     )
     data_dir: Path = attrs.field(
         default=Path("data"),

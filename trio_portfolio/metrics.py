@@ -22,9 +22,12 @@ values created at start-up, so every series reads 0 before its first event
 instead of appearing from nowhere.
 
 *Pulled* series are read from their owners when ``/metrics`` is scraped:
-the Redis adapter's :meth:`~trio_portfolio.redis_io.RedisClient.statistics`,
-the pub/sub connection's counters, the session-events hub's drops and the
-number of open connections.  Each owner is a :class:`StatisticsGroup`: the
+the Redis adapter's :meth:`~trio_portfolio.redis_io.RedisClient.statistics`
+(and, on a cluster, the router's ``cluster_statistics()``: redirects, retries,
+slot-map refreshes, script reloads), the write-and-WAIT counters of
+:class:`~trio_portfolio.store.replication.ReplicaWait`, the pub/sub
+connection's counters, the session-events hub's drops and the number of open
+connections.  Each owner is a :class:`StatisticsGroup`: the
 keys it is known to report are declared in the catalogue (help text,
 counter or gauge); a key the owner reports that the catalogue does not know
 yet is still exported, as a gauge named ``<group prefix><key>``, so counters
@@ -314,6 +317,34 @@ PUBSUB = _group(
     channels_wanted=(Kind.GAUGE, "channels this process wants subscribed"),
     channels_confirmed=(Kind.GAUGE, "channels Redis confirmed subscribed"),
 )
+REDIS_CLUSTER = _group(
+    "ClusterClient.cluster_statistics()",
+    "redis_cluster_",
+    moved=(Kind.COUNTER, "MOVED redirects followed (the slot map updated, the call retried)"),
+    ask=(Kind.COUNTER, "ASK redirects followed (ASKING and the call sent to the importing node)"),
+    try_again=(Kind.COUNTER, "TRYAGAIN replies retried after a pause (a slot mid-resharding)"),
+    refreshes=(Kind.COUNTER, "slot-map refreshes (CLUSTER SHARDS, or CLUSTER SLOTS)"),
+    refresh_failures=(Kind.COUNTER, "slot-map refreshes that found no node answering"),
+    scripts_reloaded=(Kind.COUNTER, "scripts loaded again on a node that answered NOSCRIPT"),
+    cross_slot_refused=(Kind.COUNTER, "calls refused before sending: keys in several slots"),
+    nodes=(Kind.GAUGE, "node clients the router holds (0 when not on a cluster)"),
+    masters=(Kind.GAUGE, "masters in the slot map (0 when not on a cluster)"),
+)
+REPLICA_WAIT = _group(
+    "ReplicaWait.statistics()",
+    "replica_wait_",
+    waits=(Kind.COUNTER, "result writes followed by WAIT (--wait-replicas on)"),
+    acknowledged=(Kind.COUNTER, "waits that --wait-replicas replicas acknowledged in time"),
+    short=(
+        Kind.COUNTER,
+        "waits fewer replicas acknowledged within --wait-replicas-timeout-ms (result sent anyway)",
+    ),
+    unconfirmed=(
+        Kind.COUNTER,
+        "writes redirected (MOVED/ASK) or whose WAIT was refused: stored, not waited for",
+    ),
+    connections_open=(Kind.GAUGE, "dedicated write-and-WAIT connections open now"),
+)
 SESSION_EVENTS = StatisticsGroup(
     "SessionEvents",
     "session_events_",
@@ -341,7 +372,14 @@ SESSION_EVENTS = StatisticsGroup(
     ),
 )
 
-STATISTICS_GROUPS: tuple[StatisticsGroup, ...] = (CONNECTIONS, REDIS_CLIENT, PUBSUB, SESSION_EVENTS)
+STATISTICS_GROUPS: tuple[StatisticsGroup, ...] = (
+    CONNECTIONS,
+    REDIS_CLIENT,
+    REDIS_CLUSTER,
+    REPLICA_WAIT,
+    PUBSUB,
+    SESSION_EVENTS,
+)
 """The pulled series, read from their owners (see :meth:`ServerMetrics.watch_redis` ...)."""
 
 
@@ -516,8 +554,19 @@ class ServerMetrics:
         self._pulled.readers[CONNECTIONS] = lambda: {"connections_open": float(count())}
 
     def watch_redis(self, client: _StatisticsOwner) -> None:
-        """Export every numeric field of ``client.statistics()`` at each scrape."""
+        """Export every numeric field of ``client.statistics()`` at each scrape.
+
+        A cluster client's router counters (``cluster_statistics()``) are
+        exported too, as the ``redis_cluster_`` series (zeros elsewhere).
+        """
         self._pulled.readers[REDIS_CLIENT] = lambda: numeric_fields(client.statistics())
+        cluster = getattr(client, "cluster_statistics", None)
+        if callable(cluster):
+            self._pulled.readers[REDIS_CLUSTER] = lambda: numeric_fields(cluster())
+
+    def watch_replica_wait(self, waiter: _StatisticsOwner) -> None:
+        """Export the write-and-WAIT counters of ``waiter.statistics()`` at each scrape."""
+        self._pulled.readers[REPLICA_WAIT] = lambda: numeric_fields(waiter.statistics())
 
     def watch_pubsub(self, pubsub: _PubSubLike) -> None:
         """Export the pub/sub connection's counters (and its ``statistics()``, if any)."""

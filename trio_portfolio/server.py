@@ -105,7 +105,13 @@ from trio_portfolio.redis_io import CommandError, RedisClient, StoreUnavailable
 from trio_portfolio.redis_pubsub import PubSub
 from trio_portfolio.replay import market_source_for
 from trio_portfolio.session_events import SessionEvents
-from trio_portfolio.store import SessionCensus, SessionStore, open_store
+from trio_portfolio.store import (
+    ReplicaWait,
+    SessionCensus,
+    SessionStore,
+    open_replica_wait,
+    open_store,
+)
 from trio_portfolio.websocket import ServerWebSocket, wrap_server_stream
 
 log = logging.getLogger(__name__)
@@ -156,6 +162,9 @@ class Server:
         """
         self.settings = settings
         self.redis = redis
+        self.replica_wait: ReplicaWait | None = None
+        """Where results are written and ``WAIT``-ed for (``--wait-replicas``; set before
+        the store opens)."""
         self.pubsub = pubsub
         self.metrics = metrics
         self.services: Services | None = None
@@ -260,6 +269,7 @@ class Server:
                     key_prefix=settings.key_prefix,
                     session_ttl_seconds=settings.session_ttl_seconds,
                     results_limit=settings.results_limit,
+                    replica_wait=self.replica_wait,
                 )
             except StoreUnavailable as exc:
                 self.startup_problem = f"waiting for Redis: {exc}"
@@ -733,11 +743,20 @@ async def run_service(
             redis_url, timeout=settings.redis_timeout_seconds, on_latency=metrics.redis_call
         ) as redis,
         open_pubsub(redis_url) as pubsub,
+        open_replica_wait(
+            redis,
+            replicas=settings.wait_replicas,
+            timeout_ms=settings.wait_replicas_timeout_ms,
+            connections=settings.wait_replicas_connections,
+        ) as replica_wait,
         trio.open_nursery() as service,
     ):
         server = Server(
             settings, redis, pubsub, metrics, listen_sockets=listen_sockets, group=group
         )
+        server.replica_wait = replica_wait
+        if replica_wait is not None:
+            metrics.watch_replica_wait(replica_wait)
         if handle_signals:
             service.start_soon(_stop_on_signal, server)
         async with trio.open_nursery() as connections:

@@ -7,6 +7,8 @@ The package, from the bottom up (each module imports only those above it):
   and every operation, written once for both layouts;
 * :mod:`~trio_portfolio.store.json_layout` and
   :mod:`~trio_portfolio.store.hash_layout` - the two layouts;
+* :mod:`~trio_portfolio.store.replication` - a result's write followed by
+  ``WAIT`` on a dedicated connection (``--wait-replicas``);
 * ``lua/`` - their scripts and the shared Lua libraries;
 * this module - choosing a layout and opening a store (:func:`open_store`).
 
@@ -49,6 +51,7 @@ from trio_portfolio.store.codec import (
 )
 from trio_portfolio.store.hash_layout import HashSessionStore
 from trio_portfolio.store.json_layout import JsonSessionStore
+from trio_portfolio.store.replication import ReplicaWait, ReplicaWaitStatistics, open_replica_wait
 
 __all__ = [
     "CLAIM_GRACE_MS",
@@ -63,6 +66,8 @@ __all__ = [
     "Layout",
     "LayoutChoice",
     "MarketPrices",
+    "ReplicaWait",
+    "ReplicaWaitStatistics",
     "RevalueTally",
     "SessionCensus",
     "SessionKeys",
@@ -71,6 +76,7 @@ __all__ = [
     "StoreLayoutUnavailable",
     "detect_layout",
     "json_module_available",
+    "open_replica_wait",
     "open_store",
     "payload_document",
     "portfolio_from_document",
@@ -161,6 +167,7 @@ async def open_store(
     key_prefix: str = "portfolio",
     session_ttl_seconds: int = 86400,
     results_limit: int = 500,
+    replica_wait: ReplicaWait | None = None,
 ) -> SessionStore:
     """A ready :class:`SessionStore`: layout chosen, scripts loaded.
 
@@ -168,7 +175,8 @@ async def open_store(
     against the server; an explicit ``hash`` works everywhere.  Nothing is
     retried: the caller decides whether (and how long) to wait for Redis.
     Cancelling it is safe (the probe leaves nothing behind; loading scripts
-    twice is harmless).
+    twice is harmless).  ``replica_wait``: results are written and waited
+    for there (see :mod:`trio_portfolio.store.replication`).
 
     Raises:
       StoreLayoutUnavailable: if ``layout="json"`` and the server's scripts
@@ -200,6 +208,7 @@ async def open_store(
         key_prefix=key_prefix,
         session_ttl_seconds=session_ttl_seconds,
         results_limit=results_limit,
+        replica_wait=replica_wait,
     )
     await store.load_scripts()
     log.info("session store: %s layout, key prefix %r", store.layout, key_prefix)

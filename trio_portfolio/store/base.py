@@ -121,6 +121,7 @@ from trio_portfolio.store.codec import (
     snapshot_from_payload,
     split_reply,
 )
+from trio_portfolio.store.replication import ReplicaWait
 
 __all__ = [
     "CLAIM_GRACE_MS",
@@ -409,8 +410,12 @@ class SessionStore(abc.ABC):
         key_prefix: str = "portfolio",
         session_ttl_seconds: int = 86400,
         results_limit: int = 500,
+        replica_wait: ReplicaWait | None = None,
     ) -> None:
         """Read this layout's scripts; nothing is sent to Redis (see :meth:`load_scripts`).
+
+        With ``replica_wait`` every :meth:`append_result` runs on a dedicated
+        connection followed by ``WAIT`` (:mod:`trio_portfolio.store.replication`).
 
         Raises:
           ValueError: if ``key_prefix`` is empty or holds a brace (it would
@@ -423,6 +428,8 @@ class SessionStore(abc.ABC):
         if results_limit < 1:
             raise ValueError("results_limit must be at least 1")
         self.redis = redis
+        self.replica_wait = replica_wait
+        """Where results are written and waited for (``None``: on the shared connections)."""
         self.keys = SessionKeys(key_prefix)
         self.session_ttl_seconds = session_ttl_seconds
         self.results_limit = results_limit
@@ -495,6 +502,17 @@ class SessionStore(abc.ABC):
         """Run ``operation``'s script on ``session_id``'s keys; its reply, split."""
         check_session_id(session_id)
         reply = await self.redis.evalsha(
+            self._scripts[operation], self.session_keys(session_id), args
+        )
+        return split_reply(reply)
+
+    async def _run_and_wait(
+        self, operation: str, session_id: str, *args: str | int
+    ) -> tuple[str, list[Any]]:
+        """As :meth:`_run`, on :attr:`replica_wait`'s connection, ``WAIT`` after it."""
+        check_session_id(session_id)
+        assert self.replica_wait is not None
+        reply = await self.replica_wait.evalsha(
             self._scripts[operation], self.session_keys(session_id), args
         )
         return split_reply(reply)
@@ -636,7 +654,9 @@ class SessionStore(abc.ABC):
         ``SUPERSEDED`` if another (or no) analysis is current, ``STALE`` if
         not fresh, ``MISSING`` if the session is gone: refusals are answers,
         not exceptions.  Keeps the newest ``results_limit`` results.  Not
-        activity (the TTL is left alone).
+        activity (the TTL is left alone).  With :attr:`replica_wait` it
+        returns only once ``WAIT`` answered (or timed out): the write was
+        acknowledged by that many replicas, or counted ``short``.
 
         Idempotent per :attr:`~trio_portfolio.models.AnalysisResult.result_id` (when set):
         a result already stored is not stored again and is answered
@@ -658,7 +678,8 @@ class SessionStore(abc.ABC):
         """
         if holdings_version is None and max_staleness_ms > 0:
             raise ValueError("a staleness bound needs the snapshot's holdings version")
-        status, _ = await self._run(
+        run = self._run if self.replica_wait is None else self._run_and_wait
+        status, _ = await run(
             "append_result",
             session_id,
             result.analysis_id,
