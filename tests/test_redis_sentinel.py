@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from trio_portfolio.models import AnalysisResult, AppendStatus, Snapshot
 from trio_portfolio.redis_connect import open_redis
 from trio_portfolio.redis_io import StoreUnavailable
 from trio_portfolio.redis_sentinel import SentinelClient, parse_sentinel_url
-from trio_portfolio.store import open_store
+from trio_portfolio.store import open_replica_wait, open_store
 from trio_portfolio.testing import RedisSentinelSetup
 
 SERVER = Path("/usr/bin/redis-server")
@@ -51,7 +52,19 @@ async def test_discovers_the_master_and_serves_the_store(sentinel: RedisSentinel
             "s1", {"AAPL": 1.0}, {"AAPL": 2.0}, "2026-01-01T00:00:00Z"
         )
         assert created.portfolio_version == 1
-        assert await client.wait_for_replicas(1, 1000) == 1
+        # --wait-replicas through Sentinel: the result's write is waited for on the master.
+        async with open_replica_wait(client, replicas=1, timeout_ms=1000) as waiter:
+            assert waiter is not None
+            waited = await open_store(
+                client, layout="hash", key_prefix=store.keys.prefix, replica_wait=waiter
+            )
+            snapshot = await waited.start_analysis("s1", "a-s1", "AAPL", "2026-01-01T00:00:00Z")
+            assert isinstance(snapshot, Snapshot), snapshot
+            stored = await waited.append_result(
+                "s1", AnalysisResult("a-s1", "AAPL", "m", 1.0, "2026-01-01T00:00:00Z", 1)
+            )
+            assert stored is AppendStatus.STORED
+            assert waiter.statistics().acknowledged == 1
 
 
 async def test_failover_calls_continue_after_a_brief_unavailability(

@@ -37,9 +37,10 @@ master acknowledged but had not yet sent to the promoted replica are gone.
 For this project that means a stored analysis result (or a revaluation)
 streamed to a client may be missing after a failover; the fenced scripts
 keep the store consistent (the version checks still hold), they cannot
-bring a lost write back.  ``wait_replicas`` (see :meth:`SentinelClient.wait_for_replicas`)
-is the option that narrows the window: ``WAIT 1 <ms>`` on a connection of
-its own after a write, before its result is sent; ADR-004 gives its cost.
+bring a lost write back.  ``--wait-replicas`` narrows the window: each
+result's append and a ``WAIT`` go back to back on a dedicated connection to
+the current master before the result is sent
+(:mod:`trio_portfolio.store.replication`); ADR-005 gives its cost.
 """
 
 from __future__ import annotations
@@ -305,25 +306,6 @@ class SentinelClient(RedisClient):
     ) -> Any:
         """As :meth:`RedisClient.evalsha` (which calls :meth:`execute`, so READONLY is retried)."""
         return await super().evalsha(script, keys, args, timeout=timeout)
-
-    async def wait_for_replicas(
-        self, replicas: int = 1, milliseconds: int = 100, *, timeout: float | None = None
-    ) -> int:
-        """``WAIT replicas milliseconds`` on a connection of its own; how many acknowledged.
-
-        WAIT blocks its connection, so it never goes on the shared ones.  It
-        covers every write made before it *on its own connection* only, so
-        it is a barrier for the replication stream as a whole rather than
-        for one write: call it after the write whose loss would matter.
-        Raises :class:`StoreUnavailable`.
-        """
-        seconds = (self.timeout if timeout is None else timeout) + milliseconds / 1000
-        with trio.move_on_after(seconds):
-            reply = await self._probe.call(("WAIT", replicas, milliseconds))
-            if isinstance(reply, Exception):
-                raise StoreUnavailable(f"WAIT refused: {reply}", reason=Unavailable.OTHER)
-            return int(reply)
-        raise StoreUnavailable("WAIT did not return in time", reason=Unavailable.TIMEOUT)
 
     # -- following +switch-master ----------------------------------------------------------
 
