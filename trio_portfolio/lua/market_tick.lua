@@ -1,7 +1,9 @@
 -- Store one tick of prices, fenced on the tick counter and on the leader,
 -- and open the tick's work record (which buckets of the index are revalued).
--- KEYS[1] prices hash  KEYS[2] tick counter  KEYS[3] history hash
--- KEYS[4] leader key  KEYS[5] tick time  KEYS[6] work hash  KEYS[7] seen set
+-- KEYS[1] prices hash  KEYS[2] tick counter  KEYS[3] (unused: the history
+-- hash of earlier versions)  KEYS[4] leader key  KEYS[5] tick time
+-- KEYS[6] work hash  KEYS[7] seen set
+-- KEYS[8..] each ticker's history ring, in the order of the triplets
 -- ARGV[1] the tick number the caller read (fence)
 -- ARGV[2] the caller's leader id ('' = not checked: tools and tests)
 -- ARGV[3] history cap in hex characters (ticks x 16)
@@ -9,23 +11,37 @@
 -- ARGV[5..] ticker, price, packed price (16 hex chars), ... (triplets)
 -- Returns {new tick number, walk start in Redis ms}, or nil if another
 -- process advanced first or the caller no longer leads (nothing written).
--- Histories are strings, appended to and trimmed from the front here, so a
--- reader fetches one string per ticker instead of hundreds of list items.
--- A ticker pruned since the caller read the prices is not brought back.
+-- A history is a ring (see market_data.py): tick t's price is at slot
+-- t mod length, so a tick overwrites one 16-character slot per ticker
+-- (SETRANGE) instead of copying the whole history through Lua.  A ring of
+-- another length than the cap (the cap was changed) is rewritten whole,
+-- one price longer or trimmed to the cap, until it has the cap's length.
+-- A ticker pruned since the caller read the prices (no ring) is not
+-- brought back.
 if current_tick(KEYS[2]) ~= tonumber(ARGV[1]) then return nil end
 if ARGV[2] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[2] then return nil end
+local tick = tonumber(ARGV[1]) + 1
 local cap = tonumber(ARGV[3])
+local fields = {}
 for i = 5, #ARGV, 3 do
-  local ticker = ARGV[i]
-  local packed = redis.call('HGET', KEYS[3], ticker)
-  if packed then
-    redis.call('HSET', KEYS[1], ticker, ARGV[i + 1])
-    packed = packed .. ARGV[i + 2]
-    if #packed > cap then packed = string.sub(packed, #packed - cap + 1) end
-    redis.call('HSET', KEYS[3], ticker, packed)
+  local ring = KEYS[8 + (i - 5) / 3]
+  local size = redis.call('STRLEN', ring)
+  if size >= 16 then
+    fields[#fields + 1] = ARGV[i]
+    fields[#fields + 1] = ARGV[i + 1]
+    if size == cap then
+      redis.call('SETRANGE', ring, (tick % (size / 16)) * 16, ARGV[i + 2])
+    else
+      local history = ring_to_history(redis.call('GET', ring), tick - 1) .. ARGV[i + 2]
+      if #history > cap then history = string.sub(history, #history - cap + 1) end
+      redis.call('SET', ring, history_to_ring(history, tick))
+    end
   end
 end
-local tick = redis.call('INCR', KEYS[2])
+for i = 1, #fields, 1000 do
+  redis.call('HSET', KEYS[1], unpack(fields, i, math.min(i + 999, #fields)))
+end
+tick = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[5], ARGV[4])
 local start = now_ms()
 redis.call('DEL', KEYS[6], KEYS[7])
