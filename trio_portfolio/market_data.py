@@ -72,6 +72,7 @@ packing run in a worker thread.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -133,6 +134,9 @@ _LEAD = load_script(_LUA, "market_lead")
 _HISTORIES = load_script(_LUA, "market_histories", libraries=_LIB)
 _MIGRATE = load_script(_LUA, "market_migrate_histories", libraries=_LIB)
 SCRIPTS = (_BOOTSTRAP, _CLAIM, _READ, _TICK, _TAKE, _DONE, _LEAD, _HISTORIES, _MIGRATE)
+
+_BOOTSTRAPS_PER_GIL_TURN = 8
+"""Histories a bootstrap thread computes (about 0.3 ms) before it lets other threads run."""
 
 _MIGRATE_BATCH = 200
 """Tickers one migration script moves from the old history hash (bounds its Redis time)."""
@@ -336,9 +340,14 @@ class MarketData:
     def _bootstrap_args(self, tickers: Sequence[str]) -> list[str]:
         """``ticker, packed history, initial price`` triplets (CPU work: run in a thread)."""
         args: list[str] = []
-        for ticker in tickers:
+        for n, ticker in enumerate(tickers, 1):
             history = self.source.bootstrap_history(ticker, self.history_length)
             args += [ticker, pack_history(history), repr(history[-1])]
+            if n % _BOOTSTRAPS_PER_GIL_TURN == 0:
+                # Hand the GIL over: without this a thread bootstrapping 100
+                # tickers (about 4 ms) keeps it for the whole 5 ms switch
+                # interval, and the event loop and the tick's draw wait.
+                time.sleep(0)
         return args
 
     async def raw_histories(self, tickers: Sequence[str]) -> dict[str, str]:
@@ -386,7 +395,9 @@ class MarketData:
         state = await self.read()
         if not state.prices:
             return state.tick, utc_now(), {}
-        new = await trio.to_thread.run_sync(self._draw, state.prices, state.tick + 1)
+        tickers, texts, packed = await trio.to_thread.run_sync(
+            self._draw, state.prices, state.tick + 1
+        )
         as_of = utc_now()
         reply = await self._redis.evalsha(
             _TICK,
@@ -398,25 +409,29 @@ class MarketData:
                 self.tick_at_key,
                 self.work_key,
                 self.seen_key,
-                *(self.history_ring_key(t) for t in new[::3]),
             ],
-            [state.tick, holder, self.history_length * _HEX_PER_PRICE, as_of, *new],
+            [
+                state.tick,
+                holder,
+                self.history_length * _HEX_PER_PRICE,
+                as_of,
+                self.history_ring_prefix,
+                ",".join(tickers),
+                ",".join(texts),
+                packed,
+            ],
         )
         if reply is None:
             raise TickRace(f"the market moved past tick {state.tick} or this process lost the lead")
-        prices = {new[i]: float(new[i + 1]) for i in range(0, len(new), 3)}
+        prices = {t: float(p) for t, p in zip(tickers, texts, strict=True)}
         return int(reply[0]), as_of, prices
 
-    def _draw(self, last: dict[str, float], tick: int) -> list[str]:
-        """``ticker, price, packed price`` triplets of the next tick (CPU work: a thread)."""
+    def _draw(self, last: dict[str, float], tick: int) -> tuple[list[str], list[str], str]:
+        """The next tick: tickers (sorted), price texts, packed prices (CPU work: a thread)."""
         drawn = self.source.next_prices(last, tick)
         tickers = sorted(drawn)
         prices = [drawn[t] for t in tickers]
-        packed = pack_history(prices)
-        out: list[str] = []
-        for i, (ticker, price) in enumerate(zip(tickers, prices, strict=True)):
-            out += (ticker, repr(price), packed[i * _HEX_PER_PRICE : (i + 1) * _HEX_PER_PRICE])
-        return out
+        return tickers, [repr(p) for p in prices], pack_history(prices)
 
     async def take_buckets(
         self, taker: str, lease_seconds: float, most: int

@@ -50,8 +50,10 @@ name, Python's ``hash()`` being salted per process), computed for all
 tickers of a tick in a few array operations: a tick of 1,000 tickers is
 drawn and packed in about 1.5 ms, against about 18 ms with one random
 generator per ticker.  A
-bootstrapped past (hundreds of steps per factor) draws from
-``numpy.random.default_rng`` seeded with ``(seed, phase, kind, 0, key)``.
+bootstrapped past (hundreds of steps per factor, where one generator is
+cheaper than hashing) draws from ``numpy.random.default_rng`` seeded with
+``(seed, phase, kind, 0, key)``; the market's and each sector's draws are
+the same for every ticker, so they are computed once and cached.
 So a price is a function of the seed, the tick, the ticker's profile and
 its last price, and is the same in every process.
 
@@ -292,6 +294,9 @@ class _LiveTerms:
 LIVE_TERMS_CACHE: Final[int] = 65_536
 """Most tickers whose live-tick constants one simulator keeps (then the cache starts afresh)."""
 
+SHARED_DRAWS_CACHE: Final[int] = 64
+"""Most shared bootstrap draw arrays (market, sectors; per history length) one simulator keeps."""
+
 _GOLDEN: Final[int] = 0x9E3779B97F4A7C15
 _MIX1: Final[int] = 0xBF58476D1CE4E5B9
 _MIX2: Final[int] = 0x94D049BB133111EB
@@ -307,17 +312,21 @@ def _splitmix64(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     return x ^ (x >> np.uint64(31))
 
 
-def _live_normals(seed: int, kind: int, tick: int, keys: npt.NDArray[np.uint64]) -> FloatArray:
-    """One standard normal per key for ``(seed, kind, tick, key)``: a counter-based stream.
+def _counter_normals(
+    seed: int, kind: int, ticks: npt.NDArray[np.uint64], keys: npt.NDArray[np.uint64]
+) -> FloatArray:
+    """One standard normal per ``(seed, kind, tick, key)`` (``ticks`` and ``keys`` broadcast).
 
-    Each value is a pure function of its four inputs (two SplitMix64 hashes
-    of them, then Box-Muller), so a ticker's draw never depends on which
-    other tickers are drawn with it, and a whole tick is a handful of array
-    operations instead of one generator per ticker.
+    A counter-based stream: each value is a pure function of its four
+    inputs (SplitMix64 hashes of them, then Box-Muller), so a ticker's draw
+    never depends on which other tickers or steps are drawn with it, and a
+    whole tick (or a whole bootstrapped past) is a handful of array
+    operations instead of one random generator per ticker.
     """
-    base = ((seed * _GOLDEN) ^ ((kind + 1) * _MIX1) ^ ((tick + 1) * _MIX2)) & _UINT64
+    base = ((seed * _GOLDEN) ^ ((kind + 1) * _MIX1)) & _UINT64
     with np.errstate(over="ignore"):
-        mixed = _splitmix64(keys ^ np.uint64(base))
+        per_tick = _splitmix64((ticks + np.uint64(1)) * np.uint64(_MIX2) ^ np.uint64(base))
+        mixed = _splitmix64(keys ^ per_tick)
         first = _splitmix64(mixed + np.uint64(_GOLDEN))
         second = _splitmix64(mixed + np.uint64((2 * _GOLDEN) & _UINT64))
     # 53-bit uniforms in (0, 1] and [0, 1).
@@ -325,6 +334,11 @@ def _live_normals(seed: int, kind: int, tick: int, keys: npt.NDArray[np.uint64])
     u2 = (second >> np.uint64(11)).astype(np.float64) * 2.0**-53
     normals: FloatArray = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
     return normals
+
+
+def _live_normals(seed: int, kind: int, tick: int, keys: npt.NDArray[np.uint64]) -> FloatArray:
+    """One standard normal per key of one live tick (see :func:`_counter_normals`)."""
+    return _counter_normals(seed, kind, np.full(1, tick, dtype=np.uint64), keys)
 
 
 class GbmSimulator(MarketSource):
@@ -356,6 +370,7 @@ class GbmSimulator(MarketSource):
             dict(DEFAULT_PROFILES if profiles is None else profiles)
         )
         self._terms: dict[str, _LiveTerms] = {}
+        self._shared: dict[tuple[int, int, int], FloatArray] = {}
 
     @property
     def seed(self) -> int:
@@ -407,9 +422,9 @@ class GbmSimulator(MarketSource):
         steps = length - 1
         sector = None
         if profile.sector != OTHER_SECTOR:
-            sector = self._draw(_BOOTSTRAP, _SECTOR, 0, _stable_key(profile.sector), steps)
+            sector = self._shared_bootstrap_draws(_SECTOR, _stable_key(profile.sector), steps)
         shocks = _mix(
-            self._draw(_BOOTSTRAP, _MARKET, 0, 0, steps),
+            self._shared_bootstrap_draws(_MARKET, 0, steps),
             sector,
             self._draw(_BOOTSTRAP, _TICKER, 0, _stable_key(ticker), steps),
         )
@@ -417,7 +432,24 @@ class GbmSimulator(MarketSource):
         backwards = np.cumsum(drift + scale * shocks)
         log_path = math.log(profile.initial_price) - backwards[::-1]
         path = np.clip(np.exp(np.clip(log_path, *_LOG_BOUNDS)), PRICE_FLOOR, PRICE_CEILING)
-        return [*(float(p) for p in path), profile.initial_price]
+        prices: list[float] = path.tolist()
+        prices.append(profile.initial_price)
+        return prices
+
+    def _shared_bootstrap_draws(self, kind: int, key: int, steps: int) -> FloatArray:
+        """The market's or a sector's bootstrap draws: the same for every ticker, so cached.
+
+        At most :data:`SHARED_DRAWS_CACHE` entries (one per sector and
+        history length); emptied when full.  The arrays are never mutated.
+        """
+        found = self._shared.get((kind, key, steps))
+        if found is None:
+            found = self._draw(_BOOTSTRAP, kind, 0, key, steps)
+            found.setflags(write=False)
+            if len(self._shared) >= SHARED_DRAWS_CACHE:
+                self._shared = {}
+            self._shared[(kind, key, steps)] = found
+        return found
 
     def next_prices(self, last_prices: Mapping[str, float], tick: int) -> dict[str, float]:
         _require(tick >= 0, f"tick must be >= 0, got {tick!r}")

@@ -3,12 +3,16 @@
 -- KEYS[1] prices hash  KEYS[2] tick counter  KEYS[3] (unused: the history
 -- hash of earlier versions)  KEYS[4] leader key  KEYS[5] tick time
 -- KEYS[6] work hash  KEYS[7] seen set
--- KEYS[8..] each ticker's history ring, in the order of the triplets
 -- ARGV[1] the tick number the caller read (fence)
 -- ARGV[2] the caller's leader id ('' = not checked: tools and tests)
 -- ARGV[3] history cap in hex characters (ticks x 16)
 -- ARGV[4] as_of of the new tick
--- ARGV[5..] ticker, price, packed price (16 hex chars), ... (triplets)
+-- ARGV[5] the history rings' key prefix (ring of T = ARGV[5] .. T; same
+--         {market} hash tag as KEYS, so in this script's slot on Cluster)
+-- ARGV[6] tickers, comma-separated   ARGV[7] their prices, comma-separated
+-- ARGV[8] their packed prices (16 hex characters each), concatenated
+-- (Three strings, not three arguments per ticker: a tick of 1,000 tickers
+-- would otherwise spend about 2 ms encoding and parsing 3,000 arguments.)
 -- Returns {new tick number, walk start in Redis ms}, or nil if another
 -- process advanced first or the caller no longer leads (nothing written).
 -- A history is a ring (see market_data.py): tick t's price is at slot
@@ -23,16 +27,23 @@ if ARGV[2] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[2] then return nil end
 local tick = tonumber(ARGV[1]) + 1
 local cap = tonumber(ARGV[3])
 local fields = {}
-for i = 5, #ARGV, 3 do
-  local ring = KEYS[8 + (i - 5) / 3]
+local prices = {}
+for price in string.gmatch(ARGV[7], '[^,]+') do
+  prices[#prices + 1] = price
+end
+local n = 0
+for ticker in string.gmatch(ARGV[6], '[^,]+') do
+  n = n + 1
+  local ring = ARGV[5] .. ticker
   local size = redis.call('STRLEN', ring)
   if size >= 16 then
-    fields[#fields + 1] = ARGV[i]
-    fields[#fields + 1] = ARGV[i + 1]
+    local packed = string.sub(ARGV[8], n * 16 - 15, n * 16)
+    fields[#fields + 1] = ticker
+    fields[#fields + 1] = prices[n]
     if size == cap then
-      redis.call('SETRANGE', ring, (tick % (size / 16)) * 16, ARGV[i + 2])
+      redis.call('SETRANGE', ring, (tick % (size / 16)) * 16, packed)
     else
-      local history = ring_to_history(redis.call('GET', ring), tick - 1) .. ARGV[i + 2]
+      local history = ring_to_history(redis.call('GET', ring), tick - 1) .. packed
       if #history > cap then history = string.sub(history, #history - cap + 1) end
       redis.call('SET', ring, history_to_ring(history, tick))
     end
