@@ -96,8 +96,9 @@ async def run(url: str, args: argparse.Namespace) -> None:
         async with trio.open_nursery() as keep:
             keep.start_soon(keep_alive, steady)
             keep.start_soon(drain, steady)
+            await trio.sleep(2 * args.interval)  # start-up: scripts loaded, first ticks
             t0 = trio.current_time()
-            await trio.sleep(5 * args.interval)
+            await trio.sleep(args.settle * args.interval)
             before = await universe(server)
             t1 = trio.current_time()
             peak = before
@@ -127,7 +128,7 @@ async def run(url: str, args: argparse.Namespace) -> None:
                         break
                     await trio.sleep(0.1)
             t3 = trio.current_time()
-            await trio.sleep(5 * args.interval)
+            await trio.sleep(args.settle * args.interval)
             after = await universe(server)
             t4 = trio.current_time()
             keep.cancel_scope.cancel()
@@ -162,6 +163,9 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--session-ttl", type=int, default=5)
     parser.add_argument("--max-tickers", type=int, default=10_000)
+    parser.add_argument(
+        "--settle", type=int, default=10, help="ticks measured before and after the flood"
+    )
     parser.add_argument("--flood-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.flood_port:
