@@ -1,9 +1,10 @@
 """The market under a set_holdings flood: universe size, tick time before/after, refusals.
 
 Issue 9's flood, from outside: a whole server in-process on a fresh local
-redis-server, one well-behaved v2 client holding the defaults, and one v2
-client sending ``set_holdings`` with ``--fresh`` never-seen tickers
-``--rate`` times a second for ``--seconds``, with ticks every
+redis-server (so its ticks can be timed), one well-behaved v2 client holding
+the defaults, and one v2 client, in a process of its own as a hostile
+client would be, sending ``set_holdings`` with ``--fresh`` never-seen
+tickers ``--rate`` times a second for ``--seconds``, with ticks every
 ``--interval``.  Then the flooder leaves and its session expires
 (``--session-ttl``).  Printed: the universe (tickers priced) before, at its
 peak and after expiry; the median tick duration before the flood, during it
@@ -17,7 +18,9 @@ from __future__ import annotations
 import argparse
 import collections
 import itertools
+import json
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from trio_portfolio.testing import find_redis_binaries, record_market_ticks, run
 from trio_portfolio.testing.live_server import (
     Client,
     LiveServer,
+    connect_client,
     open_client,
     open_live_server,
 )
@@ -46,6 +50,33 @@ def median_between(ticks: list[tuple[float, float]], start: float, end: float) -
     return statistics.median(window) if window else float("nan")
 
 
+async def drain(client: Client, refusals: collections.Counter[str] | None = None) -> None:
+    """Read frames forever (counting ``error`` codes into ``refusals`` if given)."""
+    while True:
+        frame = await client.recv(timeout=3600)
+        client.frames.clear()
+        if refusals is not None and frame.get("type") == "error":
+            refusals[frame.get("code", "?")] += 1
+
+
+async def flood(port: int, args: argparse.Namespace) -> None:
+    """The flooder (run in a child process): prints its refusals by code as JSON at the end."""
+    refusals: collections.Counter[str] = collections.Counter()
+    sent = 0
+    fresh = (f"F{n:06d}" for n in itertools.count())
+    async with connect_client(port, "flooder") as flooder, trio.open_nursery() as nursery:
+        nursery.start_soon(drain, flooder, refusals)
+        until = trio.current_time() + args.seconds
+        while trio.current_time() < until:
+            await flooder.send(
+                "set_holdings", holdings={next(fresh): 1.0 for _ in range(args.fresh)}
+            )
+            sent += 1
+            await trio.sleep(1 / args.rate)
+        nursery.cancel_scope.cancel()
+    print(json.dumps({"sent": sent, "refusals": refusals}))
+
+
 async def run(url: str, args: argparse.Namespace) -> None:
     settings = server_settings(
         url,
@@ -53,13 +84,6 @@ async def run(url: str, args: argparse.Namespace) -> None:
         session_ttl_seconds=args.session_ttl,
         max_tickers=args.max_tickers,
     )
-    refusals: collections.Counter[str] = collections.Counter()
-
-    async def drain(client: Client, count: bool) -> None:
-        while True:
-            frame = await client.recv(timeout=3600)
-            if count and frame.get("type") == "error":
-                refusals[frame.get("code", "?")] += 1
 
     async def keep_alive(client: Client) -> None:
         while True:
@@ -71,23 +95,32 @@ async def run(url: str, args: argparse.Namespace) -> None:
         ticks = record_market_ticks(server)
         async with trio.open_nursery() as keep:
             keep.start_soon(keep_alive, steady)
-            keep.start_soon(drain, steady, False)
+            keep.start_soon(drain, steady)
+            await trio.sleep(2 * args.interval)  # start-up: scripts loaded, first ticks
             t0 = trio.current_time()
-            await trio.sleep(5 * args.interval)
+            await trio.sleep(args.settle * args.interval)
             before = await universe(server)
             t1 = trio.current_time()
-            peak, sent = before, 0
-            fresh = (f"F{n:06d}" for n in itertools.count())
-            async with open_client(server, "flooder") as flooder, trio.open_nursery() as flood:
-                flood.start_soon(drain, flooder, True)
-                while trio.current_time() < t1 + args.seconds:
-                    await flooder.send(
-                        "set_holdings", holdings={next(fresh): 1.0 for _ in range(args.fresh)}
-                    )
-                    sent += 1
-                    await trio.sleep(1 / args.rate)
-                    peak = max(peak, await universe(server))
-                flood.cancel_scope.cancel()
+            peak = before
+            command = [
+                sys.executable,
+                __file__,
+                "--flood-port",
+                str(server.port),
+                *("--seconds", str(args.seconds), "--rate", str(args.rate)),
+                *("--fresh", str(args.fresh)),
+            ]
+            finished: list[subprocess.CompletedProcess[bytes]] = []
+
+            async def run_flooder() -> None:
+                finished.append(await trio.run_process(command, capture_stdout=True))
+
+            async with trio.open_nursery() as flooding:
+                flooding.start_soon(run_flooder)
+                with trio.fail_after(args.seconds + 30):
+                    while not finished:
+                        peak = max(peak, await universe(server))
+                        await trio.sleep(0.1)
             t2 = trio.current_time()
             with trio.move_on_after(args.session_ttl + 10 * args.interval + 5):
                 while True:
@@ -95,13 +128,15 @@ async def run(url: str, args: argparse.Namespace) -> None:
                         break
                     await trio.sleep(0.1)
             t3 = trio.current_time()
-            await trio.sleep(5 * args.interval)
+            await trio.sleep(args.settle * args.interval)
             after = await universe(server)
             t4 = trio.current_time()
             keep.cancel_scope.cancel()
+    report = json.loads(finished[0].stdout.decode().strip().splitlines()[-1])
+    sent, refusals = report["sent"], report["refusals"]
     print(
         f"flood: {sent} set_holdings of {args.fresh} fresh tickers over {args.seconds:g} s "
-        f"({sent * args.fresh} tickers), ticks every {args.interval:g} s, "
+        f"({sent * args.fresh} tickers) from another process, ticks every {args.interval:g} s, "
         f"cap {args.max_tickers}"
     )
     print(f"universe (tickers priced): before {before}, peak {peak}, after expiry {after}")
@@ -109,10 +144,12 @@ async def run(url: str, args: argparse.Namespace) -> None:
         f"back to its size {t3 - t2:.1f} s after the flooder left "
         f"(session TTL {args.session_ttl} s)"
     )
+    before_ms = median_between(ticks, t0, t1) * 1000
+    during_ms = median_between(ticks, t1, t2) * 1000
     print(
         "median tick: "
-        f"before {median_between(ticks, t0, t1) * 1000:.1f} ms, "
-        f"during {median_between(ticks, t1, t2) * 1000:.1f} ms, "
+        f"before {before_ms:.1f} ms, "
+        f"during {during_ms:.1f} ms ({during_ms / before_ms:.2f}x), "
         f"after {median_between(ticks, t3, t4) * 1000:.1f} ms"
     )
     print(f"refusals by code: {dict(refusals) or 'none'}")
@@ -126,7 +163,14 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--session-ttl", type=int, default=5)
     parser.add_argument("--max-tickers", type=int, default=10_000)
+    parser.add_argument(
+        "--settle", type=int, default=10, help="ticks measured before and after the flood"
+    )
+    parser.add_argument("--flood-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.flood_port:
+        trio.run(flood, args.flood_port, args)
+        return
     with run_redis_binary(find_redis_binaries()[0]) as server:
         trio.run(run, server.url, args)
 

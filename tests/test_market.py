@@ -5,7 +5,7 @@ Rules of this suite: real redis-servers from the harness - ``store_target``
 ``real_redis`` for leadership, whose lease is a real Redis TTL on the real
 clock; keys under the per-test ``key_prefix``; every wait under
 ``fail_after``.  Market keys are read by the names the module's docstring
-documents (``<prefix>:{market}:tick``, ``...:history``), so a change of
+documents (``<prefix>:{market}:tick``, ``...:history:<ticker>``), so a change of
 layout shows here.  Where an interleaving is the point, the test does not
 hope for it: it holds the tick at a chosen step (an :class:`trio.Event`
 around the real store's or market's own method) and does the edit there.
@@ -27,13 +27,13 @@ from trio_portfolio.market import (
     TickReport,
     run_market_updater,
     tick_once,
-    unpack_history,
 )
 from trio_portfolio.models import Portfolio, utc_now
 from trio_portfolio.redis_io import RedisClient, open_redis
 from trio_portfolio.simulation import GbmSimulator
 from trio_portfolio.store import SessionStore, open_store
 from trio_portfolio.testing import Layout, RedisServerInfo, StoreTarget, hold_before
+from trio_portfolio.testing.redis_clients import stored_histories
 
 SEED = 7
 Parts = tuple[MarketData, SessionStore, RedisClient]
@@ -79,9 +79,8 @@ async def new_session(
 async def histories(
     redis: RedisClient, key_prefix: str, tickers: list[str]
 ) -> dict[str, tuple[float, ...]]:
-    """Each ticker's stored price history, decoded."""
-    packed = await redis.execute("HMGET", f"{key_prefix}:{{market}}:history", *tickers)
-    return {t: unpack_history(p or "") for t, p in zip(tickers, packed, strict=True)}
+    """Each ticker's stored price history, decoded from the documented layout."""
+    return await stored_histories(redis, key_prefix, tickers)
 
 
 def assert_valued_at(portfolio: Portfolio, prices: dict[str, float]) -> None:

@@ -503,11 +503,11 @@ async def test_a_server_replays_the_file_into_sessions_and_the_store(
                     ["MULTI"],
                     ["GET", f"{base}:tick"],
                     ["HGETALL", f"{base}:prices"],
-                    ["HGET", f"{base}:history", "AAPL"],
+                    ["GET", f"{base}:history:AAPL"],
                     ["EXEC"],
                 ]
             )
-        tick_text, flat_prices, packed = reply[-1]
+        tick_text, flat_prices, ring = reply[-1]
         tick = int(tick_text)
         assert 0 < tick < 100
         stored = {flat_prices[i]: float(flat_prices[i + 1]) for i in range(0, len(flat_prices), 2)}
@@ -515,7 +515,12 @@ async def test_a_server_replays_the_file_into_sessions_and_the_store(
         past = [price("AAPL", k) for k in range(start + 1)]
         bootstrap = [past[0]] * (HISTORY_LENGTH - len(past)) + past
         played = [price("AAPL", start + n) for n in range(1, tick + 1)]
-        assert list(unpack_history(packed)) == (bootstrap + played)[-HISTORY_LENGTH:]
+        # The history is a ring: tick t's price at slot t mod length (market_data's layout).
+        slots = unpack_history(ring)
+        newest = tick % len(slots)
+        assert [*slots[newest + 1 :], *slots[: newest + 1]] == (bootstrap + played)[
+            -HISTORY_LENGTH:
+        ]
 
 
 def test_csv_errors_name_the_line() -> None:

@@ -31,6 +31,7 @@ from trio_portfolio.testing import (
     open_tcp_proxy,
     test_settings,
 )
+from trio_portfolio.testing.redis_clients import stored_histories
 
 
 def expected_metrics(
@@ -75,13 +76,9 @@ def _slope(prices: np.ndarray) -> float:
 
 async def stored_history(server: LiveServer, tickers: list[str]) -> dict[str, np.ndarray]:
     """The price history the server keeps in Redis (decoded independently)."""
-    key = f"{server.settings.key_prefix}:{{market}}:history"
     async with open_redis(server.info.redis_url) as redis:
-        packed = await redis.execute("HMGET", key, *tickers)
-    return {
-        t: np.frombuffer(bytes.fromhex(h), dtype="<f8")
-        for t, h in zip(tickers, packed, strict=True)
-    }
+        stored = await stored_histories(redis, server.settings.key_prefix, tickers)
+    return {t: np.asarray(h, dtype=np.float64) for t, h in stored.items()}
 
 
 async def analyse(client: Client, ticker: str) -> dict[str, float]:

@@ -9,12 +9,18 @@ process continues the same price path.  All market keys share the hash tag
 ``{market}`` so the multi-key scripts below work on Redis Cluster:
 
 * ``<prefix>:{market}:prices`` - hash, ticker -> latest price;
-* ``<prefix>:{market}:history`` - hash, ticker -> the last ``history_length``
-  prices, oldest first, on aligned ticks (the last price of every ticker is
-  the same tick), packed as little-endian float64 in hex (see
-  :func:`pack_history`): one string per ticker, so an analysis of 100
-  holdings reads 100 strings, not 25,600 list items, and the parsing is one
-  C call in the analysis's worker thread instead of work on the Trio loop;
+* ``<prefix>:{market}:history:<ticker>`` - string, the ticker's last
+  ``history_length`` prices on aligned ticks (the last price of every
+  ticker is the same tick), each packed as little-endian float64 in hex
+  (16 characters, see :func:`pack_history`), kept as a *ring*: the price of
+  tick ``t`` is at slot ``t mod length``, so a tick writes 16 characters per
+  ticker (``SETRANGE``) instead of copying its whole history through Lua,
+  and :func:`ring_to_history` turns a ring and the tick it was read with
+  into the history, oldest first.  One string per ticker, so an analysis
+  of 100 holdings reads 100 strings, not 25,600 list items, and the
+  parsing is one C call.  (Earlier versions kept the histories, oldest
+  first, in one hash ``<prefix>:{market}:history``;
+  :meth:`MarketData.load_scripts` moves such a hash into rings once.);
 * ``<prefix>:{market}:tick`` - how many ticks have been taken, and
   ``...:tick_at`` the ``as_of`` time of the last one;
 * ``<prefix>:{market}:leader`` - which process advances the market (with a TTL);
@@ -66,6 +72,7 @@ packing run in a worker thread.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -96,6 +103,19 @@ def pack_history(prices: Sequence[float]) -> str:
     return np.asarray(prices, dtype="<f8").tobytes().hex()
 
 
+def ring_to_history(ring: str, tick: int) -> str:
+    """A history ring read at ``tick`` as a packed history, oldest first (pure string work).
+
+    The price of tick ``t`` sits at slot ``t mod length``; the newest is the
+    read tick's, so the oldest is at slot ``(tick + 1) mod length``.
+    """
+    length = len(ring) // _HEX_PER_PRICE
+    if length == 0:
+        return ""
+    cut = ((tick + 1) % length) * _HEX_PER_PRICE
+    return ring[cut:] + ring[:cut]
+
+
 def unpack_history(packed: str) -> tuple[float, ...]:
     """The inverse of :func:`pack_history`; an empty string is an empty history."""
     return tuple(np.frombuffer(bytes.fromhex(packed), dtype="<f8").tolist())
@@ -111,7 +131,15 @@ _TICK = load_script(_LUA, "market_tick", libraries=_LIB)
 _TAKE = load_script(_LUA, "market_take", libraries=_LIB)
 _DONE = load_script(_LUA, "market_done", libraries=_LIB)
 _LEAD = load_script(_LUA, "market_lead")
-SCRIPTS = (_BOOTSTRAP, _CLAIM, _READ, _TICK, _TAKE, _DONE, _LEAD)
+_HISTORIES = load_script(_LUA, "market_histories", libraries=_LIB)
+_MIGRATE = load_script(_LUA, "market_migrate_histories", libraries=_LIB)
+SCRIPTS = (_BOOTSTRAP, _CLAIM, _READ, _TICK, _TAKE, _DONE, _LEAD, _HISTORIES, _MIGRATE)
+
+_BOOTSTRAPS_PER_GIL_TURN = 8
+"""Histories a bootstrap thread computes (about 0.3 ms) before it lets other threads run."""
+
+_MIGRATE_BATCH = 200
+"""Tickers one migration script moves from the old history hash (bounds its Redis time)."""
 
 
 class TickRace(Exception):
@@ -189,13 +217,48 @@ class MarketData:
         self.tick_at_key = f"{base}:tick_at"
         self.leader_key = f"{base}:leader"
         self.history_key = f"{base}:history"
+        """The hash earlier versions kept of histories; only read, to migrate it into rings."""
+        self.history_ring_prefix = f"{base}:history:"
         self.claims_key = f"{base}:claims"
         self.work_key = f"{base}:work"
         self.seen_key = f"{base}:seen"
 
+    def history_ring_key(self, ticker: str) -> str:
+        """The key of ``ticker``'s history ring (see the module docstring)."""
+        return self.history_ring_prefix + ticker
+
     async def load_scripts(self) -> None:
-        """Load the market scripts (EVALSHA would also load them on first use)."""
+        """Load the market scripts, and move histories an older version stored into rings.
+
+        The migration (:meth:`migrate_histories`) is a no-op after the first
+        start of this version.
+        """
         await self._redis.load_scripts(SCRIPTS)
+        moved = await self.migrate_histories()
+        if moved:
+            log.info("market: %d price histories moved into rings", moved)
+
+    async def migrate_histories(self) -> int:
+        """Move every history of the old hash into its ring, :data:`_MIGRATE_BATCH` per script.
+
+        Each script re-reads the tick it aligns to, so a tick between two
+        batches is harmless; a ticker that already has a ring keeps it.
+        Safe to run from several processes at once.  Returns how many moved.
+        """
+        moved = 0
+        while True:
+            tickers = [
+                str(t)
+                for t in (await self._redis.execute("HKEYS", self.history_key))[:_MIGRATE_BATCH]
+            ]
+            if not tickers:
+                return moved
+            reply = await self._redis.evalsha(
+                _MIGRATE,
+                [self.history_key, self.tick_key, *map(self.history_ring_key, tickers)],
+                tickers,
+            )
+            moved += int(reply)
 
     async def prices(self) -> dict[str, float]:
         """Every priced ticker's latest price."""
@@ -252,7 +315,12 @@ class MarketData:
             args = await trio.to_thread.run_sync(self._bootstrap_args, missing)
             reply = await self._redis.evalsha(
                 _BOOTSTRAP,
-                [self.prices_key, self.history_key, self.claims_key],
+                [
+                    self.prices_key,
+                    self.tick_key,
+                    self.claims_key,
+                    *(self.history_ring_key(t) for t in args[::3]),
+                ],
                 [self.max_tickers, *args],
             )
             if reply[0] == "ticker_limit":
@@ -272,9 +340,14 @@ class MarketData:
     def _bootstrap_args(self, tickers: Sequence[str]) -> list[str]:
         """``ticker, packed history, initial price`` triplets (CPU work: run in a thread)."""
         args: list[str] = []
-        for ticker in tickers:
+        for n, ticker in enumerate(tickers, 1):
             history = self.source.bootstrap_history(ticker, self.history_length)
             args += [ticker, pack_history(history), repr(history[-1])]
+            if n % _BOOTSTRAPS_PER_GIL_TURN == 0:
+                # Hand the GIL over: without this a thread bootstrapping 100
+                # tickers (about 4 ms) keeps it for the whole 5 ms switch
+                # interval, and the event loop and the tick's draw wait.
+                time.sleep(0)
         return args
 
     async def raw_histories(self, tickers: Sequence[str]) -> dict[str, str]:
@@ -285,8 +358,14 @@ class MarketData:
         """
         if not tickers:
             return {}
-        replies = await self._redis.execute("HMGET", self.history_key, *tickers)
-        return {t: packed or "" for t, packed in zip(tickers, replies, strict=True)}
+        reply = await self._redis.evalsha(
+            _HISTORIES, [self.tick_key, *map(self.history_ring_key, tickers)], []
+        )
+        tick = int(reply[0])
+        return {
+            t: ring_to_history(ring, tick) if ring else ""
+            for t, ring in zip(tickers, reply[1:], strict=True)
+        }
 
     async def try_lead(self, holder: str, ttl_seconds: float) -> bool:
         """Take or renew market leadership for ``ttl_seconds``; True if ``holder`` leads.
@@ -316,7 +395,9 @@ class MarketData:
         state = await self.read()
         if not state.prices:
             return state.tick, utc_now(), {}
-        new = await trio.to_thread.run_sync(self._draw, state.prices, state.tick + 1)
+        tickers, texts, packed = await trio.to_thread.run_sync(
+            self._draw, state.prices, state.tick + 1
+        )
         as_of = utc_now()
         reply = await self._redis.evalsha(
             _TICK,
@@ -329,21 +410,28 @@ class MarketData:
                 self.work_key,
                 self.seen_key,
             ],
-            [state.tick, holder, self.history_length * _HEX_PER_PRICE, as_of, *new],
+            [
+                state.tick,
+                holder,
+                self.history_length * _HEX_PER_PRICE,
+                as_of,
+                self.history_ring_prefix,
+                ",".join(tickers),
+                ",".join(texts),
+                packed,
+            ],
         )
         if reply is None:
             raise TickRace(f"the market moved past tick {state.tick} or this process lost the lead")
-        prices = {new[i]: float(new[i + 1]) for i in range(0, len(new), 3)}
+        prices = {t: float(p) for t, p in zip(tickers, texts, strict=True)}
         return int(reply[0]), as_of, prices
 
-    def _draw(self, last: dict[str, float], tick: int) -> list[str]:
-        """``ticker, price, packed price`` triplets of the next tick (CPU work: a thread)."""
+    def _draw(self, last: dict[str, float], tick: int) -> tuple[list[str], list[str], str]:
+        """The next tick: tickers (sorted), price texts, packed prices (CPU work: a thread)."""
         drawn = self.source.next_prices(last, tick)
-        out: list[str] = []
-        for ticker in sorted(drawn):
-            price = drawn[ticker]
-            out += (ticker, repr(price), pack_history([price]))
-        return out
+        tickers = sorted(drawn)
+        prices = [drawn[t] for t in tickers]
+        return tickers, [repr(p) for p in prices], pack_history(prices)
 
     async def take_buckets(
         self, taker: str, lease_seconds: float, most: int
@@ -387,6 +475,7 @@ class MarketData:
                 ",".join(map(str, buckets)),
                 INDEX_BUCKETS,
                 CLAIM_GRACE_MS,
+                self.history_ring_prefix,
                 *sorted(held),
             ],
         )

@@ -6,17 +6,21 @@
 -- grace of its claim, so a write claimed earlier than that landed before the
 -- walk began, and the walk saw it.)
 -- KEYS[1] work hash  KEYS[2] tick counter  KEYS[3] seen set  KEYS[4] prices
--- KEYS[5] history  KEYS[6] claims
+-- KEYS[5] (unused: the history hash of earlier versions)  KEYS[6] claims
 -- ARGV[1] tick  ARGV[2] buckets done now, comma-separated
 -- ARGV[3] number of buckets  ARGV[4] grace ms
--- ARGV[5..] tickers held by those buckets' live sessions
+-- ARGV[5] the history rings' key prefix (ring of T = ARGV[5] .. T): the
+--         tickers to drop are found here, so their rings cannot be declared;
+--         they share the {market} hash tag of KEYS, so on Redis Cluster they
+--         are in this script's slot
+-- ARGV[6..] tickers held by those buckets' live sessions
 -- Returns {'stale'} if the market moved past this tick (nothing written),
 -- else {'done', buckets done, ticker pruned, ...}.
 local tick = tonumber(ARGV[1])
 if current_tick(KEYS[2]) ~= tick or tonumber(redis.call('HGET', KEYS[1], 'tick') or '-1') ~= tick then
   return {'stale'}
 end
-for i = 5, #ARGV, 1000 do
+for i = 6, #ARGV, 1000 do
   redis.call('SADD', KEYS[3], unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
 local done = tonumber(redis.call('HGET', KEYS[1], 'done'))
@@ -36,7 +40,7 @@ for _, ticker in ipairs(redis.call('HKEYS', KEYS[4])) do
   if redis.call('SISMEMBER', KEYS[3], ticker) == 0
       and tonumber(redis.call('HGET', KEYS[6], ticker) or '0') < cutoff then
     redis.call('HDEL', KEYS[4], ticker)
-    redis.call('HDEL', KEYS[5], ticker)
+    redis.call('DEL', ARGV[5] .. ticker)
     redis.call('HDEL', KEYS[6], ticker)
     out[#out + 1] = ticker
   end

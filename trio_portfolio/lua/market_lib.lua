@@ -10,3 +10,20 @@ end
 local function current_tick(key)
   return tonumber(redis.call('GET', key) or '0')
 end
+
+-- History rings (see market_data.py): the price of tick t sits at slot
+-- t mod length (16 hex characters a slot), so the newest is the current
+-- tick's.  These two convert between a ring and the history oldest first.
+local function ring_to_history(ring, tick)
+  local length = math.floor(#ring / 16)
+  if length == 0 then return '' end
+  local cut = ((tick + 1) % length) * 16
+  return string.sub(ring, cut + 1, length * 16) .. string.sub(ring, 1, cut)
+end
+
+local function history_to_ring(history, tick)
+  local length = math.floor(#history / 16)
+  if length == 0 then return '' end
+  local cut = ((length - (tick + 1) % length) % length) * 16
+  return string.sub(history, cut + 1, length * 16) .. string.sub(history, 1, cut)
+end

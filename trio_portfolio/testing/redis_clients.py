@@ -7,6 +7,7 @@ command client and a pub/sub client on one server, the channel subscribed
 
 from __future__ import annotations
 
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -30,3 +31,37 @@ async def subscribed(
         with trio.fail_after(timeout):
             await pubsub.subscribe(channel)
         yield redis, pubsub
+
+
+async def stored_histories(
+    redis: RedisClient, key_prefix: str, tickers: list[str]
+) -> dict[str, tuple[float, ...]]:
+    """Each ticker's price history as the market stores it, decoded from the documented layout.
+
+    Written from the layout in :mod:`trio_portfolio.market_data`'s docstring,
+    not with its code: ``<prefix>:{market}:history:<ticker>`` is a ring of
+    16-hex-character little-endian float64 slots, tick ``t``'s price at slot
+    ``t mod length``, read in one ``MULTI`` with the tick counter.  A ticker
+    without a ring gets ``()``.
+    """
+    base = f"{key_prefix}:{{market}}"
+    reply = await redis.pipeline(
+        [
+            ("MULTI",),
+            ("GET", f"{base}:tick"),
+            *(("GET", f"{base}:history:{t}") for t in tickers),
+            ("EXEC",),
+        ]
+    )
+    tick_text, *rings = reply[-1]
+    tick = int(tick_text or 0)
+    out: dict[str, tuple[float, ...]] = {}
+    for ticker, ring in zip(tickers, rings, strict=True):
+        slots = [ring[i : i + 16] for i in range(0, len(ring or ""), 16)]
+        if not slots:
+            out[ticker] = ()
+            continue
+        newest = tick % len(slots)
+        ordered = slots[newest + 1 :] + slots[: newest + 1]
+        out[ticker] = tuple(struct.unpack("<d", bytes.fromhex(s))[0] for s in ordered)
+    return out
