@@ -463,6 +463,7 @@ class LoadClient:
     ) -> dict[str, Any] | None:
         """Send ``message``, read until ``done``; None (counted) if nothing ends it within IO."""
         await ws.send_message(orjson.dumps(message).decode())
+        sent = trio.current_time()
         try:
             with trio.fail_after(IO):
                 while not done(frame := await self._recv(ws, conn)):
@@ -470,7 +471,12 @@ class LoadClient:
                 return frame
         except trio.TooSlowError:
             self.unanswered.append(trio.current_time())
-            last = [_brief(f) for _, c, f in self.frames[-4:] if c == conn]
+            # What answered it so far (market updates apart: they flow all along).
+            last = [
+                f"+{t - sent:.2f}s {_brief(f)}"
+                for t, c, f in self.frames
+                if c == conn and t >= sent and f.get("type") != "market_update"
+            ][-8:]
             self.notes.append(f"{message['action']} unanswered for {IO:g} s; last frames {last}")
             return None
 
@@ -503,23 +509,33 @@ class _AnalysisEnd:
     the latest ``analysis_started`` (a ``portfolio_changed`` restart starts
     a new one); it ends with ``analysis_complete`` or a cancellation other
     than ``portfolio_changed``.  An ``error`` before any ``analysis_started``
-    is the refusal of the request; errors after it (a result not stored)
-    do not end the analysis.
+    is the refusal of the request, and one after a ``portfolio_changed``
+    cancellation (before the restart's ``analysis_started``) the refusal of
+    the restart; errors while an attempt runs (a result not stored) do not
+    end the analysis.
     """
 
     analysis_id: str | None = None
+    restarting: bool = False
+    """The latest analysis was cancelled ``portfolio_changed``: its restart is due."""
 
     def __call__(self, frame: dict[str, Any]) -> bool:
         kind = frame.get("type")
         if kind == "analysis_started":
             self.analysis_id = frame.get("analysis_id")
+            self.restarting = False
             return False
         if kind == "error":
-            return self.analysis_id is None
+            # Before any start: the request was refused.  Between a
+            # ``portfolio_changed`` cancellation and the restart's
+            # ``analysis_started``: the restart was refused (the store could
+            # not start it, or the ticker left the holdings), which ends it.
+            return self.analysis_id is None or self.restarting
         if frame.get("analysis_id") != self.analysis_id or self.analysis_id is None:
             return False
         if kind == "analysis_cancelled":
-            return frame.get("reason") != "portfolio_changed"
+            self.restarting = frame.get("reason") == "portfolio_changed"
+            return not self.restarting
         return kind == "analysis_complete"
 
 
