@@ -8,7 +8,10 @@ sessions, each driven by a :class:`LoadClient` (a real WebSocket client
 that analyses in a loop, now and then changes its holdings, reconnects when
 dropped, and records every frame it receives with the time it arrived),
 injects the fault ``injections`` times, lets the clients finish their last
-analysis, and compares what they received with what Redis holds.
+analysis, and compares what they received with what Redis holds.  Before
+each injection of an outage (:data:`OUTAGES`) a few clients are held at
+their next ``analyze`` until the fault is in effect, so that somebody
+always acts while it lasts.
 
 One :class:`FaultRow` per fault says: connections dropped, error frames by
 code, requests left unanswered, results stored-not-streamed and
