@@ -8,7 +8,10 @@ sessions, each driven by a :class:`LoadClient` (a real WebSocket client
 that analyses in a loop, now and then changes its holdings, reconnects when
 dropped, and records every frame it receives with the time it arrived),
 injects the fault ``injections`` times, lets the clients finish their last
-analysis, and compares what they received with what Redis holds.
+analysis, and compares what they received with what Redis holds.  Before
+each injection of an outage (:data:`OUTAGES`) a few clients are held at
+their next ``analyze`` until the fault is in effect, so that somebody
+always acts while it lasts.
 
 One :class:`FaultRow` per fault says: connections dropped, error frames by
 code, requests left unanswered, results stored-not-streamed and
@@ -69,6 +72,7 @@ import orjson
 import redis
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError
+from wsproto.utilities import LocalProtocolError
 
 from trio_portfolio.embedded import PIDFILE_NAME
 from trio_portfolio.models import METRICS, SESSION_ID_RE, TICKER_RE, Portfolio
@@ -110,6 +114,17 @@ REDIS_FAULTS: Final = frozenset(
     {"redis_kill9", "debug_sleep", "oom", "proxy_cut", "replica_switch", "bad_publish"}
 )
 """Faults of the store: the server must keep every connection and answer ``store_unavailable``."""
+
+OUTAGES: Final = frozenset({"redis_kill9", "debug_sleep", "oom", "replica_switch"})
+"""Store faults with a window (``outage_seconds``) in which every new analysis is refused.
+
+Clients busy in an analysis when one starts may not notice it (the commit
+asks again until the store is back), so before each injection a few clients
+are held at their next ``analyze`` (:meth:`LoadClient.hold`) and let go
+only once the fault is in effect: someone always acts while it lasts.
+"""
+HELD_CLIENTS: Final = 3
+"""How many clients are held for each injection of an :data:`OUTAGES` fault."""
 
 DELIBERATE_EXITS: Final = frozenset({"server_sigterm", "server_sigkill_embedded"})
 """Faults that end the server on purpose: it must come back cleanly instead."""
@@ -418,10 +433,26 @@ class LoadClient:
     connections: int = 0
     notes: list[str] = attrs.field(factory=list)
     finished: trio.Event = attrs.field(factory=trio.Event)
+    held: trio.Event = attrs.field(factory=trio.Event)
+    """Set while the client waits at a gate from :meth:`hold`."""
     _stopping: bool = False
+    _gate: trio.Event | None = None
 
     def stop(self) -> None:
         self._stopping = True
+        if self._gate is not None:
+            self._gate.set()
+
+    def hold(self, gate: trio.Event) -> None:
+        """Before the next ``analyze``, wait until ``gate`` is set (sets :attr:`held` then)."""
+        self.held = trio.Event()
+        self._gate = gate
+
+    async def _pass_gate(self) -> None:
+        gate, self._gate = self._gate, None
+        if gate is not None and not self._stopping:
+            self.held.set()
+            await gate.wait()
 
     def completions(self) -> list[float]:
         return [t for t, _, f in self.frames if f.get("type") == "analysis_complete"]
@@ -430,16 +461,22 @@ class LoadClient:
         """Drive the session until :meth:`stop`; sets :attr:`finished` when it returns."""
         try:
             while not self._stopping:
-                connected = False
+                connected = leaving = False
                 try:
                     async with connect_client(self.port(), self.session_id, timeout=IO) as client:
                         connected = True
                         self.connections += 1
                         await self._drive(client.ws, self.connections)
+                        leaving = True
                         return
                 except Exception as exc:
                     leaves = _leaves(exc)
-                    if not all(isinstance(e, _DROPS) for e in leaves):
+                    if leaving and all(isinstance(e, LocalProtocolError) for e in leaves):
+                        # trio-websocket issue #184 on our side: a ping of the
+                        # server's crossed our close frame and the client library
+                        # tried to answer it.  We were leaving anyway.
+                        return
+                    if not all(isinstance(e, (*_DROPS, LocalProtocolError)) for e in leaves):
                         raise
                     if connected:
                         codes = [
@@ -463,6 +500,7 @@ class LoadClient:
     ) -> dict[str, Any] | None:
         """Send ``message``, read until ``done``; None (counted) if nothing ends it within IO."""
         await ws.send_message(orjson.dumps(message).decode())
+        sent = trio.current_time()
         try:
             with trio.fail_after(IO):
                 while not done(frame := await self._recv(ws, conn)):
@@ -470,7 +508,12 @@ class LoadClient:
                 return frame
         except trio.TooSlowError:
             self.unanswered.append(trio.current_time())
-            last = [_brief(f) for _, c, f in self.frames[-4:] if c == conn]
+            # What answered it so far (market updates apart: they flow all along).
+            last = [
+                f"+{t - sent:.2f}s {_brief(f)}"
+                for t, c, f in self.frames
+                if c == conn and t >= sent and f.get("type") != "market_update"
+            ][-8:]
             self.notes.append(f"{message['action']} unanswered for {IO:g} s; last frames {last}")
             return None
 
@@ -486,6 +529,7 @@ class LoadClient:
                     lambda f: f.get("type") in ("portfolio", "error"),
                 )  # fmt: skip
             ticker = TICKERS[rounds % len(TICKERS)]
+            await self._pass_gate()
             end = await self._request(
                 ws, conn, {"action": "analyze", "ticker": ticker}, _AnalysisEnd()
             )
@@ -503,23 +547,33 @@ class _AnalysisEnd:
     the latest ``analysis_started`` (a ``portfolio_changed`` restart starts
     a new one); it ends with ``analysis_complete`` or a cancellation other
     than ``portfolio_changed``.  An ``error`` before any ``analysis_started``
-    is the refusal of the request; errors after it (a result not stored)
-    do not end the analysis.
+    is the refusal of the request, and one after a ``portfolio_changed``
+    cancellation (before the restart's ``analysis_started``) the refusal of
+    the restart; errors while an attempt runs (a result not stored) do not
+    end the analysis.
     """
 
     analysis_id: str | None = None
+    restarting: bool = False
+    """The latest analysis was cancelled ``portfolio_changed``: its restart is due."""
 
     def __call__(self, frame: dict[str, Any]) -> bool:
         kind = frame.get("type")
         if kind == "analysis_started":
             self.analysis_id = frame.get("analysis_id")
+            self.restarting = False
             return False
         if kind == "error":
-            return self.analysis_id is None
+            # Before any start: the request was refused.  Between a
+            # ``portfolio_changed`` cancellation and the restart's
+            # ``analysis_started``: the restart was refused (the store could
+            # not start it, or the ticker left the holdings), which ends it.
+            return self.analysis_id is None or self.restarting
         if frame.get("analysis_id") != self.analysis_id or self.analysis_id is None:
             return False
         if kind == "analysis_cancelled":
-            return frame.get("reason") != "portfolio_changed"
+            self.restarting = frame.get("reason") == "portfolio_changed"
+            return not self.restarting
         return kind == "analysis_complete"
 
 
@@ -792,7 +846,13 @@ async def _run_fault(rig: _Rig, fault: str, phase: int) -> FaultRow:
             row.notes.append("warm-up: not every client completed an analysis")
         for k in range(config.injections if fault != "baseline" else 1):
             config.log(f"{fault}: injection {k + 1}")
-            ended = await _inject(rig, fault, server, clients)
+            gate = trio.Event()
+            try:
+                if fault in OUTAGES:
+                    await _hold_some(clients, gate, rng, row)
+                ended = await _inject(rig, fault, server, clients, in_effect=gate.set)
+            finally:
+                gate.set()
             row.injections += fault != "baseline"
             recovery = await _await_recovery(
                 clients, ended, max(15.0, 3 * config.recovery_limit_seconds)
@@ -887,24 +947,58 @@ async def _await_recovery(
     return None
 
 
+async def _hold_some(
+    clients: Sequence[LoadClient], gate: trio.Event, rng: random.Random, row: FaultRow
+) -> None:
+    """Hold :data:`HELD_CLIENTS` clients at their next ``analyze`` until ``gate`` is set.
+
+    Waits (at most :data:`IO`) until they are waiting there, so that once
+    the fault is in effect they act inside it.
+    """
+    held = rng.sample(list(clients), min(HELD_CLIENTS, len(clients)))
+    for client in held:
+        client.hold(gate)
+    with trio.move_on_after(IO):
+        for client in held:
+            await client.held.wait()
+    if not all(client.held.is_set() for client in held):
+        row.notes.append("held clients did not all reach their next analyze before the fault")
+
+
 async def _inject(
-    rig: _Rig, fault: str, server: ServerProcess, clients: Sequence[LoadClient]
+    rig: _Rig,
+    fault: str,
+    server: ServerProcess,
+    clients: Sequence[LoadClient],
+    *,
+    in_effect: Callable[[], None] = lambda: None,
 ) -> float:
-    """Inject ``fault`` once; the Trio time at which it ended."""
+    """Inject ``fault`` once; the Trio time at which it ended.
+
+    ``in_effect`` is called once the fault is in effect (for an
+    :data:`OUTAGES` fault: at the start of its window).
+    """
     config = rig.config
     primary = rig.primary
     if fault == "baseline":
         pass
     elif fault == "redis_kill9":
         await _thread(primary.kill9)
+        in_effect()
         await trio.sleep(config.outage_seconds)
         await _thread(primary.start)
         await _thread(lambda: rig.replica.call("REPLICAOF", "127.0.0.1", primary.port))
     elif fault == "debug_sleep":
         seconds = config.outage_seconds
-        await _thread(lambda: primary.call("DEBUG", "SLEEP", seconds, timeout=seconds + 5))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                _thread, lambda: primary.call("DEBUG", "SLEEP", seconds, timeout=seconds + 5)
+            )
+            await trio.sleep(min(0.2, seconds / 4))  # Redis is inside the DEBUG SLEEP
+            in_effect()
     elif fault == "oom":
         await _thread(lambda: primary.call("CONFIG", "SET", "maxmemory", "1"))
+        in_effect()
         await trio.sleep(config.outage_seconds)
         await _thread(lambda: primary.call("CONFIG", "SET", "maxmemory", "0"))
     elif fault == "proxy_cut":
@@ -914,6 +1008,7 @@ async def _inject(
         rig.proxy.hold_replies(False)
     elif fault == "replica_switch":
         await _thread(lambda: _switch_to_replica(primary, rig.replica))
+        in_effect()
         await trio.sleep(config.outage_seconds)
         await _thread(lambda: _switch_back(primary, rig.replica))
     elif fault == "bad_publish":
