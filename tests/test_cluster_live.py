@@ -58,6 +58,8 @@ from trio_portfolio.testing.redis_topologies import cluster_failover, cluster_mi
 IO = 30.0
 """Seconds one wait for a frame may take (an analysis is under 2 s; the slack is for load)."""
 TICKERS = ("AAPL", "GOOGL", "MSFT")
+LIVE = ("--metric-delay-seconds", "0.05,0.3", "--market-update-interval-seconds", "1")
+"""Analyses in flight most of the time, market ticks every second (some analyses restart)."""
 RESULTS_LIMIT = "100000"
 """Every result of a test stays stored, so stored == streamed compares whole histories."""
 
@@ -217,6 +219,18 @@ class Analyst:
                 while True:
                     await self._next(client)
 
+    def heard_market_after(self, since: float) -> bool:
+        """A ``market_update`` arrived after ``since``: the session's channel works there.
+
+        Market updates reach a connection only through the session's pub/sub
+        channel (sharded: on the shard of the session's slot), so one after a
+        failover or a move shows the subscription followed the slot.
+        """
+        return any(
+            t > since and f["type"] == "market_update"
+            for f, t in zip(self.frames, self.received_at, strict=False)
+        )
+
     def longest_silence(self, since: float) -> float:
         """The longest gap between frames received after ``since`` (the outage as seen)."""
         times = [since, *(t for t in self.received_at if t > since)]
@@ -231,6 +245,30 @@ async def wait_for(condition: Any, timeout: float, what: str) -> None:
                 await trio.sleep(0.05)
     except trio.TooSlowError:
         raise AssertionError(f"timed out after {timeout:g} s waiting for {what}") from None
+
+
+def reset_redirect_stats(cluster: RedisCluster) -> None:
+    """``CONFIG RESETSTAT`` on every node: the counts below start from the event."""
+    for node in cluster.nodes:
+        with node.client() as client:
+            client.config_resetstat()
+
+
+def redirect_stats(cluster: RedisCluster) -> dict[str, int]:
+    """What the nodes answered since the reset, summed: the redirect path as the servers met it.
+
+    ``MOVED``/``ASK``/``TRYAGAIN``/``NOSCRIPT`` from ``INFO errorstats``, and
+    ``ASKING`` (sent before each ASK-redirected call) from ``INFO commandstats``.
+    """
+    totals = dict.fromkeys(("MOVED", "ASK", "TRYAGAIN", "NOSCRIPT", "ASKING"), 0)
+    for node in cluster.nodes:
+        with node.client() as client:
+            errors = client.info("errorstats")
+            commands = client.info("commandstats")
+        for name in ("MOVED", "ASK", "TRYAGAIN", "NOSCRIPT"):
+            totals[name] += int(errors.get(f"errorstat_{name}", {}).get("count", 0))
+        totals["ASKING"] += int(commands.get("cmdstat_asking", {}).get("calls", 0))
+    return totals
 
 
 async def check_all(store: SessionStore, analysts: list[Analyst]) -> None:
@@ -253,7 +291,7 @@ async def test_cluster_failover_during_analyses_loses_nothing() -> None:
         victim_port = next(iter(spread))
         victim = cluster.node_at(victim_port)
         replica = await trio.to_thread.run_sync(cluster.replica_of, victim)
-        async with two_servers(cluster, "--metric-delay-seconds", "0.05,0.3") as (a, b, prefix):
+        async with two_servers(cluster, *LIVE) as (a, b, prefix):
             analysts = [
                 Analyst(session_id, (a, b)[i % 2])
                 for i, session_id in enumerate(itertools.chain(*spread.values()))
@@ -267,19 +305,27 @@ async def test_cluster_failover_during_analyses_loses_nothing() -> None:
                     lambda: all(len(x.completed_at) >= 1 for x in analysts), 90, "first analyses"
                 )
                 before = {x.session_id: len(x.completed_at) for x in analysts}
+                await trio.to_thread.run_sync(reset_redirect_stats, cluster)
                 began = trio.current_time()
                 await cluster_failover(cluster, replica, timeout=30)
                 promoted = trio.current_time() - began
                 await wait_for(
-                    lambda: all(len(x.completed_at) >= before[x.session_id] + 2 for x in analysts),
+                    lambda: all(
+                        len(x.completed_at) >= before[x.session_id] + 2
+                        and x.heard_market_after(began + promoted)
+                        for x in analysts
+                    ),
                     120,
-                    "two analyses per session after the failover",
+                    "two analyses and a market update per session after the failover",
                 )
                 stop.set()
             owner = await trio.to_thread.run_sync(
                 cluster.slot_owner, key_slot(on_victim[0].session_id.encode())
             )
             assert owner.port == replica.port, "the failover did not move the sessions' slots"
+            seen = await trio.to_thread.run_sync(redirect_stats, cluster)
+            assert seen["MOVED"] > 0, f"no call met the old master after the failover: {seen}"
+            assert seen["NOSCRIPT"] > 0, f"the promoted replica never answered NOSCRIPT: {seen}"
             async with cluster_store(cluster, prefix) as store:
                 await check_all(store, analysts)
         silence = max(x.longest_silence(began) for x in on_victim)
@@ -288,7 +334,7 @@ async def test_cluster_failover_during_analyses_loses_nothing() -> None:
             f"\nCLUSTER FAILOVER of :{victim_port} under {len(analysts)} analysing sessions:"
             f" promoted in {promoted:.2f} s; its sessions' longest silence {silence:.2f} s;"
             f" store_unavailable answers {unavailable};"
-            f" analyses completed {sum(len(x.completed_at) for x in analysts)}"
+            f" analyses completed {sum(len(x.completed_at) for x in analysts)}; nodes answered {seen}"
         )
 
 
@@ -303,7 +349,7 @@ async def test_resharding_a_live_sessions_slot_loses_nothing() -> None:
         source_port, target_port = list(spread)[:2]
         moving = spread[source_port][0]
         slot = key_slot(moving.encode())
-        async with two_servers(cluster, "--metric-delay-seconds", "0.05,0.3") as (a, b, prefix):
+        async with two_servers(cluster, *LIVE) as (a, b, prefix):
             analysts = [
                 Analyst(session_id, (a, b)[i % 2])
                 for i, session_id in enumerate(itertools.chain(*spread.values()))
@@ -317,20 +363,28 @@ async def test_resharding_a_live_sessions_slot_loses_nothing() -> None:
                     lambda: all(len(x.completed_at) >= 1 for x in analysts), 90, "first analyses"
                 )
                 before = {x.session_id: len(x.completed_at) for x in analysts}
+                await trio.to_thread.run_sync(reset_redirect_stats, cluster)
                 began = trio.current_time()
                 keys = await cluster_migrate_slot(
                     cluster, slot, cluster.node_at(target_port), pause_between_keys=0.3
                 )
                 moved_in = trio.current_time() - began
                 await wait_for(
-                    lambda: all(len(x.completed_at) >= before[x.session_id] + 2 for x in analysts),
+                    lambda: all(
+                        len(x.completed_at) >= before[x.session_id] + 2
+                        and x.heard_market_after(began + moved_in)
+                        for x in analysts
+                    ),
                     120,
-                    "two analyses per session after the resharding",
+                    "two analyses and a market update per session after the resharding",
                 )
                 stop.set()
             owner = await trio.to_thread.run_sync(cluster.slot_owner, slot)
             assert owner.port == target_port
             assert keys >= 2, f"only {keys} keys moved: the session's keys were not there"
+            seen = await trio.to_thread.run_sync(redirect_stats, cluster)
+            assert seen["MOVED"] > 0, f"no call met the old owner after the move: {seen}"
+            assert seen["ASK"] + seen["TRYAGAIN"] > 0, f"no call met the half-moved slot: {seen}"
             async with cluster_store(cluster, prefix) as store:
                 await check_all(store, analysts)
                 assert await store.get(moving) is not None
@@ -339,5 +393,6 @@ async def test_resharding_a_live_sessions_slot_loses_nothing() -> None:
             f"\nresharding slot {slot} :{source_port} -> :{target_port} ({keys} keys, 0.3 s"
             f" apart) in {moved_in:.2f} s: the moving session completed {during} analyses"
             f" meanwhile, longest silence {mover.longest_silence(began):.2f} s;"
-            f" store_unavailable answers {sum(x.unavailable for x in analysts)}"
+            f" store_unavailable answers {sum(x.unavailable for x in analysts)};"
+            f" nodes answered {seen}"
         )
