@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import collections
 import itertools
+import random
 import secrets
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import attrs
@@ -47,7 +48,10 @@ from trio_portfolio.testing import (
     METRIC_NAMES,
     RedisCluster,
     find_topology_binary,
+    greet,
+    is_type,
     open_redis_cluster,
+    start_analysis,
     unique_key_prefix,
     wait_for_cluster_ok,
 )
@@ -140,11 +144,13 @@ def check_session(frames: list[Frame], stored: list[AnalysisResult]) -> None:
         elif kind == "session":
             heard = max(heard, frame["portfolio"]["portfolio_version"])
         elif kind == "analysis_result":
+            assert current is not None, f"a result before any analysis_started: {frame}"
             assert frame["analysis_id"] == current, f"interleaved: {frame} during {current}"
             assert frame["portfolio_version"] == started[current], frame
             assert frame["portfolio_version"] >= heard, f"stale result {frame} after v{heard}"
             per_analysis[current].append(frame)
         elif kind == "analysis_complete":
+            assert current is not None
             assert frame["analysis_id"] == current
             assert {r["metric"] for r in per_analysis[current]} == METRIC_NAMES, frame
     for results in per_analysis.values():
@@ -237,7 +243,7 @@ class Analyst:
         return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
-async def wait_for(condition: Any, timeout: float, what: str) -> None:
+async def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll ``condition()`` every 50 ms until true; fail with ``what`` after ``timeout``."""
     try:
         with trio.fail_after(timeout):
@@ -275,6 +281,332 @@ async def check_all(store: SessionStore, analysts: list[Analyst]) -> None:
     for analyst in analysts:
         await wait_until_idle(store, analyst.session_id)
         check_session(analyst.frames, await stored_results(store, analyst.session_id))
+
+
+# -- guarantees 1-7 on the session-scoped cluster -----------------------------------------
+
+SENTINEL = "sentinel: not json"
+"""A frame answered ``bad_json`` only after every earlier request: a marker in the stream."""
+
+
+async def settle(client: Client, store: SessionStore, session_id: str) -> None:
+    """Read everything the client's requests so far will ever produce (see the guarantee
+    suite's ``settle``): the sentinel's answer, an idle session, then a quiet half second."""
+    await client.send_raw(SENTINEL)
+    await client.recv_until(lambda f: f["type"] == "error" and f["code"] == "bad_json", timeout=IO)
+    await wait_until_idle(store, session_id)
+    with trio.move_on_after(60):
+        while True:
+            with trio.move_on_after(0.5):
+                await client.recv(IO)
+                continue
+            break
+
+
+async def test_guarantees_1_3_4_switch_storm_under_market_ticks(
+    redis_cluster: RedisCluster,
+) -> None:
+    """Six sessions (two per master, alternately on each process) switch tickers at random
+    for 6 s while the market ticks: no interleaving (1), no stale result and restarts on
+    fresh snapshots (3), stored == streamed exactly once (4), in every session."""
+    await wait_for_cluster_ok(redis_cluster)
+    spread = await trio.to_thread.run_sync(redis_cluster.spread_over_masters, session_ids(), 2)
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    ticks = ("--metric-delay-seconds", "0.02,0.25", "--market-update-interval-seconds", "0.8")
+    async with (
+        two_servers(redis_cluster, *ticks) as (a, b, prefix),
+        cluster_store(redis_cluster, prefix) as store,
+    ):
+        ids = list(itertools.chain(*spread.values()))
+        frames: dict[str, list[Frame]] = {}
+        switches: collections.Counter[str] = collections.Counter()
+
+        async def storm(session_id: str, port: int, until: float, rng: random.Random) -> None:
+            async with connect_client(port, session_id, timeout=IO) as client:
+                await greet(client, IO)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(read_until_cancelled, client)
+                    last = None
+                    while trio.current_time() < until:
+                        ticker = rng.choice([t for t in TICKERS if t != last])
+                        await client.send("analyze", ticker=ticker)
+                        switches[session_id] += 1
+                        last = ticker
+                        await trio.sleep(rng.uniform(0.0, 0.4))
+                    nursery.cancel_scope.cancel()
+                await settle(client, store, session_id)
+                frames[session_id] = client.frames
+
+        until = trio.current_time() + 6.0
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                for i, session_id in enumerate(ids):
+                    child = random.Random(rng.randrange(2**32))
+                    nursery.start_soon(storm, session_id, (a, b)[i % 2], until, child)
+        reasons: collections.Counter[str] = collections.Counter()
+        for session_id in ids:
+            seen = frames[session_id]
+            check_session(seen, await stored_results(store, session_id))
+            errors = [f["code"] for f in seen if f["type"] == "error"]
+            assert errors == ["bad_json"], errors
+            reasons.update(f["reason"] for f in seen if f["type"] == "analysis_cancelled")
+            assert any(f["type"] == "market_update" for f in seen), "no market tick reached it"
+            started = sum(f["type"] == "analysis_started" for f in seen)
+            assert started >= switches[session_id]  # one per request, restarts on top
+        print(
+            f"\nswitch storm on the cluster (seed {seed}): {sum(switches.values())} switches over"
+            f" {len(ids)} sessions, cancellations {dict(reasons)}"
+        )
+        assert reasons["switched"] > 0
+        assert reasons["portfolio_changed"] > 0, "no market tick restarted an analysis"
+
+
+async def read_until_cancelled(client: Client) -> None:
+    while True:
+        await client.recv(IO)
+
+
+BAD_INPUT: list[tuple[str | bytes, str]] = [
+    ("{nope", "bad_json"),
+    (b"\x00\xff", "bad_json"),
+    ('{"action": "dance"}', "unknown_action"),
+    ('{"action": "analyze", "ticker": "not a ticker"}', "bad_ticker"),
+    ('{"action": "set_holdings", "holdings": {"AAPL": -1}}', "bad_holdings"),
+]
+
+
+async def takeover_edit_and_bad_input(a: int, b: int, session_id: str, store: SessionStore) -> None:
+    """Guarantees 2, 3 and 6 on one session with a connection on each process."""
+    async with (
+        connect_client(a, session_id, timeout=IO) as x,
+        connect_client(b, session_id, timeout=IO) as y,
+    ):
+        await greet(x, IO)
+        await greet(y, IO)
+        # 2: B's analysis fences A's out, across processes
+        x_started = await start_analysis(x, "AAPL", IO)
+        await x.recv_until(is_type("analysis_result"), timeout=IO)
+        await y.send("analyze", ticker="GOOGL")
+        y_frames = await y.recv_until(is_type("analysis_complete"), timeout=IO)
+        cancelled = (await x.recv_until(is_type("analysis_cancelled"), timeout=IO))[-1]
+        assert (cancelled["analysis_id"], cancelled["reason"]) == (
+            x_started["analysis_id"],
+            "switched",
+        )
+        await x.expect_quiet(1.0)  # past every metric delay of A's
+        order = [r.analysis_id for r in await stored_results(store, session_id)]
+        assert list(dict.fromkeys(order)) == [x_started["analysis_id"], y_frames[0]["analysis_id"]]
+        # 3: holdings edited through B restart A's analysis on a fresh snapshot
+        first = await start_analysis(x, "MSFT", IO)
+        await x.recv_until(is_type("analysis_result"), timeout=IO)
+        await y.send("set_holdings", holdings={"AAPL": 200, "GOOGL": 50, "MSFT": 75})
+        edited = (await y.recv_until(is_type("portfolio"), timeout=IO))[-1]
+        frames = await x.recv_until(is_type("analysis_complete"), timeout=IO)
+        kinds = [f["type"] for f in frames]
+        cut = kinds.index("analysis_cancelled")
+        assert frames[cut]["analysis_id"] == first["analysis_id"]
+        assert frames[cut]["reason"] == "portfolio_changed"
+        restart = frames[kinds.index("analysis_started", cut)]
+        assert restart["portfolio_version"] >= edited["portfolio_version"]
+        fresh = [f for f in frames if f.get("analysis_id") == restart["analysis_id"]]
+        assert {f["metric"] for f in fresh if f["type"] == "analysis_result"} == METRIC_NAMES
+        # 6: bad input during an analysis is answered, the analysis runs on
+        started = await start_analysis(x, "GOOGL", IO)
+        for text, _ in BAD_INPUT:
+            await x.send_raw(text)
+        frames = await x.recv_until(is_type("analysis_complete"), timeout=IO)
+        assert [f["code"] for f in frames if f["type"] == "error"] == [c for _, c in BAD_INPUT]
+        assert not [f for f in frames if f["type"] in ("analysis_cancelled", "analysis_started")]
+        results = [f for f in frames if f["type"] == "analysis_result"]
+        assert {r["analysis_id"] for r in results} == {started["analysis_id"]}
+        assert len(results) == 5
+        # 4 over both connections; 2: every analysis's results are one run, in order
+        await wait_until_idle(store, session_id)
+        await x.expect_quiet(0.5)
+        stored = await stored_results(store, session_id)
+        streamed = collections.Counter(
+            result_key(f) for f in x.frames + y.frames if f["type"] == "analysis_result"
+        )
+        assert streamed == collections.Counter(result_key(r) for r in stored)
+        assert max(streamed.values()) == 1
+        runs = [r.analysis_id for r in stored]
+        assert len(list(dict.fromkeys(runs))) == len([k for k, _ in itertools.groupby(runs)]), (
+            "an analysis's results were stored in two runs"
+        )
+        assert {f["type"] for f in y.frames} <= {
+            "session",
+            "portfolio",
+            "analysis_started",
+            "analysis_result",
+            "analysis_complete",
+        }
+
+
+async def test_guarantees_2_3_6_takeover_edit_and_bad_input_across_processes(
+    redis_cluster: RedisCluster,
+) -> None:
+    """One session per master, a connection on each process: B's analysis fences A's out (2),
+    B's holdings edit restarts A's analysis (3), bad input answered mid-analysis (6), and
+    stored == streamed over both connections (4)."""
+    await wait_for_cluster_ok(redis_cluster)
+    spread = await trio.to_thread.run_sync(redis_cluster.spread_over_masters, session_ids(), 1)
+    async with (
+        two_servers(redis_cluster, "--metric-delay-seconds", "0.3,0.7") as (a, b, prefix),
+        cluster_store(redis_cluster, prefix) as store,
+    ):
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                for (session_id,) in spread.values():
+                    nursery.start_soon(takeover_edit_and_bad_input, a, b, session_id, store)
+
+
+TTL = 3
+"""Seconds of inactivity after which a session expires in the expiry test."""
+
+
+async def test_guarantee_5_inactivity_expiry_on_every_master(redis_cluster: RedisCluster) -> None:
+    """An idle session on each master expires about one TTL after its last client frame
+    although the market kept revaluing it (and its client heard that); active ones live."""
+    await wait_for_cluster_ok(redis_cluster)
+    spread = await trio.to_thread.run_sync(redis_cluster.spread_over_masters, session_ids(), 2)
+    settings = (
+        "--session-ttl-seconds", str(TTL),
+        "--market-update-interval-seconds", "0.8",
+        "--metric-delay-seconds", "0.02,0.1",
+    )  # fmt: skip
+    async with (
+        two_servers(redis_cluster, *settings) as (a, b, prefix),
+        cluster_store(redis_cluster, prefix) as store,
+        AsyncExitStack() as stack,
+    ):
+        active: list[tuple[str, Client]] = []
+        idle: list[tuple[str, Client]] = []
+        for i, (one, other) in enumerate(spread.values()):
+            for group, session_id, port in (
+                (active, one, (a, b)[i % 2]),
+                (idle, other, (b, a)[i % 2]),
+            ):
+                client = await stack.enter_async_context(
+                    connect_client(port, session_id, timeout=IO)
+                )
+                await greet(client, IO)
+                group.append((session_id, client))
+        for _, client in idle:
+            await client.send("set_holdings", holdings={"NVDA": 7})
+            await client.recv_until(is_type("portfolio"), timeout=IO)
+        idle_since = trio.current_time()
+        gone_at: dict[str, float] = {}
+        with trio.fail_after(60):
+            while len(gone_at) < len(idle) or trio.current_time() < idle_since + TTL + 1.5:
+                for _, client in active:
+                    await client.send("get_portfolio")
+                    await client.recv_until(is_type("portfolio"), timeout=IO)
+                for session_id, _ in idle:
+                    if session_id not in gone_at and await store.get(session_id) is None:
+                        gone_at[session_id] = trio.current_time() - idle_since
+                await trio.sleep(0.1)
+        print(f"\nidle sessions gone after {sorted(round(t, 2) for t in gone_at.values())} s")
+        assert all(TTL - 0.3 <= t <= TTL + 2.5 for t in gone_at.values()), gone_at
+        for session_id, _ in active:
+            assert await store.get(session_id) is not None, f"active {session_id} expired"
+        for _, client in idle:
+            with trio.move_on_after(0.3):
+                while True:
+                    await client.recv(IO)
+            assert sum(f["type"] == "market_update" for f in client.frames) >= 2
+            await client.send("get_portfolio")
+            error, session = await client.recv(IO), await client.recv(IO)
+            assert (error["type"], error["code"]) == ("error", "session_expired")
+            assert session["type"] == "session"
+            assert "NVDA" not in session["portfolio"]["holdings"]
+
+
+PAUSE_MS = 9000
+"""How long the paused master stops answering: longer than the servers' 5 s Redis timeout."""
+
+
+async def test_guarantee_7_one_master_out_only_its_sessions_wait(
+    redis_cluster: RedisCluster,
+) -> None:
+    """One master stops answering (``CLIENT PAUSE``, the topology untouched): its sessions get
+    ``store_unavailable`` on the same connections, the other masters' sessions are answered
+    meanwhile, and once it answers again its sessions work without a restart."""
+    await wait_for_cluster_ok(redis_cluster)
+    spread = await trio.to_thread.run_sync(redis_cluster.spread_over_masters, session_ids(), 1)
+    victim_port = next(iter(spread))
+    victim = redis_cluster.node_at(victim_port)
+    async with (
+        two_servers(redis_cluster, "--metric-delay-seconds", "0.02,0.1") as (a, b, prefix),
+        cluster_store(redis_cluster, prefix) as store,
+        AsyncExitStack() as stack,
+    ):
+        clients: dict[int, tuple[str, Client]] = {}
+        for i, (master, (session_id,)) in enumerate(spread.items()):
+            client = await stack.enter_async_context(
+                connect_client((a, b)[i % 2], session_id, timeout=IO)
+            )
+            await greet(client, IO)
+            await client.send("analyze", ticker="AAPL")
+            await client.recv_until(is_type("analysis_complete"), timeout=IO)
+            clients[master] = (session_id, client)
+
+        def pause() -> None:
+            # A pause that ends by itself: under PAUSE ALL even CLIENT UNPAUSE waits.
+            with victim.client() as redis:
+                redis.execute_command("CLIENT", "PAUSE", PAUSE_MS, "ALL")
+
+        def answers_again() -> None:
+            with victim.client(timeout=PAUSE_MS / 1000 + 10) as redis:
+                redis.ping()
+
+        session_id, client = clients[victim_port]
+        await trio.to_thread.run_sync(pause)
+        try:
+            paused_at = trio.current_time()
+            await client.send("get_portfolio")
+            for port, (_, other) in clients.items():
+                if port != victim_port:  # answered while the victim is still paused
+                    await other.send("get_portfolio")
+                    reply = (await other.recv_until(is_type("portfolio"), timeout=IO))[-1]
+                    assert reply["session_id"] == clients[port][0]
+            others_answered = trio.current_time() - paused_at
+            answer = (await client.recv_until(is_type("error"), timeout=IO))[-1]
+            assert answer["code"] == "store_unavailable", answer
+            answered_after = trio.current_time() - paused_at
+            assert others_answered < PAUSE_MS / 1000, "the other masters waited for the paused one"
+        finally:
+            await trio.to_thread.run_sync(answers_again)
+        resumed_at = trio.current_time()
+        unavailable = 1
+        with trio.fail_after(30):
+            while True:
+                await client.send("get_portfolio")
+                reply = (
+                    await client.recv_until(
+                        lambda f: f["type"] in ("portfolio", "error"), timeout=IO
+                    )
+                )[-1]
+                if reply["type"] == "portfolio":
+                    break
+                assert reply["code"] == "store_unavailable", reply
+                unavailable += 1
+                await trio.sleep(0.05)
+        recovered = trio.current_time() - resumed_at
+        await client.send("analyze", ticker="GOOGL")
+        await client.recv_until(is_type("analysis_complete"), timeout=IO)
+        for session_id, other in clients.values():
+            await wait_until_idle(store, session_id)
+            stored = await stored_results(store, session_id)
+            streamed = collections.Counter(
+                result_key(f) for f in other.frames if f["type"] == "analysis_result"
+            )
+            assert streamed == collections.Counter(result_key(r) for r in stored)
+        print(
+            f"\none master paused: its session answered store_unavailable after"
+            f" {answered_after:.2f} s (x{unavailable}), worked again {recovered:.2f} s after it"
+            f" answered again; the other masters' sessions answered within {others_answered:.2f} s"
+        )
 
 
 # -- failover and resharding under live analyses ------------------------------------------
@@ -334,7 +666,8 @@ async def test_cluster_failover_during_analyses_loses_nothing() -> None:
             f"\nCLUSTER FAILOVER of :{victim_port} under {len(analysts)} analysing sessions:"
             f" promoted in {promoted:.2f} s; its sessions' longest silence {silence:.2f} s;"
             f" store_unavailable answers {unavailable};"
-            f" analyses completed {sum(len(x.completed_at) for x in analysts)}; nodes answered {seen}"
+            f" analyses completed {sum(len(x.completed_at) for x in analysts)};"
+            f" nodes answered {seen}"
         )
 
 
