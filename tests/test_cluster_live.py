@@ -65,6 +65,8 @@ TICKERS = ("AAPL", "GOOGL", "MSFT")
 LIVE = ("--metric-delay-seconds", "0.05,0.3", "--market-update-interval-seconds", "1")
 """Analyses in flight most of the time, market ticks every second (some analyses restart)."""
 RESULTS_LIMIT = "100000"
+MARKET_SLOT = key_slot(b"market")
+"""The slot of every ``<prefix>:{market}:...`` key (prices, history, tick, leader lease)."""
 """Every result of a test stays stored, so stored == streamed compares whole histories."""
 
 
@@ -613,15 +615,17 @@ async def test_guarantee_7_one_master_out_only_its_sessions_wait(
 
 
 async def test_cluster_failover_during_analyses_loses_nothing() -> None:
-    """``CLUSTER FAILOVER`` of a master serving live sessions while all six sessions (two per
-    master, half on each process) analyse: afterwards stored == streamed everywhere, nothing
-    stale or duplicated, no client disconnected, every session analyses on."""
+    """``CLUSTER FAILOVER`` of a master serving live sessions and the market's keys while
+    all six sessions (two per master, half on each process) analyse and the market ticks:
+    afterwards stored == streamed everywhere, nothing stale or duplicated, no client
+    disconnected, every session analyses on and hears market updates."""
     binary = find_topology_binary()
     assert binary is not None, "no redis-server >= 7.0 for a cluster"
     async with open_redis_cluster(binary) as cluster:
         spread = await trio.to_thread.run_sync(cluster.spread_over_masters, session_ids(), 2)
-        victim_port = next(iter(spread))
-        victim = cluster.node_at(victim_port)
+        # the master of the market's keys: its ticks and leader lease go through the failover too
+        victim = await trio.to_thread.run_sync(cluster.slot_owner, MARKET_SLOT)
+        victim_port = victim.port
         replica = await trio.to_thread.run_sync(cluster.replica_of, victim)
         async with two_servers(cluster, *LIVE) as (a, b, prefix):
             analysts = [
@@ -673,8 +677,9 @@ async def test_cluster_failover_during_analyses_loses_nothing() -> None:
 
 async def test_resharding_a_live_sessions_slot_loses_nothing() -> None:
     """A live session's slot moves to another master (IMPORTING/MIGRATING, its keys MIGRATEd
-    one by one 0.3 s apart, SETSLOT NODE everywhere) while every session analyses: the
-    ASK/TRYAGAIN/MOVED path under live traffic; same checks as the failover."""
+    one by one 0.3 s apart, SETSLOT NODE everywhere) while every session analyses, then the
+    market's slot while it ticks: the ASK/TRYAGAIN/MOVED path under live traffic; same checks
+    as the failover, and market updates still reach every session afterwards."""
     binary = find_topology_binary()
     assert binary is not None, "no redis-server >= 7.0 for a cluster"
     async with open_redis_cluster(binary) as cluster:
@@ -702,10 +707,17 @@ async def test_resharding_a_live_sessions_slot_loses_nothing() -> None:
                     cluster, slot, cluster.node_at(target_port), pause_between_keys=0.3
                 )
                 moved_in = trio.current_time() - began
+                market_from = await trio.to_thread.run_sync(cluster.slot_owner, MARKET_SLOT)
+                market_to = next(p for p in spread if p != market_from.port)
+                market_began = trio.current_time()
+                market_keys = await cluster_migrate_slot(
+                    cluster, MARKET_SLOT, cluster.node_at(market_to), pause_between_keys=0.1
+                )
+                market_moved_in = trio.current_time() - market_began
                 await wait_for(
                     lambda: all(
                         len(x.completed_at) >= before[x.session_id] + 2
-                        and x.heard_market_after(began + moved_in)
+                        and x.heard_market_after(market_began + market_moved_in)
                         for x in analysts
                     ),
                     120,
@@ -714,6 +726,9 @@ async def test_resharding_a_live_sessions_slot_loses_nothing() -> None:
                 stop.set()
             owner = await trio.to_thread.run_sync(cluster.slot_owner, slot)
             assert owner.port == target_port
+            market_owner = await trio.to_thread.run_sync(cluster.slot_owner, MARKET_SLOT)
+            assert market_owner.port == market_to
+            assert market_keys >= 3, f"only {market_keys} market keys moved"
             assert keys >= 2, f"only {keys} keys moved: the session's keys were not there"
             seen = await trio.to_thread.run_sync(redirect_stats, cluster)
             assert seen["MOVED"] > 0, f"no call met the old owner after the move: {seen}"
@@ -726,6 +741,7 @@ async def test_resharding_a_live_sessions_slot_loses_nothing() -> None:
             f"\nresharding slot {slot} :{source_port} -> :{target_port} ({keys} keys, 0.3 s"
             f" apart) in {moved_in:.2f} s: the moving session completed {during} analyses"
             f" meanwhile, longest silence {mover.longest_silence(began):.2f} s;"
-            f" store_unavailable answers {sum(x.unavailable for x in analysts)};"
-            f" nodes answered {seen}"
+            f" then the market's slot {MARKET_SLOT} ({market_keys} keys, 0.1 s apart) in"
+            f" {market_moved_in:.2f} s; store_unavailable answers"
+            f" {sum(x.unavailable for x in analysts)}; nodes answered {seen}"
         )
