@@ -37,6 +37,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import attrs
+import pytest
 import trio
 from redis.crc import key_slot
 from trio_websocket import ConnectionClosed
@@ -283,6 +284,33 @@ async def check_all(store: SessionStore, analysts: list[Analyst]) -> None:
     for analyst in analysts:
         await wait_until_idle(store, analyst.session_id)
         check_session(analyst.frames, await stored_results(store, analyst.session_id))
+
+
+# -- the harness's choices ---------------------------------------------------------------
+
+
+async def test_sessions_are_spread_by_slot_and_a_move_to_the_owner_is_refused(
+    redis_cluster: RedisCluster,
+) -> None:
+    """The ids the suite picks hash into the master they are listed under (so "spans all
+    three masters" is true), and ``migrate_slot`` refuses a move to the slot's own master
+    before changing anything."""
+    await wait_for_cluster_ok(redis_cluster)
+    spread = await trio.to_thread.run_sync(redis_cluster.spread_over_masters, session_ids(), 3)
+    assert len(spread) == 3
+    for port, ids in spread.items():
+        assert len(ids) == 3
+        for session_id in ids:
+            owner = await trio.to_thread.run_sync(
+                redis_cluster.slot_owner, key_slot(session_id.encode())
+            )
+            assert owner.port == port
+    with pytest.raises(ValueError, match="too few candidates"):
+        await trio.to_thread.run_sync(redis_cluster.spread_over_masters, ["one-id"], 1)
+    slot = key_slot(b"market")
+    owner = await trio.to_thread.run_sync(redis_cluster.slot_owner, slot)
+    with pytest.raises(ValueError, match="already serves"):
+        await cluster_migrate_slot(redis_cluster, slot, owner)
 
 
 # -- guarantees 1-7 on the session-scoped cluster -----------------------------------------
