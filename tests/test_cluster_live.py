@@ -66,9 +66,11 @@ TICKERS = ("AAPL", "GOOGL", "MSFT")
 LIVE = ("--metric-delay-seconds", "0.05,0.3", "--market-update-interval-seconds", "1")
 """Analyses in flight most of the time, market ticks every second (some analyses restart)."""
 RESULTS_LIMIT = "100000"
+"""Every result of a test stays stored, so stored == streamed compares whole histories."""
+NO_TICKS = ("--market-update-interval-seconds", "3600")
+"""For checks that a market tick would disturb (a restart where none is expected)."""
 MARKET_SLOT = key_slot(b"market")
 """The slot of every ``<prefix>:{market}:...`` key (prices, history, tick, leader lease)."""
-"""Every result of a test stays stored, so stored == streamed compares whole histories."""
 
 
 def session_ids() -> Iterator[str]:
@@ -213,7 +215,7 @@ class Analyst:
                 while True:
                     try:
                         frame = await self._next(client)
-                    except ConnectionClosed as exc:  # pragma: no cover - the failure reported
+                    except ConnectionClosed as exc:
                         raise AssertionError(f"{self.session_id} disconnected: {exc}") from exc
                     if frame["type"] == "analysis_complete":
                         self.completed_at.append(trio.current_time())
@@ -481,8 +483,9 @@ async def test_guarantees_2_3_6_takeover_edit_and_bad_input_across_processes(
     stored == streamed over both connections (4)."""
     await wait_for_cluster_ok(redis_cluster)
     spread = await trio.to_thread.run_sync(redis_cluster.spread_over_masters, session_ids(), 1)
+    settings = (*NO_TICKS, "--metric-delay-seconds", "0.3,0.7")
     async with (
-        two_servers(redis_cluster, "--metric-delay-seconds", "0.3,0.7") as (a, b, prefix),
+        two_servers(redis_cluster, *settings) as (a, b, prefix),
         cluster_store(redis_cluster, prefix) as store,
     ):
         with trio.fail_after(120):
@@ -566,8 +569,9 @@ async def test_guarantee_7_one_master_out_only_its_sessions_wait(
     spread = await trio.to_thread.run_sync(redis_cluster.spread_over_masters, session_ids(), 1)
     victim_port = next(iter(spread))
     victim = redis_cluster.node_at(victim_port)
+    settings = (*NO_TICKS, "--metric-delay-seconds", "0.02,0.1")
     async with (
-        two_servers(redis_cluster, "--metric-delay-seconds", "0.02,0.1") as (a, b, prefix),
+        two_servers(redis_cluster, *settings) as (a, b, prefix),
         cluster_store(redis_cluster, prefix) as store,
         AsyncExitStack() as stack,
     ):
