@@ -44,13 +44,14 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal, TypeVar
 
 import attrs
 import redis
 import trio
+from redis.crc import key_slot
 
 from trio_portfolio.embedded import list_redis_binaries
 from trio_portfolio.testing.redis_servers import (
@@ -68,6 +69,7 @@ __all__ = [
     "RedisSentinelSetup",
     "TopologyTimeout",
     "cluster_failover",
+    "cluster_migrate_slot",
     "find_topology_binary",
     "open_redis_cluster",
     "open_redis_sentinel",
@@ -447,6 +449,112 @@ class RedisCluster:
         _wait_until(promoted, timeout, lambda: f"{replica.port} to be promoted by every node")
         self.wait_until_ok(timeout)
 
+    def slot_owner(self, slot: int) -> RedisNode:
+        """The master serving ``slot`` now, by the first node that answers.
+
+        Raises :class:`RedisStartError` if no node answers, KeyError if no
+        healthy master serves the slot.
+        """
+        for node in self.masters():
+            for view in self.view(node):
+                if view.port == node.port and any(lo <= slot <= hi for lo, hi in view.slots):
+                    return node
+        raise KeyError(slot)
+
+    def replica_of(self, master: RedisNode) -> RedisNode:
+        """A healthy replica of ``master`` now; KeyError if it has none."""
+        views = self.view(master)
+        me = next(v for v in views if v.port == master.port)
+        for view in views:
+            if view.master_id == me.node_id and view.healthy:
+                return self.node_at(view.port)
+        raise KeyError(master.port)
+
+    def spread_over_masters(
+        self, candidates: Iterable[str], per_master: int = 1
+    ) -> dict[int, list[str]]:
+        """``per_master`` of ``candidates`` hashing into each master's slots, by master port.
+
+        A candidate's slot is ``redis.crc.key_slot`` of the whole string, so
+        for hash-tagged keys pass the tag (a session id: every key of the
+        session is tagged with it).  ``candidates`` must be long enough
+        (an endless generator is fine): raises ValueError if it runs out.
+        """
+        owners = [
+            (node.port, view.slots)
+            for node in self.masters()
+            for view in self.view(node)
+            if view.port == node.port
+        ]
+        found: dict[int, list[str]] = {port: [] for port, _ in owners}
+        for candidate in candidates:
+            slot = key_slot(candidate.encode())
+            for port, ranges in owners:
+                if len(found[port]) < per_master and any(lo <= slot <= hi for lo, hi in ranges):
+                    found[port].append(candidate)
+            if all(len(ids) == per_master for ids in found.values()):
+                return found
+        raise ValueError(f"too few candidates to put {per_master} on each of {len(found)} masters")
+
+    def migrate_slot(
+        self,
+        slot: int,
+        target: RedisNode,
+        *,
+        pause_between_keys: float = 0.0,
+        timeout: float = 20.0,
+    ) -> int:
+        """Reshard ``slot`` to the master ``target`` as ``redis-cli --cluster reshard`` does.
+
+        ``CLUSTER SETSLOT slot IMPORTING`` on the target, ``MIGRATING`` on the
+        owner, ``MIGRATE`` of the slot's keys one at a time (``pause_between_keys``
+        seconds apart, so live traffic meets the half-moved slot: ``ASK`` for
+        keys already moved, ``TRYAGAIN`` for a multi-key call split across
+        both nodes), until the owner has none left; then ``SETSLOT NODE`` on
+        the target, the old owner and every other master, and waits until
+        every node's view names the target.  Returns how many keys moved.
+        Raises ValueError if ``target`` already owns the slot,
+        :class:`TopologyTimeout` if the keys or the views do not settle in
+        ``timeout`` seconds, ``redis.RedisError`` for a refused step.
+        """
+        source = self.slot_owner(slot)
+        if source.port == target.port:
+            raise ValueError(f"{target.port} already serves slot {slot}")
+        ids = {v.port: v.node_id for v in self.view(source)}
+        deadline = time.monotonic() + timeout
+        moved = 0
+        with target.client(timeout=5.0) as to, source.client(timeout=5.0) as src:
+            to.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source.port])
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target.port])
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1):
+                if time.monotonic() > deadline:
+                    raise TopologyTimeout(f"slot {slot}'s keys did not all move in {timeout:g} s")
+                src.execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
+                moved += len(keys)
+                time.sleep(pause_between_keys)
+            to.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target.port])
+            src.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target.port])
+        for master in self.masters():
+            if master.port not in (source.port, target.port):
+                with master.client() as client:
+                    client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target.port])
+
+        def settled() -> bool | None:
+            for node in self.nodes:
+                if self.slot_owner_seen_by(node, slot) != target.port:
+                    return None
+            return True
+
+        _wait_until(settled, max(deadline - time.monotonic(), 1.0), lambda: f"slot {slot} moved")
+        return moved
+
+    def slot_owner_seen_by(self, node: RedisNode, slot: int) -> int | None:
+        """The port of the master serving ``slot`` in ``node``'s view (None: nobody)."""
+        for view in self.view(node):
+            if view.role == "master" and any(lo <= slot <= hi for lo, hi in view.slots):
+                return view.port
+        return None
+
 
 def _slot_ranges(masters: int) -> list[tuple[int, int]]:
     """Even inclusive slot ranges, split as ``redis-cli --cluster create`` does."""
@@ -820,6 +928,21 @@ async def cluster_failover(
     """:meth:`RedisCluster.failover` from Trio: promote ``replica``, wait until ok."""
     call = functools.partial(cluster.failover, replica, force=force, timeout=timeout)
     await _in_thread(call, 2 * timeout + 10)
+
+
+async def cluster_migrate_slot(
+    cluster: RedisCluster,
+    slot: int,
+    target: RedisNode,
+    *,
+    pause_between_keys: float = 0.0,
+    timeout: float = 20.0,
+) -> int:
+    """:meth:`RedisCluster.migrate_slot` from Trio: reshard ``slot`` to ``target``; keys moved."""
+    call = functools.partial(
+        cluster.migrate_slot, slot, target, pause_between_keys=pause_between_keys, timeout=timeout
+    )
+    return await _in_thread(call, timeout + 20)
 
 
 async def wait_for_sentinel_master(
