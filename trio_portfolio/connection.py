@@ -98,6 +98,7 @@ import math
 import random
 import secrets
 from collections.abc import Iterator, Mapping
+from typing import Generic, TypeVar
 
 import attrs
 import trio
@@ -136,6 +137,9 @@ log = logging.getLogger(__name__)
 
 SEND_TIMEOUT = 10.0
 """Seconds a single frame may take to reach a client before we give up on it."""
+
+CONTROL_QUEUE_SIZE = 16
+"""Inputs (client frames, session events, analysis outcomes) waiting for the control loop."""
 
 CLOSE_TIMEOUT = 1.0
 """Seconds the closing handshake may take, after the grace period, before the TCP
@@ -219,6 +223,98 @@ class TokenBucket:
         return "throttled" if self.tokens >= -self.burst else "flood"
 
 
+T = TypeVar("T")
+
+
+class _Queue(Generic[T]):
+    """A bounded FIFO with one receiving task and any number of senders.
+
+    What the connection's outbox and control channel need of a Trio memory
+    channel, at about a tenth of its memory: a memory channel costs about
+    1.7 KiB, and a task parked in its ``receive`` about 1 KiB more (three
+    sets, two ordered dicts and the channel's statistics objects), held by
+    every idle connection twice (``bench/README.md``).  Semantics follow the
+    channel's: :meth:`send` waits while the queue is full and is a
+    checkpoint, :meth:`send_nowait` raises :class:`trio.WouldBlock`, both
+    raise :class:`trio.ClosedResourceError` after :meth:`close`;
+    :meth:`receive` waits for an item and raises :class:`trio.EndOfChannel`
+    once the queue is closed and empty.  Every wait is cancellable without
+    losing an item (an item is taken only by a receive that returns it).
+    Only one task may receive at a time.
+    """
+
+    __slots__ = ("_closed", "_items", "_max", "_receiver", "_senders")
+
+    def __init__(self, max_size: int) -> None:
+        self._items: list[T] = []
+        self._max = max_size
+        self._receiver: trio.lowlevel.Task | None = None
+        self._senders: trio.lowlevel.ParkingLot | None = None
+        """Senders waiting for room (made on the first wait)."""
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def send_nowait(self, item: T) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the queue is closed")
+        if len(self._items) >= self._max:
+            raise trio.WouldBlock
+        self._items.append(item)
+        receiver = self._receiver
+        if receiver is not None:
+            self._receiver = None
+            trio.lowlevel.reschedule(receiver)
+
+    async def send(self, item: T) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                self.send_nowait(item)
+            except trio.WouldBlock:
+                if self._senders is None:
+                    self._senders = trio.lowlevel.ParkingLot()
+                await self._senders.park()
+            else:
+                break
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def receive_nowait(self) -> T:
+        if not self._items:
+            if self._closed:
+                raise trio.EndOfChannel
+            raise trio.WouldBlock
+        item = self._items.pop(0)
+        if self._senders:
+            self._senders.unpark()
+        return item
+
+    def _abort(self, _: object) -> trio.lowlevel.Abort:
+        self._receiver = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    async def receive(self) -> T:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._items or self._closed:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        else:
+            assert self._receiver is None, "one receiver at a time"
+            self._receiver = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
+        return self.receive_nowait()
+
+    def close(self) -> None:
+        """Refuse further sends; wake the receiver and every waiting sender."""
+        self._closed = True
+        receiver = self._receiver
+        if receiver is not None:
+            self._receiver = None
+            trio.lowlevel.reschedule(receiver)
+        if self._senders is not None:
+            self._senders.unpark_all()
+
+
 @attrs.frozen
 class _Throttled:
     """Marker in the control channel: a client frame was dropped by the rate limit."""
@@ -246,9 +342,8 @@ class Connection:
         "_bucket",
         "_close_code",
         "_close_reason",
-        "_control_recv",
+        "_control",
         "_control_scope",
-        "_control_send",
         "_current",
         "_deadline",
         "_discarding",
@@ -257,8 +352,7 @@ class Connection:
         "_market",
         "_notify_on_close",
         "_nursery",
-        "_outbox_recv",
-        "_outbox_send",
+        "_outbox",
         "_sending",
         "_session_epoch",
         "_session_ready",
@@ -285,7 +379,7 @@ class Connection:
         self.dialect = dialect
         self.id = secrets.token_hex(6)
         settings = services.settings
-        self._outbox_send, self._outbox_recv = trio.open_memory_channel[str](settings.outbox_size)
+        self._outbox: _Queue[str] = _Queue(settings.outbox_size)
         self.outbox_bytes = 0
         """Bytes (characters) of the frames queued, waiting to queue, or being sent."""
         self.outbox_bytes_peak = 0
@@ -303,7 +397,7 @@ class Connection:
         self._deadline: float | None = None
         """When the grace period of the ending connection is over (set by :meth:`_end`)."""
         self._grace: trio.CancelScope | None = None
-        self._control_send, self._control_recv = trio.open_memory_channel[_Input](16)
+        self._control: _Queue[_Input] = _Queue(CONTROL_QUEUE_SIZE)
         self._control_scope = trio.CancelScope()
         self._bucket = TokenBucket(settings.messages_per_second, settings.message_burst)
         self._current: AnalysisRunner | None = None
@@ -374,7 +468,7 @@ class Connection:
         """Serve the client until it leaves or the server shuts down; never raises."""
         async with (
             self.services.events.deliver_into(
-                self.session_id, self._control_send, on_drop=self.services.metrics.event_dropped
+                self.session_id, self._control, on_drop=self.services.metrics.event_dropped
             ),
             trio.open_nursery() as nursery,
         ):
@@ -407,7 +501,7 @@ class Connection:
         if self._current is not None:
             self._current.abandon()  # its shielded commits and unfencing end now
         # Closing wakes any producer blocked on a full outbox; later sends are dropped.
-        self._outbox_send.close()
+        self._outbox.close()
         with self._grace_period():
             await writer_done.wait()
         if not writer_done.is_set():  # still sending to a client that does not read
@@ -445,7 +539,7 @@ class Connection:
         settings = self.services.settings
         interval = settings.ping_interval_seconds or math.inf
         next_ping = trio.current_time() + interval
-        outbox = self._outbox_recv
+        outbox = self._outbox
         while True:
             wake = next_ping
             unanswered = self.ws.ping_unanswered_since
@@ -523,21 +617,24 @@ class Connection:
 
         Ends the connection after ``idle_timeout_seconds`` without a client frame.
         """
-        idle = self.services.settings.idle_timeout_seconds or math.inf
+        idle = self.services.settings.idle_timeout_seconds
         try:
             while True:
-                with trio.move_on_after(idle) as waiting:
+                if not idle:  # off (the default): no cancel scope held while waiting
                     message = await self.ws.get_message()
-                if waiting.cancelled_caught:
-                    self.services.metrics.error(Refusal.IDLE_TIMEOUT)
-                    self._end(1000, "idle timeout", notify=True)
-                    return
+                else:
+                    with trio.move_on_after(idle) as waiting:
+                        message = await self.ws.get_message()
+                    if waiting.cancelled_caught:
+                        self.services.metrics.error(Refusal.IDLE_TIMEOUT)
+                        self._end(1000, "idle timeout", notify=True)
+                        return
                 verdict = self._bucket.take(trio.current_time())
                 if verdict == "flood":
                     self.services.metrics.error(Refusal.FLOOD)
                     self._end(1008, "message rate limit exceeded")
                     return
-                await self._control_send.send(message if verdict == "ok" else _Throttled())
+                await self._control.send(message if verdict == "ok" else _Throttled())
         except ConnectionClosed:
             reason = self.ws.closed
             if reason is not None and reason.code == 1009:
@@ -570,9 +667,9 @@ class Connection:
                 # cancellation point); the writer is woken by the frame.
                 await trio.lowlevel.checkpoint_if_cancelled()
                 try:
-                    self._outbox_send.send_nowait(frame)
+                    self._outbox.send_nowait(frame)
                 except trio.WouldBlock:
-                    await self._outbox_send.send(frame)
+                    await self._outbox.send(frame)
                 queued = True
         finally:
             if not queued:
@@ -659,7 +756,11 @@ class Connection:
     # -- control loop ----------------------------------------------------------
 
     async def _control_loop(self) -> None:
-        async for item in self._control_recv:
+        while True:
+            try:
+                item = await self._control.receive()
+            except trio.EndOfChannel:  # pragma: no cover - the control queue is never closed
+                return
             try:
                 if isinstance(item, str | bytes):
                     await self._on_client_frame(item)
@@ -734,7 +835,7 @@ class Connection:
         """
         outcome = await runner.run(task_status=task_status)
         if runner.started and isinstance(outcome, SessionGone):
-            await self._control_send.send(_AnalysisEnded(outcome, epoch))
+            await self._control.send(_AnalysisEnded(outcome, epoch))
 
     async def _on_analysis_outcome(self, outcome: AnalysisOutcome, epoch: int) -> None:
         """Answer what an analysis ended with, if the connection must (session gone)."""
