@@ -267,14 +267,26 @@ class ServerWebSocket:
     # -- sending -------------------------------------------------------------
 
     async def _write(self, data: bytes) -> None:
-        """Write ``data`` under the send lock; a broken stream closes us (1006)."""
-        async with self._lock:
-            try:
-                await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._abort()
-                assert self._closed is not None
-                raise ConnectionClosed(self._closed) from None
+        """Write ``data`` under the send lock; a broken stream closes us (1006).
+
+        An uncontended lock is taken without a schedule point of its own
+        (``send_all`` is the checkpoint), saving a trip through the run
+        loop per write; a contended one is waited for in FIFO order.
+        """
+        lock = self._lock
+        if lock.locked():
+            await lock.acquire()
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            lock.acquire_nowait()
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._abort()
+            assert self._closed is not None
+            raise ConnectionClosed(self._closed) from None
+        finally:
+            lock.release()
 
     def _abort(self) -> None:
         """The TCP connection is gone without a close handshake."""
