@@ -6,17 +6,25 @@ Theory of operation
 Each accepted WebSocket gets a :class:`Connection` whose :meth:`~Connection.run`
 owns a nursery with two helper tasks and runs the *control loop* itself;
 the server's session events hub puts the session's pub/sub events straight
-into the control channel (dropped and counted when it is full), so watching
+into the control queue (dropped and counted when it is full), so watching
 costs no task::
 
     connection nursery
-    ├── reader      ws.get_message() -> rate limit -> control channel; idle timeout
-    ├── writer      outbox channel -> ws.send_messages()  (the only sender); pings
+    ├── reader      ws.get_message() -> rate limit -> control queue; idle timeout
+    ├── writer      outbox queue -> ws.send_messages()  (frames); pings
     └── analysis    AnalysisRunner in its own cancel scope (at most one)
                     └── metrics nursery: five metric tasks
 
-*One writer.*  Every frame leaves through one bounded outbox channel read by
-one writer task, so frames never interleave, and a client that stops
+*Small queues.*  The outbox and the control queue are ``_Queue`` objects (one
+receiver, bounded, cancel-safe) rather than Trio memory channels: an idle
+connection holds both for hours, and the two channels with their parked
+receivers cost about 5 KiB of the 41 KiB an idle connection cost at
+2607a4b (``bench/README.md``).  Without an idle timeout (the default) the
+reader waits with no cancel scope either.
+
+*One writer.*  Every frame leaves through one bounded outbox queue read by
+one writer task (pongs and close frames from the reader share the
+WebSocket's send lock, so nothing interleaves), so frames never interleave, and a client that stops
 reading fills the outbox, which stalls the producers (backpressure) instead
 of growing memory.  The writer takes every frame waiting and sends them with
 one write (one syscall and one send deadline per batch, not per frame).  The
@@ -35,10 +43,12 @@ TCP connection is simply dropped.
 :meth:`~trio_portfolio.websocket.ServerWebSocket.send_ping`, which does not
 wait for the pong) and closes with 1011 a connection whose pong is more than
 ``ping_timeout_seconds`` late, so a half-open or stalled peer is found
-without a task per connection.  Pongs are answered by trio-websocket's own
-reader, which stops reading while our reader is blocked; so a client whose
-frames the control loop has not taken for a whole ping timeout is taken for
-dead too.  With ``idle_timeout_seconds`` set, the reader closes (1000, reason
+without a task per connection.  The client's pings are answered (and its
+pongs noted) by the reader itself, inside
+:meth:`~trio_portfolio.websocket.ServerWebSocket.get_message`, which stops
+reading while the control queue is full; so a client whose frames the
+control loop has not taken for a whole ping timeout is taken for dead too.
+With ``idle_timeout_seconds`` set, the reader closes (1000, reason
 ``idle timeout``) a connection whose client sent no frame for that long
 (pongs do not count); off by default, so v1 clients that only wait for
 results stay connected.
@@ -70,7 +80,7 @@ fresh session (``session``, v2), after stopping an analysis still running
 on the vanished session (``analysis_cancelled`` / ``cancelled``).  An
 analysis that ends with
 :class:`~trio_portfolio.analysis_outcome.SessionGone` on its own hands that
-outcome back to the control loop (through the control channel), so the
+outcome back to the control loop (through the control queue), so the
 answer is given in order with the handling of every other input.  Each
 answer starts a new *session epoch*; an outcome from an analysis of an
 earlier epoch is answered already, so the client is told once.
@@ -229,7 +239,7 @@ T = TypeVar("T")
 class _Queue(Generic[T]):
     """A bounded FIFO with one receiving task and any number of senders.
 
-    What the connection's outbox and control channel need of a Trio memory
+    What the connection's outbox and control queue need of a Trio memory
     channel, at about a tenth of its memory: a memory channel costs about
     1.7 KiB, and a task parked in its ``receive`` about 1 KiB more (three
     sets, two ordered dicts and the channel's statistics objects), held by
@@ -317,12 +327,12 @@ class _Queue(Generic[T]):
 
 @attrs.frozen
 class _Throttled:
-    """Marker in the control channel: a client frame was dropped by the rate limit."""
+    """Marker in the control queue: a client frame was dropped by the rate limit."""
 
 
 @attrs.frozen
 class _AnalysisEnded:
-    """In the control channel: an analysis ended by itself with an outcome to answer.
+    """In the control queue: an analysis ended by itself with an outcome to answer.
 
     ``epoch`` is the session epoch the analysis was started in.
     """
@@ -595,25 +605,28 @@ class Connection:
 
     async def _transmit(self, frames: list[str] | None) -> None:
         """Send ``frames`` in one write (``None``: a ping) within :data:`SEND_TIMEOUT`,
-        or end the connection."""
-        with trio.move_on_after(SEND_TIMEOUT):
-            self._sending = True
-            try:
-                if frames is None:
-                    await self.ws.send_ping()
-                else:
-                    await self.ws.send_messages(frames)
-            except ConnectionClosed:
-                self._discarding = True
-                self._end(1000, "client gone")
-            finally:
-                self._sending = False
-            return
-        self._stream_broken = True
-        self._too_slow(f"a frame was not taken for {SEND_TIMEOUT:g}s")
+        or end the connection.
+
+        The deadline is the WebSocket's own (no cancel scope when the bytes fit
+        in the socket's buffer at once, the common case).
+        """
+        self._sending = True
+        try:
+            if frames is None:
+                await self.ws.send_ping(timeout=SEND_TIMEOUT)
+            else:
+                await self.ws.send_messages(frames, timeout=SEND_TIMEOUT)
+        except ConnectionClosed:
+            self._discarding = True
+            self._end(1000, "client gone")
+        except trio.TooSlowError:
+            self._stream_broken = True
+            self._too_slow(f"a frame was not taken for {SEND_TIMEOUT:g}s")
+        finally:
+            self._sending = False
 
     async def _reader(self) -> None:
-        """Drain the socket into the control channel, applying the rate limit.
+        """Drain the socket into the control queue, applying the rate limit.
 
         Ends the connection after ``idle_timeout_seconds`` without a client frame.
         """

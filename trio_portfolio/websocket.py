@@ -63,6 +63,7 @@ and the protocol suites check these behaviours over real sockets.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 from collections.abc import Sequence
@@ -267,27 +268,69 @@ class ServerWebSocket:
 
     # -- sending -------------------------------------------------------------
 
-    async def _write(self, data: bytes) -> None:
-        """Write ``data`` under the send lock; a broken stream closes us (1006).
+    async def _write(self, data: bytes, timeout: float = math.inf) -> None:
+        """Write ``data`` under the send lock within ``timeout`` seconds.
 
-        An uncontended lock is taken without a schedule point of its own
-        (``send_all`` is the checkpoint), saving a trip through the run
-        loop per write; a contended one is waited for in FIFO order.
+        The common case costs no cancel scope and no schedule point of its
+        own: with the lock free, the bytes go straight into the socket
+        (``os.write``, which takes whatever fits in the kernel's buffer),
+        and only what does not fit is sent with ``send_all`` under the lock
+        and the deadline.  A contended lock is waited for in FIFO order
+        (within the deadline too).  A checkpoint.
+
+        Raises:
+          ConnectionClosed: the stream is broken or closed (1006).
+          trio.TooSlowError: ``timeout`` passed mid-write; part of ``data``
+            may have left, so the connection is marked broken (1006) and
+            nothing more can be sent on it.
         """
+        await trio.lowlevel.checkpoint_if_cancelled()
         lock = self._lock
-        if lock.locked():
-            await lock.acquire()
-        else:
-            await trio.lowlevel.checkpoint_if_cancelled()
+        held = False
+        if not lock.locked():
+            sent = self._write_now(data)
+            if sent == len(data):
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return
+            data = data[sent:]
             lock.acquire_nowait()
+            held = True
         try:
-            await self._stream.send_all(data)
+            with trio.move_on_after(timeout) as scope:
+                if not held:
+                    await lock.acquire()
+                    held = True
+                await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._abort()
             assert self._closed is not None
             raise ConnectionClosed(self._closed) from None
         finally:
-            lock.release()
+            if held:
+                lock.release()
+        if scope.cancelled_caught:
+            self._abort()
+            raise trio.TooSlowError
+
+    def _write_now(self, data: bytes) -> int:
+        """Write what fits now into a plain TCP socket; the bytes written (0: none).
+
+        Raises :class:`ConnectionClosed` (1006) if the socket is closed or broken.
+        """
+        stream = self._stream
+        if not isinstance(stream, trio.SocketStream):
+            return 0
+        fd = stream.socket.fileno()
+        try:
+            if fd < 0:
+                raise BrokenPipeError
+            return os.write(fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError:  # EPIPE, ECONNRESET, EBADF: the peer or the socket is gone
+            self._abort()
+            assert self._closed is not None
+            raise ConnectionClosed(self._closed) from None
 
     def _abort(self) -> None:
         """The TCP connection is gone without a close handshake."""
@@ -296,7 +339,7 @@ class ServerWebSocket:
         if self._close_done is not None:
             self._close_done.set()
 
-    async def send_ping(self) -> None:
+    async def send_ping(self, *, timeout: float = math.inf) -> None:
         """Send a ping with a fresh payload and return without waiting for its pong.
 
         Replaces any unanswered ping (its pong no longer counts); the clock
@@ -310,17 +353,18 @@ class ServerWebSocket:
         self._ping_payload = payload = secrets.token_bytes(8)
         if self._ping_sent_at is None:
             self._ping_sent_at = trio.current_time()
-        await self._write(self._frames.send(Ping(payload=payload)))
+        await self._write(self._frames.send(Ping(payload=payload)), timeout)
 
     async def send_message(self, message: str) -> None:
         """Send one text message (:meth:`send_messages` with one)."""
         await self.send_messages((message,))
 
-    async def send_messages(self, messages: Sequence[str]) -> None:
+    async def send_messages(self, messages: Sequence[str], *, timeout: float = math.inf) -> None:
         """Send text ``messages`` in order with one write (the writer's batch).
 
         Raises ``ConnectionClosed`` if the connection is closed or breaks
-        during the write.
+        during the write, ``trio.TooSlowError`` if the write took longer
+        than ``timeout`` (see :meth:`_write`).
         """
         if self._closed is not None:
             raise ConnectionClosed(self._closed)
@@ -329,7 +373,7 @@ class ServerWebSocket:
             data = encode(TextMessage(data=messages[0]))
         else:
             data = b"".join([encode(TextMessage(data=message)) for message in messages])
-        await self._write(data)
+        await self._write(data, timeout)
 
     async def _send_pong(self, data: bytes) -> None:
         """A pong, shielded (bounded): cancelling the reader must not cut a frame."""
