@@ -18,9 +18,13 @@ import struct
 import pytest
 import trio
 from trio_websocket import open_websocket_url
+from wsproto import ConnectionType
+from wsproto.connection import Connection as FrameConnection
+from wsproto.events import TextMessage
 
 from trio_portfolio.connection import _Queue
 from trio_portfolio.testing import IO, LiveServer, RedisServerInfo, live, new_session_id
+from trio_portfolio.websocket import text_frame
 
 OP_CONT, OP_TEXT, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x8, 0x9, 0xA
 
@@ -231,3 +235,12 @@ async def test_an_idle_v1_connection_costs_three_tasks(real_redis: RedisServerIn
         assert all(grown[name] == connections for name in server_side), grown
         assert grown["trio_websocket._impl.WebSocketConnection._reader_task"] == connections
         stop.set()
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_text_frames_are_what_wsproto_makes(size: int) -> None:
+    """The writer's own frame encoder against wsproto's, at every length boundary."""
+    frames = FrameConnection(ConnectionType.SERVER)
+    message = ("é" * size)[: max(0, size // 2)] + "x" * (size - size // 2)
+    assert text_frame(message) == frames.send(TextMessage(data=message))
+    assert text_frame(message) == frames.send(TextMessage(data=message))  # state unchanged

@@ -66,6 +66,7 @@ import contextlib
 import math
 import os
 import secrets
+import struct
 from collections.abc import Sequence
 
 import trio
@@ -92,6 +93,7 @@ __all__ = [
     "ServerHandshake",
     "ServerWebSocket",
     "read_handshake",
+    "text_frame",
 ]
 
 CLOSE_SEND_TIMEOUT = 1.0
@@ -101,6 +103,29 @@ RECEIVE_BYTES = 4096
 """Bytes read from the socket at a time (trio-websocket's default)."""
 
 _ABNORMAL = 1006
+
+
+def text_frame(message: str) -> bytes:
+    """One whole, unmasked text frame (RFC 6455 §5.2), as a server sends it.
+
+    What wsproto's ``Connection.send(TextMessage(...))`` produces for a whole
+    message without extensions (``tests/test_websocket_server.py`` compares
+    the two), at a fraction of its cost: the writer encodes every frame
+    the server sends.  A whole message leaves wsproto's frame state as it was
+    (it only tracks the opcode of an unfinished message), so frames made
+    here and frames made by wsproto can follow each other.
+    """
+    payload = message.encode()
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 1 << 16:
+        return _HEAD_16.pack(0x81, 126, size) + payload
+    return _HEAD_64.pack(0x81, 127, size) + payload
+
+
+_HEAD_16 = struct.Struct("!BBH")
+_HEAD_64 = struct.Struct("!BBQ")
 
 
 def _detach(stream: trio.abc.Stream) -> trio.abc.Stream:
@@ -368,11 +393,12 @@ class ServerWebSocket:
         """
         if self._closed is not None:
             raise ConnectionClosed(self._closed)
-        encode = self._frames.send
+        if self._frames.state is not ConnectionState.OPEN:  # pragma: no cover - closed is set
+            raise ConnectionClosed(CloseReason(_ABNORMAL, "closing"))
         if len(messages) == 1:
-            data = encode(TextMessage(data=messages[0]))
+            data = text_frame(messages[0])
         else:
-            data = b"".join([encode(TextMessage(data=message)) for message in messages])
+            data = b"".join([text_frame(message) for message in messages])
         await self._write(data, timeout)
 
     async def _send_pong(self, data: bytes) -> None:
