@@ -205,6 +205,11 @@ class ServerHandshake:
         data = ws.send(AcceptConnection(subprotocol=subprotocol, extra_headers=extra_headers or []))
         frames = ws.connection
         assert frames is not None  # the accept opened it
+        # wsproto queues events of its own in a deque (about 0.7 KiB) only for
+        # ``receive_data(None)``, which is never called here (a closed stream is
+        # handled by us); an empty tuple answers ``events()`` the same, and any
+        # other use would fail loudly (``tests/test_websocket_server.py``).
+        frames._events = ()  # type: ignore[assignment]
         # Bytes the client sent right behind its request (h11 kept them).
         trailing, _ = ws.handshake._h11_connection.trailing_data
         if trailing:
