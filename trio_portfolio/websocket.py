@@ -54,6 +54,15 @@ for the peer's (read by the connection's reader if one is reading, else by
 A peer's close frame is answered and the TCP connection closed at once
 (RFC 6455 §7.1.1: the server closes first).
 
+*Cheap on the hot path.*  A plain TCP socket is read directly once
+readable and written directly while the send lock is free (what does not
+fit in the kernel's buffer goes through ``send_all`` under the lock and the
+deadline); whole text frames are encoded here (:func:`text_frame`, the
+bytes wsproto makes).  Two wsproto private names are used: the handshake's
+``_h11_connection.trailing_data`` (bytes sent right behind the request) and
+the frame state's ``_events`` deque (replaced by an empty tuple); the
+dependency is pinned below 1.4 and the tests cover both.
+
 The exceptions are trio-websocket's (:class:`ConnectionClosed` with a
 :class:`CloseReason`), so the code and the tests that speak to both sides
 name one set.  ``tests/test_keepalive.py``, ``tests/test_websocket_server.py``
