@@ -16,7 +16,7 @@ The whole task tree lives here; read this file to see who owns what::
                 └── _serve_websocket       handshake checks: Origin, per-address count,
                     │                      credential, then (creating only) rate and cap
                     └── Connection.run     see connection.py for the subtree:
-                        ├── reader / writer / events / control loop
+                        ├── reader / writer / control loop
                         └── AnalysisRunner own cancel scope
                             └── five metric tasks
 
