@@ -6,17 +6,25 @@ Theory of operation
 Each accepted WebSocket gets a :class:`Connection` whose :meth:`~Connection.run`
 owns a nursery with two helper tasks and runs the *control loop* itself;
 the server's session events hub puts the session's pub/sub events straight
-into the control channel (dropped and counted when it is full), so watching
+into the control queue (dropped and counted when it is full), so watching
 costs no task::
 
     connection nursery
-    ├── reader      ws.get_message() -> rate limit -> control channel; idle timeout
-    ├── writer      outbox channel -> ws.send_messages()  (the only sender); pings
+    ├── reader      ws.get_message() -> rate limit -> control queue; idle timeout
+    ├── writer      outbox queue -> ws.send_messages()  (frames); pings
     └── analysis    AnalysisRunner in its own cancel scope (at most one)
                     └── metrics nursery: five metric tasks
 
-*One writer.*  Every frame leaves through one bounded outbox channel read by
-one writer task, so frames never interleave, and a client that stops
+*Small queues.*  The outbox and the control queue are ``_Queue`` objects (one
+receiver, bounded, cancel-safe) rather than Trio memory channels: an idle
+connection holds both for hours, and the two channels with their parked
+receivers cost about 5 KiB of the 41 KiB an idle connection cost at
+2607a4b (``bench/README.md``).  Without an idle timeout (the default) the
+reader waits with no cancel scope either.
+
+*One writer.*  Every frame leaves through one bounded outbox queue read by
+one writer task (pongs and close frames from the reader share the
+WebSocket's send lock, so nothing interleaves), so frames never interleave, and a client that stops
 reading fills the outbox, which stalls the producers (backpressure) instead
 of growing memory.  The writer takes every frame waiting and sends them with
 one write (one syscall and one send deadline per batch, not per frame).  The
@@ -35,10 +43,12 @@ TCP connection is simply dropped.
 :meth:`~trio_portfolio.websocket.ServerWebSocket.send_ping`, which does not
 wait for the pong) and closes with 1011 a connection whose pong is more than
 ``ping_timeout_seconds`` late, so a half-open or stalled peer is found
-without a task per connection.  Pongs are answered by trio-websocket's own
-reader, which stops reading while our reader is blocked; so a client whose
-frames the control loop has not taken for a whole ping timeout is taken for
-dead too.  With ``idle_timeout_seconds`` set, the reader closes (1000, reason
+without a task per connection.  The client's pings are answered (and its
+pongs noted) by the reader itself, inside
+:meth:`~trio_portfolio.websocket.ServerWebSocket.get_message`, which stops
+reading while the control queue is full; so a client whose frames the
+control loop has not taken for a whole ping timeout is taken for dead too.
+With ``idle_timeout_seconds`` set, the reader closes (1000, reason
 ``idle timeout``) a connection whose client sent no frame for that long
 (pongs do not count); off by default, so v1 clients that only wait for
 results stay connected.
@@ -70,7 +80,7 @@ fresh session (``session``, v2), after stopping an analysis still running
 on the vanished session (``analysis_cancelled`` / ``cancelled``).  An
 analysis that ends with
 :class:`~trio_portfolio.analysis_outcome.SessionGone` on its own hands that
-outcome back to the control loop (through the control channel), so the
+outcome back to the control loop (through the control queue), so the
 answer is given in order with the handling of every other input.  Each
 answer starts a new *session epoch*; an outcome from an analysis of an
 earlier epoch is answered already, so the client is told once.
@@ -98,6 +108,7 @@ import math
 import random
 import secrets
 from collections.abc import Iterator, Mapping
+from typing import Generic, TypeVar
 
 import attrs
 import trio
@@ -136,6 +147,9 @@ log = logging.getLogger(__name__)
 
 SEND_TIMEOUT = 10.0
 """Seconds a single frame may take to reach a client before we give up on it."""
+
+CONTROL_QUEUE_SIZE = 16
+"""Inputs (client frames, session events, analysis outcomes) waiting for the control loop."""
 
 CLOSE_TIMEOUT = 1.0
 """Seconds the closing handshake may take, after the grace period, before the TCP
@@ -219,14 +233,106 @@ class TokenBucket:
         return "throttled" if self.tokens >= -self.burst else "flood"
 
 
+T = TypeVar("T")
+
+
+class _Queue(Generic[T]):
+    """A bounded FIFO with one receiving task and any number of senders.
+
+    What the connection's outbox and control queue need of a Trio memory
+    channel, at about a tenth of its memory: a memory channel costs about
+    1.7 KiB, and a task parked in its ``receive`` about 1 KiB more (three
+    sets, two ordered dicts and the channel's statistics objects), held by
+    every idle connection twice (``bench/README.md``).  Semantics follow the
+    channel's: :meth:`send` waits while the queue is full and is a
+    checkpoint, :meth:`send_nowait` raises :class:`trio.WouldBlock`, both
+    raise :class:`trio.ClosedResourceError` after :meth:`close`;
+    :meth:`receive` waits for an item and raises :class:`trio.EndOfChannel`
+    once the queue is closed and empty.  Every wait is cancellable without
+    losing an item (an item is taken only by a receive that returns it).
+    Only one task may receive at a time.
+    """
+
+    __slots__ = ("_closed", "_items", "_max", "_receiver", "_senders")
+
+    def __init__(self, max_size: int) -> None:
+        self._items: list[T] = []
+        self._max = max_size
+        self._receiver: trio.lowlevel.Task | None = None
+        self._senders: trio.lowlevel.ParkingLot | None = None
+        """Senders waiting for room (made on the first wait)."""
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def send_nowait(self, item: T) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the queue is closed")
+        if len(self._items) >= self._max:
+            raise trio.WouldBlock
+        self._items.append(item)
+        receiver = self._receiver
+        if receiver is not None:
+            self._receiver = None
+            trio.lowlevel.reschedule(receiver)
+
+    async def send(self, item: T) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                self.send_nowait(item)
+            except trio.WouldBlock:
+                if self._senders is None:
+                    self._senders = trio.lowlevel.ParkingLot()
+                await self._senders.park()
+            else:
+                break
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def receive_nowait(self) -> T:
+        if not self._items:
+            if self._closed:
+                raise trio.EndOfChannel
+            raise trio.WouldBlock
+        item = self._items.pop(0)
+        if self._senders:
+            self._senders.unpark()
+        return item
+
+    def _abort(self, _: object) -> trio.lowlevel.Abort:
+        self._receiver = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    async def receive(self) -> T:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._items or self._closed:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        else:
+            assert self._receiver is None, "one receiver at a time"
+            self._receiver = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
+        return self.receive_nowait()
+
+    def close(self) -> None:
+        """Refuse further sends; wake the receiver and every waiting sender."""
+        self._closed = True
+        receiver = self._receiver
+        if receiver is not None:
+            self._receiver = None
+            trio.lowlevel.reschedule(receiver)
+        if self._senders is not None:
+            self._senders.unpark_all()
+
+
 @attrs.frozen
 class _Throttled:
-    """Marker in the control channel: a client frame was dropped by the rate limit."""
+    """Marker in the control queue: a client frame was dropped by the rate limit."""
 
 
 @attrs.frozen
 class _AnalysisEnded:
-    """In the control channel: an analysis ended by itself with an outcome to answer.
+    """In the control queue: an analysis ended by itself with an outcome to answer.
 
     ``epoch`` is the session epoch the analysis was started in.
     """
@@ -246,9 +352,8 @@ class Connection:
         "_bucket",
         "_close_code",
         "_close_reason",
-        "_control_recv",
+        "_control",
         "_control_scope",
-        "_control_send",
         "_current",
         "_deadline",
         "_discarding",
@@ -257,8 +362,7 @@ class Connection:
         "_market",
         "_notify_on_close",
         "_nursery",
-        "_outbox_recv",
-        "_outbox_send",
+        "_outbox",
         "_sending",
         "_session_epoch",
         "_session_ready",
@@ -285,7 +389,7 @@ class Connection:
         self.dialect = dialect
         self.id = secrets.token_hex(6)
         settings = services.settings
-        self._outbox_send, self._outbox_recv = trio.open_memory_channel[str](settings.outbox_size)
+        self._outbox: _Queue[str] = _Queue(settings.outbox_size)
         self.outbox_bytes = 0
         """Bytes (characters) of the frames queued, waiting to queue, or being sent."""
         self.outbox_bytes_peak = 0
@@ -303,7 +407,7 @@ class Connection:
         self._deadline: float | None = None
         """When the grace period of the ending connection is over (set by :meth:`_end`)."""
         self._grace: trio.CancelScope | None = None
-        self._control_send, self._control_recv = trio.open_memory_channel[_Input](16)
+        self._control: _Queue[_Input] = _Queue(CONTROL_QUEUE_SIZE)
         self._control_scope = trio.CancelScope()
         self._bucket = TokenBucket(settings.messages_per_second, settings.message_burst)
         self._current: AnalysisRunner | None = None
@@ -374,7 +478,7 @@ class Connection:
         """Serve the client until it leaves or the server shuts down; never raises."""
         async with (
             self.services.events.deliver_into(
-                self.session_id, self._control_send, on_drop=self.services.metrics.event_dropped
+                self.session_id, self._control, on_drop=self.services.metrics.event_dropped
             ),
             trio.open_nursery() as nursery,
         ):
@@ -407,7 +511,7 @@ class Connection:
         if self._current is not None:
             self._current.abandon()  # its shielded commits and unfencing end now
         # Closing wakes any producer blocked on a full outbox; later sends are dropped.
-        self._outbox_send.close()
+        self._outbox.close()
         with self._grace_period():
             await writer_done.wait()
         if not writer_done.is_set():  # still sending to a client that does not read
@@ -445,7 +549,7 @@ class Connection:
         settings = self.services.settings
         interval = settings.ping_interval_seconds or math.inf
         next_ping = trio.current_time() + interval
-        outbox = self._outbox_recv
+        outbox = self._outbox
         while True:
             wake = next_ping
             unanswered = self.ws.ping_unanswered_since
@@ -501,43 +605,49 @@ class Connection:
 
     async def _transmit(self, frames: list[str] | None) -> None:
         """Send ``frames`` in one write (``None``: a ping) within :data:`SEND_TIMEOUT`,
-        or end the connection."""
-        with trio.move_on_after(SEND_TIMEOUT):
-            self._sending = True
-            try:
-                if frames is None:
-                    await self.ws.send_ping()
-                else:
-                    await self.ws.send_messages(frames)
-            except ConnectionClosed:
-                self._discarding = True
-                self._end(1000, "client gone")
-            finally:
-                self._sending = False
-            return
-        self._stream_broken = True
-        self._too_slow(f"a frame was not taken for {SEND_TIMEOUT:g}s")
+        or end the connection.
+
+        The deadline is the WebSocket's own (no cancel scope when the bytes fit
+        in the socket's buffer at once, the common case).
+        """
+        self._sending = True
+        try:
+            if frames is None:
+                await self.ws.send_ping(timeout=SEND_TIMEOUT)
+            else:
+                await self.ws.send_messages(frames, timeout=SEND_TIMEOUT)
+        except ConnectionClosed:
+            self._discarding = True
+            self._end(1000, "client gone")
+        except trio.TooSlowError:
+            self._stream_broken = True
+            self._too_slow(f"a frame was not taken for {SEND_TIMEOUT:g}s")
+        finally:
+            self._sending = False
 
     async def _reader(self) -> None:
-        """Drain the socket into the control channel, applying the rate limit.
+        """Drain the socket into the control queue, applying the rate limit.
 
         Ends the connection after ``idle_timeout_seconds`` without a client frame.
         """
-        idle = self.services.settings.idle_timeout_seconds or math.inf
+        idle = self.services.settings.idle_timeout_seconds
         try:
             while True:
-                with trio.move_on_after(idle) as waiting:
+                if not idle:  # off (the default): no cancel scope held while waiting
                     message = await self.ws.get_message()
-                if waiting.cancelled_caught:
-                    self.services.metrics.error(Refusal.IDLE_TIMEOUT)
-                    self._end(1000, "idle timeout", notify=True)
-                    return
+                else:
+                    with trio.move_on_after(idle) as waiting:
+                        message = await self.ws.get_message()
+                    if waiting.cancelled_caught:
+                        self.services.metrics.error(Refusal.IDLE_TIMEOUT)
+                        self._end(1000, "idle timeout", notify=True)
+                        return
                 verdict = self._bucket.take(trio.current_time())
                 if verdict == "flood":
                     self.services.metrics.error(Refusal.FLOOD)
                     self._end(1008, "message rate limit exceeded")
                     return
-                await self._control_send.send(message if verdict == "ok" else _Throttled())
+                await self._control.send(message if verdict == "ok" else _Throttled())
         except ConnectionClosed:
             reason = self.ws.closed
             if reason is not None and reason.code == 1009:
@@ -570,9 +680,9 @@ class Connection:
                 # cancellation point); the writer is woken by the frame.
                 await trio.lowlevel.checkpoint_if_cancelled()
                 try:
-                    self._outbox_send.send_nowait(frame)
+                    self._outbox.send_nowait(frame)
                 except trio.WouldBlock:
-                    await self._outbox_send.send(frame)
+                    await self._outbox.send(frame)
                 queued = True
         finally:
             if not queued:
@@ -659,7 +769,11 @@ class Connection:
     # -- control loop ----------------------------------------------------------
 
     async def _control_loop(self) -> None:
-        async for item in self._control_recv:
+        while True:
+            try:
+                item = await self._control.receive()
+            except trio.EndOfChannel:  # pragma: no cover - the control queue is never closed
+                return
             try:
                 if isinstance(item, str | bytes):
                     await self._on_client_frame(item)
@@ -734,7 +848,7 @@ class Connection:
         """
         outcome = await runner.run(task_status=task_status)
         if runner.started and isinstance(outcome, SessionGone):
-            await self._control_send.send(_AnalysisEnded(outcome, epoch))
+            await self._control.send(_AnalysisEnded(outcome, epoch))
 
     async def _on_analysis_outcome(self, outcome: AnalysisOutcome, epoch: int) -> None:
         """Answer what an analysis ended with, if the connection must (session gone)."""

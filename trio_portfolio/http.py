@@ -290,6 +290,18 @@ class PrefixedStream(trio.abc.Stream):
         self._prefix = b""
         await self.transport_stream.aclose()
 
+    def detach(self) -> trio.abc.Stream:
+        """The stream to keep once the prefix is consumed: ``transport_stream``.
+
+        Also drops :attr:`request` (the handshake's headers), since an open
+        WebSocket may live for hours and needs neither.  While prefix bytes
+        are left this wrapper is still needed and is returned itself.
+        """
+        self.request = None
+        if self._prefix or self._closed:
+            return self
+        return self.transport_stream
+
 
 @attrs.frozen
 class _Asset:

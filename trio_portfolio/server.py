@@ -16,7 +16,7 @@ The whole task tree lives here; read this file to see who owns what::
                 └── _serve_websocket       handshake checks: Origin, per-address count,
                     │                      credential, then (creating only) rate and cap
                     └── Connection.run     see connection.py for the subtree:
-                        ├── reader / writer / events / control loop
+                        ├── reader / writer / control loop
                         └── AnalysisRunner own cancel scope
                             └── five metric tasks
 
@@ -48,6 +48,7 @@ is the supervisor's then, never a worker's.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -61,7 +62,7 @@ from urllib.parse import unquote, urlsplit
 import attrs
 import orjson
 import trio
-from trio_websocket import ConnectionClosed, WebSocketRequest
+from trio_websocket import ConnectionClosed
 
 from trio_portfolio.admission import (
     ConnectionCounts,
@@ -112,7 +113,7 @@ from trio_portfolio.store import (
     open_replica_wait,
     open_store,
 )
-from trio_portfolio.websocket import ServerWebSocket, wrap_server_stream
+from trio_portfolio.websocket import ServerHandshake, read_handshake
 
 log = logging.getLogger(__name__)
 
@@ -375,15 +376,11 @@ class Server:
                 await trio.aclose_forcefully(stream)
 
     async def _handle_websocket(self, stream: trio.abc.Stream) -> None:
-        async with trio.open_nursery() as nursery:
-            try:
-                await self._serve_websocket(nursery, stream)
-            except ConnectionClosed:
-                pass  # the client left during the handshake (accept or reject)
-            finally:
-                nursery.cancel_scope.cancel()
+        # ConnectionClosed: the client left during the handshake (accept or reject).
+        with contextlib.suppress(ConnectionClosed):
+            await self._serve_websocket(stream)
 
-    async def _reject(self, request: WebSocketRequest, refusal: Refusal) -> None:
+    async def _reject(self, request: ServerHandshake, refusal: Refusal) -> None:
         """Refuse the handshake with ``refusal`` (counted in ``errors`` by its code)."""
         self.metrics.error(refusal.code)
         headers = [(name.encode(), value.encode()) for name, value in refusal.headers()]
@@ -393,7 +390,7 @@ class Server:
         headers.append((b"content-type", b"application/json"))
         await request.reject(refusal.status, extra_headers=headers, body=body)
 
-    async def _serve_websocket(self, nursery: trio.Nursery, stream: trio.abc.Stream) -> None:
+    async def _serve_websocket(self, stream: trio.abc.Stream) -> None:
         """The handshake's checks, in order, then the connection.
 
         Path and id (404/400), readiness (503), ``Origin`` (403), capacity
@@ -403,10 +400,9 @@ class Server:
         (429) and the global session cap (503).
         """
         settings = self.settings
+        request = None
         with trio.move_on_after(HANDSHAKE_TIMEOUT):
-            request = await wrap_server_stream(
-                nursery, stream, max_message_size=settings.max_message_bytes
-            )
+            request = await read_handshake(stream, max_message_size=settings.max_message_bytes)
         if request is None or self.shutting_down.is_set():
             return
         target = await self._route(request)
@@ -447,6 +443,7 @@ class Server:
             if refusal is not None:
                 await self._reject(request, refusal)
                 return
+            del info  # the handshake's headers: not kept for the connection's life
             await self._run_connection(services, request, session_id)
         finally:
             self.address_connections.close(key)
@@ -454,7 +451,7 @@ class Server:
     async def _run_connection(
         self,
         services: Services,
-        request: WebSocketRequest,
+        request: ServerHandshake,
         session_id: str,
     ) -> None:
         dialect = choose_dialect(request.proposed_subprotocols)
@@ -462,7 +459,6 @@ class Server:
             subprotocol=choose_subprotocol(request.proposed_subprotocols),
             extra_headers=self.handshake_headers,
         )
-        assert isinstance(ws, ServerWebSocket)  # made by our wrap_server_stream
         connection = Connection(services, ws, session_id, dialect)
         self.connections.add(connection)
         self.all_closed = trio.Event()
@@ -502,7 +498,7 @@ class Server:
             refusal = session_cap_refusal(census.live, self.settings.max_sessions)
         return refusal
 
-    async def _route(self, request: WebSocketRequest) -> tuple[str, str] | None:
+    async def _route(self, request: ServerHandshake) -> tuple[str, str] | None:
         """``(session_id, query)`` of a ``/ws/{session_id}`` target, else reject and ``None``."""
         target = urlsplit(request.path)
         path = unquote(target.path)

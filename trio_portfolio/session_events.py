@@ -30,6 +30,8 @@ import logging
 import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Protocol
 
 import attrs
 import orjson
@@ -105,6 +107,18 @@ def parse_event(data: str) -> SessionEvent | None:
     return None
 
 
+class EventSink(Protocol):
+    """Where :meth:`SessionEvents.deliver_into` puts events: a memory channel's
+    send side, or a connection's control queue.
+
+    ``send_nowait`` raises :class:`trio.WouldBlock` when full (the event is
+    dropped and counted) and :class:`trio.BrokenResourceError` or
+    :class:`trio.ClosedResourceError` when nobody listens any more.
+    """
+
+    def send_nowait(self, event: SessionEvent, /) -> None: ...
+
+
 class SessionEvents:
     """The per-process hub; run :meth:`run` in a nursery, then :meth:`watch` sessions."""
 
@@ -114,9 +128,7 @@ class SessionEvents:
         self._pubsub = pubsub
         self._channel_for = channel_for
         self._buffer = buffer
-        self._watchers: dict[
-            str, dict[trio.MemorySendChannel[SessionEvent], Callable[[], None] | None]
-        ] = {}
+        self._watchers: dict[str, dict[EventSink, Callable[[], None] | None]] = {}
         """Per channel, each watcher's send channel and what to tell when it drops one."""
         self.dropped = 0
         """Events not delivered because a watcher's buffer was full."""
@@ -149,22 +161,29 @@ class SessionEvents:
             async with self.deliver_into(session_id, send):
                 yield receive
 
-    @asynccontextmanager
-    async def deliver_into(
+    def deliver_into(
         self,
         session_id: str,
-        send: trio.MemorySendChannel[SessionEvent],
+        send: EventSink,
         *,
         on_drop: Callable[[], None] | None = None,
-    ) -> AsyncIterator[None]:
-        """Put the session's events straight into ``send`` for the duration of the block.
+    ) -> _Delivery:
+        """Put the session's events straight into ``send`` for the duration of an
+        ``async with`` block.
 
         As :meth:`watch`, but into the caller's own channel (a connection's
-        control channel), so that a watcher costs no channel and no
+        control queue), so that a watcher costs no channel and no
         forwarding task of its own.  Never blocks the hub: an event that
         ``send`` cannot take at once is dropped, counted in ``dropped`` and
-        reported to ``on_drop``.  ``send`` is not closed here.
+        reported to ``on_drop``.  ``send`` is not closed here.  (A plain
+        object rather than a generator-based context manager: a server holds
+        one per connection for the connection's life.)
         """
+        return _Delivery(self, session_id, send, on_drop)
+
+    async def _subscribe(
+        self, session_id: str, send: EventSink, on_drop: Callable[[], None] | None
+    ) -> None:
         channel = self._channel_for(session_id)
         watchers = self._watchers.setdefault(channel, {})
         watchers[send] = on_drop
@@ -174,12 +193,19 @@ class SessionEvents:
                     await self._pubsub.subscribe(channel, timeout=2.0)
                 except StoreUnavailable as exc:
                     log.warning("session events for %s delayed: %s", session_id, exc)
-            yield
-        finally:
-            watchers.pop(send, None)
-            if not watchers:
-                del self._watchers[channel]
-                self._pubsub.unsubscribe(channel)
+        except BaseException:
+            self._unsubscribe(session_id, send)
+            raise
+
+    def _unsubscribe(self, session_id: str, send: EventSink) -> None:
+        channel = self._channel_for(session_id)
+        watchers = self._watchers.get(channel)
+        if watchers is None:
+            return
+        watchers.pop(send, None)
+        if not watchers:
+            del self._watchers[channel]
+            self._pubsub.unsubscribe(channel)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Route every message to the watchers of its channel, forever."""
@@ -207,3 +233,32 @@ class SessionEvents:
             log.warning(
                 "ignoring malformed event on %s (%d so far): %.200r", channel, self.malformed, data
             )
+
+
+class _Delivery:
+    """The context manager :meth:`SessionEvents.deliver_into` returns."""
+
+    __slots__ = ("_hub", "_on_drop", "_send", "_session_id")
+
+    def __init__(
+        self,
+        hub: SessionEvents,
+        session_id: str,
+        send: EventSink,
+        on_drop: Callable[[], None] | None,
+    ) -> None:
+        self._hub = hub
+        self._session_id = session_id
+        self._send = send
+        self._on_drop = on_drop
+
+    async def __aenter__(self) -> None:
+        await self._hub._subscribe(self._session_id, self._send, self._on_drop)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._hub._unsubscribe(self._session_id, self._send)
