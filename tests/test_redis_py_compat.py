@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import random
 import re
 import tomllib
 from pathlib import Path
@@ -36,10 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 REDIS_PY = importlib.metadata.version("redis")
 
 BORROWED = [
-    ("redis._parsers.encoders", "Encoder"),
-    ("redis.connection", "PythonRespSerializer"),
+    ("redis._parsers.encoders", "Encoder"),  # the oracle of the encoder test below
+    ("redis.connection", "PythonRespSerializer"),  # likewise
     ("redis.connection", "parse_url"),
-    ("redis.exceptions", "DataError"),
+    ("redis.exceptions", "DataError"),  # likewise
 ]
 
 
@@ -68,6 +69,57 @@ def test_the_encoder_still_writes_plain_resp2() -> None:
     )
     with pytest.raises(TypeError):
         encode_command(("SET", "k", None))  # type: ignore[arg-type]
+
+
+class _Name(str):
+    """A ``str`` subclass (as an enum's value can be): takes the encoder's slow path."""
+
+
+class _Count(int):
+    """An ``int`` subclass: likewise."""
+
+
+def test_the_encoder_writes_what_redis_py_writes_byte_for_byte() -> None:
+    """``encode_command`` against redis-py's own serializer, the bytes redis-py would send."""
+    from redis._parsers.encoders import Encoder
+    from redis.connection import PythonRespSerializer
+    from redis.exceptions import DataError
+
+    encoder = Encoder(encoding="utf-8", encoding_errors="strict", decode_responses=False)  # type: ignore[no-untyped-call]
+    serializer = PythonRespSerializer(6000, encoder.encode)
+    rng = random.Random(5)
+    samples: list[Any] = [
+        "",
+        "EVALSHA",
+        "välue ✓",
+        "x" * 7000,
+        b"",
+        b"\x00\xff" * 4000,
+        memoryview(b"mv"),
+        0,
+        -1,
+        2**70,
+        1.5,
+        -0.0,
+        1e300,
+        float("inf"),
+        _Name("tag"),
+        _Count(42),
+    ]
+    samples += [rng.random() * 10 ** rng.randint(-20, 20) for _ in range(200)]
+    samples += [
+        "".join(chr(rng.randint(32, 0x2FFF)) for _ in range(rng.randint(0, 40))) for _ in range(100)
+    ]
+    for _ in range(300):
+        name = rng.choice(["EVALSHA", "SET", "HSET", "välue"])
+        args = (name, *(rng.choice(samples) for _ in range(rng.randint(0, 12))))
+        want = b"".join(serializer.pack(*args))  # type: ignore[no-untyped-call]
+        assert encode_command(args) == want, args
+    for bad in (None, True, False, object(), [1]):
+        with pytest.raises(DataError):
+            serializer.pack("SET", "k", bad)  # type: ignore[no-untyped-call]
+        with pytest.raises(TypeError):
+            encode_command(("SET", "k", bad))
 
 
 def test_parse_url_still_returns_what_connection_params_reads() -> None:

@@ -5,9 +5,9 @@ Theory of operation
 
 redis-py has no Trio support, and parking a thread per command would cap
 concurrency at the thread pool.  This module speaks RESP2 natively on Trio
-streams, reusing redis-py's command encoder (``PythonRespSerializer``) and the
-parser redis-py itself uses when available (``hiredis.Reader``), so no RESP
-code is written here.
+streams: commands are encoded by a few lines that write exactly what
+redis-py's serializer would (``redis_wire.encode_command``), replies parsed by
+the parser redis-py itself uses when available (``hiredis.Reader``).
 
 A :class:`RedisClient` owns a small, fixed number of *multiplexed*
 connections.  Many tasks share one connection at once:
