@@ -558,9 +558,7 @@ class AnalysisRunner:
                 if isinstance(values, Failed):
                     attempt.ending, attempt.failure = _Ending.FAILED, values
                 else:
-                    async with trio.open_nursery() as nursery:
-                        for metric in METRICS:
-                            nursery.start_soon(self._metric, attempt, metric, values[metric])
+                    await self._deliver_metrics(attempt, values)
             if (
                 attempt.scope.cancelled_caught
                 and attempt.ending is _Ending.COMPLETE
@@ -636,16 +634,43 @@ class AnalysisRunner:
                 ErrorCode.INTERNAL_ERROR, f"cannot analyse {snapshot.ticker}: {exc}"
             )
 
-    async def _metric(self, attempt: Attempt, metric: str, value: float) -> None:
+    async def _deliver_metrics(self, attempt: Attempt, values: dict[str, float]) -> None:
+        """Commit and stream the five results, each when its (simulated) delay is over.
+
+        Each metric is ready at the attempt's start plus a delay drawn from
+        ``metric_delay``.  Those ready already (all of them with no delay
+        configured) are committed together, one pipeline of fenced appends,
+        in this task; each of the others waits in a task of its own.  Every
+        result is its own fenced append either way, so the answers (and
+        what :meth:`_settle` does with them) are those of separate calls.
+        """
         low, high = self.ctx.metric_delay
-        ready_at = attempt.started_clock + self.ctx.rng.uniform(low, high)
-        if ready_at > trio.current_time():
-            await trio.sleep_until(ready_at)
-        # else: no sleep (with no delay configured, a sleep would cost a cancel
-        # scope and a trip through the scheduler per metric for nothing); the
-        # commit below is a checkpoint either way.
+        ready_at = {m: attempt.started_clock + self.ctx.rng.uniform(low, high) for m in METRICS}
+        now = trio.current_time()
+        due = [m for m in METRICS if ready_at[m] <= now]
+        async with trio.open_nursery() as nursery:
+            for metric in METRICS:
+                if ready_at[metric] > now:
+                    nursery.start_soon(
+                        self._metric, attempt, metric, values[metric], ready_at[metric]
+                    )
+            if due:
+                results = [self._result(attempt, m, values[m]) for m in due]
+                for result, status in zip(
+                    results, await self._commit(attempt, results), strict=True
+                ):
+                    await self._settle(attempt, result, status)
+
+    async def _metric(self, attempt: Attempt, metric: str, value: float, ready_at: float) -> None:
+        """One metric whose delay is not over yet: wait, then commit and stream it."""
+        await trio.sleep_until(ready_at)
+        result = self._result(attempt, metric, value)
+        (status,) = await self._commit(attempt, [result])
+        await self._settle(attempt, result, status)
+
+    def _result(self, attempt: Attempt, metric: str, value: float) -> AnalysisResult:
         snapshot = attempt.snapshot
-        result = AnalysisResult(
+        return AnalysisResult(
             analysis_id=attempt.analysis_id,
             ticker=self.ticker,
             metric=metric,
@@ -655,7 +680,11 @@ class AnalysisRunner:
             as_of=snapshot.as_of,
             result_id=AnalysisResult.id_for(attempt.analysis_id, metric),
         )
-        status = await self._commit(attempt, result)
+
+    async def _settle(
+        self, attempt: Attempt, result: AnalysisResult, status: AppendStatus | None
+    ) -> None:
+        """Act on one result's append answer (its frame, if stored, is queued already)."""
         if status is None:
             attempt.unconfirmed[result.result_id] = result
             first = attempt.ending is not _Ending.FAILED
@@ -667,7 +696,8 @@ class AnalysisRunner:
                     with shield:
                         attempt.failure = await self._fail(
                             ErrorCode.STORE_UNAVAILABLE,
-                            f"result {metric} not confirmed within {self.ctx.commit_timeout:g}s; "
+                            f"result {result.metric} not confirmed within "
+                            f"{self.ctx.commit_timeout:g}s; "
                             "the analysis stops once the store answers",
                         )
                 finally:
@@ -684,29 +714,31 @@ class AnalysisRunner:
             attempt.ending = _FENCED_ENDING[status]
         attempt.scope.cancel()
 
-    async def _commit(self, attempt: Attempt, result: AnalysisResult) -> AppendStatus | None:
-        """The fenced, idempotent append of ``result``, and its frame if stored.
+    async def _commit(
+        self, attempt: Attempt, results: list[AnalysisResult]
+    ) -> list[AppendStatus | None]:
+        """The fenced, idempotent appends of ``results`` (one pipeline); frames of those stored.
 
-        ``None`` if the outcome is still unknown at the deadline.  Shielded
-        for at most ``commit_timeout``: a store fault (the outcome of the
-        call unknown) is answered by asking again with ``retry=True`` after a
-        backoff, until a definite answer.  A stored result (or one a re-ask
-        found stored) is counted and its frame queued under the same shield,
-        its deadline moved to ``send_timeout`` from then: one scope per
-        result instead of two, on the path every result takes.
+        ``None`` for each if the outcome is still unknown at the deadline.
+        Shielded for at most ``commit_timeout``: a store fault (the outcome
+        of the calls unknown) is answered by asking again with ``retry=True``
+        after a backoff, until a definite answer.  Stored results (or ones a
+        re-ask found stored) are counted and their frames queued under the
+        same shield, its deadline moved to ``send_timeout`` from then: one
+        scope per commit instead of two, on the path every result takes.
         """
         ctx = self.ctx
         backoff = RETRY_BACKOFF_MIN
         retry = False
-        status: AppendStatus | None = None
+        statuses: list[AppendStatus | None] = [None] * len(results)
         shield = self._shield(ctx.commit_timeout)
         try:
             with shield:
                 while True:
                     try:
-                        status = await ctx.store.append_result(
+                        answers = await ctx.store.append_results(
                             ctx.session_id,
-                            result,
+                            results,
                             holdings_version=attempt.snapshot.holdings_version,
                             max_staleness_ms=to_milliseconds(ctx.max_staleness),
                             retry=retry,
@@ -715,21 +747,23 @@ class AnalysisRunner:
                     except StoreUnavailable as exc:
                         log.warning(
                             "append of %s unanswered, asking again: %s",
-                            result.result_id,
+                            ", ".join(r.result_id for r in results),
                             exc,
                             extra=self._ids(attempt.analysis_id),
                         )
                     retry = True
                     await trio.sleep(backoff)
                     backoff = min(RETRY_BACKOFF_MAX, backoff * 2)
-                if status in _DELIVERED:
-                    shield.deadline = trio.current_time() + ctx.send_timeout
-                    attempt.committed += 1
-                    self._observer.result_committed(result)
-                    await self._observer.send(render_result(result, ctx.dialect))
+                statuses = list(answers)
+                shield.deadline = trio.current_time() + ctx.send_timeout
+                for result, status in zip(results, answers, strict=True):
+                    if status in _DELIVERED:
+                        attempt.committed += 1
+                        self._observer.result_committed(result)
+                        await self._observer.send(render_result(result, ctx.dialect))
         finally:
             self._shields.discard(shield)
-        return status
+        return statuses
 
     async def _deliver(self, attempt: Attempt, result: AnalysisResult) -> None:
         """A stored result: count it and queue its frame (shielded, bounded)."""

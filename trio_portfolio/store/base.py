@@ -682,6 +682,19 @@ class SessionStore(abc.ABC):
         status, _ = await run(
             "append_result",
             session_id,
+            *self._append_args(result, holdings_version, max_staleness_ms, retry),
+        )
+        return append_status(status)
+
+    def _append_args(
+        self,
+        result: AnalysisResult,
+        holdings_version: int | None,
+        max_staleness_ms: int,
+        retry: bool,
+    ) -> tuple[str | int, ...]:
+        """The append script's ARGV for ``result`` (see ``*_append_result.lua``)."""
+        return (
             result.analysis_id,
             result.portfolio_version,
             result_json(result),
@@ -693,7 +706,54 @@ class SessionStore(abc.ABC):
             "1" if retry else "0",
             RESULT_IDS_LIMIT,
         )
-        return append_status(status)
+
+    async def append_results(
+        self,
+        session_id: str,
+        results: Sequence[AnalysisResult],
+        *,
+        holdings_version: int | None = None,
+        max_staleness_ms: int = 0,
+        retry: bool = False,
+    ) -> list[AppendStatus]:
+        """:meth:`append_result` for each of ``results``, sent as one pipeline; answers in order.
+
+        Each append is its own fenced script, exactly as if called one by
+        one at the same moment (another client's script may run between two
+        of them, and each answer says what happened to its result); one
+        round trip and one request instead of several.  With
+        :attr:`replica_wait` they are written and waited for one by one.
+
+        Raises:
+          ValueError, StoreDataError, StoreUnavailable, CommandError: as
+            :meth:`append_result` (the first error of any entry is raised;
+            after a :class:`StoreUnavailable` the outcome of every entry is
+            unknown, and asking again with ``retry=True`` is safe).
+        """
+        if len(results) == 1 or self.replica_wait is not None:
+            return [
+                await self.append_result(
+                    session_id,
+                    result,
+                    holdings_version=holdings_version,
+                    max_staleness_ms=max_staleness_ms,
+                    retry=retry,
+                )
+                for result in results
+            ]
+        if holdings_version is None and max_staleness_ms > 0:
+            raise ValueError("a staleness bound needs the snapshot's holdings version")
+        check_session_id(session_id)
+        keys = self.session_keys(session_id)
+        calls = [
+            (keys, self._append_args(result, holdings_version, max_staleness_ms, retry))
+            for result in results
+        ]
+        replies = await self.redis.evalsha_many(self._scripts["append_result"], calls)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return [append_status(split_reply(reply)[0]) for reply in replies]
 
     async def finish_analysis(self, session_id: str, analysis_id: str) -> bool:
         """Clear the current analysis if it is still ``analysis_id``; ``True`` if it was.
