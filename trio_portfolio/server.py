@@ -94,7 +94,13 @@ from trio_portfolio.listener import (
     raise_open_file_limit,
     serve_listener,
 )
-from trio_portfolio.market import MarketData, TickReport, load_symbols, run_market_updater
+from trio_portfolio.market import (
+    MarketData,
+    PassReport,
+    TickReport,
+    load_symbols,
+    run_market_updater,
+)
 from trio_portfolio.metrics import Refusal as RefusalCode
 from trio_portfolio.metrics import ServerMetrics
 from trio_portfolio.models import METRICS
@@ -105,7 +111,7 @@ from trio_portfolio.redis_io import CommandError, RedisClient, StoreUnavailable
 from trio_portfolio.redis_pubsub import PubSub
 from trio_portfolio.replay import market_source_for
 from trio_portfolio.session_events import SessionEvents
-from trio_portfolio.store import SessionStore, open_store
+from trio_portfolio.store import INDEX_BUCKETS, SessionStore, open_store
 from trio_portfolio.websocket import ServerWebSocket, wrap_server_stream
 
 log = logging.getLogger(__name__)
@@ -279,9 +285,19 @@ class Server:
         def on_tick(report: TickReport) -> None:
             metrics.market_tick(
                 seconds=report.seconds,
-                sessions_revalued=report.sessions_revalued,
                 ticks_skipped=report.ticks_skipped,
-                tickers=len(report.prices) - len(report.tickers_pruned),
+                tickers=len(report.prices),
+            )
+
+        def on_pass(report: PassReport) -> None:
+            metrics.market_pass(
+                sessions_revalued=report.sessions_revalued,
+                sessions=report.sessions_revalued + report.sessions_fenced
+                if report.buckets >= INDEX_BUCKETS
+                else None,
+                completed=report.completed,
+                seconds=report.pass_seconds,
+                lag=report.lag,
                 tickers_pruned=len(report.tickers_pruned),
             )
 
@@ -290,6 +306,7 @@ class Server:
             store,
             interval=self.settings.market_update_interval_seconds,
             on_tick=on_tick,
+            on_pass=on_pass,
             pipelines=self.settings.market_pipelines,
             task_status=task_status,
         )
