@@ -287,3 +287,49 @@ async def test_a_pass_outlives_ticks_and_never_moves_a_session_back(parts: Parts
         assert report.sessions_revalued == len(ids) - 1
         assert report.sessions_fenced == len(ids) + 1  # s0 in both passes, the rest in 4's
         assert await market.tick_progress() == (4, INDEX_BUCKETS)
+
+
+async def test_a_slow_walker_renews_its_buckets_and_a_stopped_one_holds_up_a_pass_briefly(
+    real_redis: RedisServerInfo, key_prefix: str
+) -> None:
+    """A walker slower than its lease keeps its buckets by renewing them (nothing is
+    redone); one cancelled mid-pass gives its buckets back at once; a dead taker's
+    buckets are handed out again when its lease runs out.  (Timing: one real server.)"""
+    async with parts_on(real_redis.url, key_prefix) as (redis, store, market):
+        await _slow_stopped_and_dead_walkers(redis, store, market)
+
+
+async def _slow_stopped_and_dead_walkers(
+    redis: RedisClient, store: SessionStore, market: MarketData
+) -> None:
+    with trio.fail_after(30):
+        ids = await fill(store, market, 128)
+        await market.advance()
+        slow_pages(store, 0.12)  # four buckets a take: about 0.5 s, longer than the lease
+        share = await revalue_pass(
+            market, store, 1, taker="slow", cache=PriceCache(), pipelines=4, bucket_lease=0.4
+        )
+        assert share.completed and share.buckets == INDEX_BUCKETS
+        assert share.revalued == len(ids) and share.fenced == 0, "buckets were redone"
+
+        await market.advance()
+        assert (await market.open_pass()).tick == 2
+        with trio.move_on_after(0.1):  # mid-pass: a shutdown
+            await revalue_pass(market, store, 2, taker="stopped", cache=PriceCache())
+        store.revalue_many = type(store).revalue_many.__get__(store)  # type: ignore[method-assign]
+        began = trio.current_time()
+        share = await revalue_pass(market, store, 2, taker="next", cache=PriceCache())
+        assert share.completed, "the stopped walker's buckets were not given back"
+        assert trio.current_time() - began < 1.0
+
+        await market.advance()
+        assert (await market.open_pass()).tick == 3
+        ghost_until = trio.current_time() + 1.5
+        ghost = await market.take_buckets("ghost", 1.5, 4, 3)  # and never heard of again
+        assert ghost is not None
+        share = await revalue_pass(market, store, 3, taker="next", cache=PriceCache())
+        assert not share.completed and share.buckets == INDEX_BUCKETS - 4
+        await trio.sleep_until(ghost_until + 0.1)
+        share = await revalue_pass(market, store, 3, taker="next", cache=PriceCache())
+        assert share.completed and share.buckets == 4
+        assert set(await ticks_of(redis, store, ids)) == {3}

@@ -86,7 +86,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 
 import attrs
@@ -148,17 +148,29 @@ BUCKETS_PER_TAKE = 4
 _LEASE_SAFETY = 0.8
 """Fraction of a confirmed lease a process acts on (the rest absorbs clock and network skew)."""
 
-_MIN_BUCKET_LEASE = 10.0
-"""Seconds a taken bucket is ours (at least; two intervals if longer).
+_BUCKET_LEASE = 2.0
+"""Seconds a taken bucket is ours, renewed while it is walked (see :func:`revalue_pass`).
 
-Generous: a bucket that outlives its lease is handed out again and partly
-redone (fenced, so only wasted work).  The price: a pass whose taker died
-mid-bucket completes only when that lease runs out (sessions of the other
-buckets are revalued meanwhile; the next pass starts afresh).
+Short, because a pass waits for its last bucket: a taker that dies or stalls
+holds up the pass (not the ticks) for at most this long before its buckets
+are handed out again.  Renewed after a page once a quarter of it has gone,
+so a bucket of any size keeps its taker while pages keep coming; a page
+slower than the lease (Redis stalled) loses it, and the bucket is partly
+redone (fenced, so only wasted work).
 """
 
 _MAX_WALK_POLL = 0.25
 """Longest a walker waits between looks for work (it is woken at once by its own advance)."""
+
+_GATE_LEAD = 0.1
+_GATE_LEAD_MAX = 0.01
+"""The walk is held from ``min(interval * _GATE_LEAD, _GATE_LEAD_MAX)`` before a slot.
+
+So the pages in flight drain and the advance finds the loop idle (see :class:`_Role`).
+"""
+
+_GIVE_BACK_SECONDS = 0.5
+"""Longest a cancelled walker spends giving its buckets back (shielded)."""
 
 _BUSY_WAIT = 0.01
 """How long :func:`tick_once` waits while other processes hold the last buckets of a pass."""
@@ -306,15 +318,21 @@ async def revalue_pass(
     cache: PriceCache,
     batch: int = REVALUE_BATCH,
     pipelines: int = DEFAULT_PIPELINES,
-    bucket_lease: float = _MIN_BUCKET_LEASE,
+    bucket_lease: float = _BUCKET_LEASE,
+    before_page: Callable[[], Awaitable[None]] | None = None,
 ) -> TickShare:
     """Take and revalue buckets of the pass of ``pass_tick`` until none is left to take.
 
     ``pipelines`` tasks each take :data:`BUCKETS_PER_TAKE` buckets at a time
     and work them under a deadline at the end of their lease, with the
-    prices of the newest tick (``cache``), labelled with that tick; buckets
-    that outlive their lease are taken again (by anyone, this task
-    included), and what was done of them is fenced.  Returns this process's
+    prices of the newest tick (``cache``), labelled with that tick.  After a
+    page, once a quarter of the lease has gone, the leases are renewed and
+    the deadline pushed; a renewal answered "not yours" stops the task's
+    work at once.  Buckets that outlive their lease are taken again (by
+    anyone, this task included), and what was done of them is fenced.
+    ``before_page`` (optional) is awaited before each page: the updater
+    holds its walk there while its own advance runs, so the advance is not
+    queued behind the walk on the Trio loop.  Returns this process's
     share once no bucket is left to take (others may still be walking
     theirs).  The first store error cancels the other tasks and is raised.
 
@@ -327,20 +345,46 @@ async def revalue_pass(
 
     async def worker(cancel: trio.CancelScope) -> None:
         most = BUCKETS_PER_TAKE
+        holding: list[int] = []  # taken and not done: given back if we are cancelled
         try:
             while True:
+                holding = []
                 asked_at = trio.current_time()
                 taken = await market.take_buckets(taker, bucket_lease, most, pass_tick)
                 if taken is None:
                     return
+                holding = taken.buckets
                 state, prices = await cache.at_least(market, max(pass_tick, taken.market_tick))
                 share.prices_tick = max(share.prices_tick, state.tick)
                 tally = RevalueTally()
+                lost = False
                 with trio.move_on_at(asked_at + bucket_lease * _LEASE_SAFETY) as scope:
+                    confirmed = [asked_at]
+
+                    async def between_pages(
+                        buckets: list[int] = taken.buckets,
+                        scope: trio.CancelScope = scope,
+                        confirmed: list[float] = confirmed,
+                    ) -> None:
+                        nonlocal lost
+                        if before_page is not None:
+                            await before_page()
+                        if trio.current_time() - confirmed[0] < bucket_lease / 4:
+                            return
+                        sent = trio.current_time()
+                        if await market.renew_buckets(taker, bucket_lease, pass_tick, buckets):
+                            confirmed[0] = sent
+                            scope.deadline = sent + bucket_lease * _LEASE_SAFETY
+                        else:
+                            lost = True
+                            scope.cancel()
+
                     for bucket in taken.buckets:
                         await _revalue_bucket(
-                            store, state.tick, state.as_of, prices, bucket, batch, share, tally
+                            store, state, prices, bucket, batch, share, tally, between_pages
                         )
+                if lost:
+                    continue  # someone else has them now (or the pass is over)
                 if scope.cancelled_caught:
                     # Once the lease has run out anyone (this task included) takes them
                     # again; what was done of them is fenced.
@@ -368,6 +412,10 @@ async def revalue_pass(
         except (StoreUnavailable, CommandError, StoreDataError) as exc:
             errors.append(exc)
             cancel.cancel()
+        except trio.Cancelled:
+            if holding:
+                await _give_back(market, taker, pass_tick, holding)
+            raise
 
     async with trio.open_nursery() as nursery:
         for _ in range(max(1, pipelines)):
@@ -377,20 +425,37 @@ async def revalue_pass(
     return share
 
 
+async def _give_back(market: MarketData, taker: str, pass_tick: int, buckets: list[int]) -> None:
+    """End our leases on ``buckets`` now, so the pass does not wait a lease for them.
+
+    For a walker that was cancelled (a shutdown).  Shielded, for at most
+    :data:`_GIVE_BACK_SECONDS`; a failure is only logged (the leases then
+    run out by themselves).
+    """
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + _GIVE_BACK_SECONDS):
+        try:
+            await market.renew_buckets(taker, 0.0, pass_tick, buckets)
+        except (StoreUnavailable, CommandError) as exc:
+            log.info("buckets %s of pass %d not given back: %s", buckets, pass_tick, exc)
+
+
 async def _revalue_bucket(
     store: SessionStore,
-    tick: int,
-    as_of: str,
+    state: MarketState,
     prices: MarketPrices,
     bucket: int,
     batch: int,
     share: TickShare,
     tally: RevalueTally,
+    between_pages: Callable[[], Awaitable[None]],
 ) -> None:
     async with aclosing(store.iter_bucket(bucket, batch)) as pages:
         async for ids in pages:
+            await between_pages()
             fenced = tally.fenced
-            outcomes = await store.revalue_many(ids, prices, as_of, tick=tick, tally=tally)
+            outcomes = await store.revalue_many(
+                ids, prices, state.as_of, tick=state.tick, tally=tally
+            )
             gone = [o.session_id for o in outcomes if o.missing]
             if gone:
                 await store.forget(gone)
@@ -406,7 +471,7 @@ async def tick_once(
     revalue_batch: int = REVALUE_BATCH,
     holder: str = "",
     pipelines: int = DEFAULT_PIPELINES,
-    bucket_lease: float = _MIN_BUCKET_LEASE,
+    bucket_lease: float = _BUCKET_LEASE,
 ) -> TickReport:
     """Advance the market one tick and revalue every session (with whoever helps).
 
@@ -482,7 +547,7 @@ async def help_current_tick(
     taker: str,
     cache: PriceCache | None = None,
     pipelines: int = DEFAULT_PIPELINES,
-    bucket_lease: float = _MIN_BUCKET_LEASE,
+    bucket_lease: float = _BUCKET_LEASE,
 ) -> TickShare | None:
     """Take buckets of the current pass if any are left (opening the next one if due); its share.
 
@@ -506,17 +571,44 @@ async def help_current_tick(
     )
 
 
+def _open_event() -> trio.Event:
+    event = trio.Event()
+    event.set()
+    return event
+
+
 @attrs.define
 class _Role:
-    """What the leader loop tells this process's walker: whether it leads, and "work now"."""
+    """What the leader loop tells this process's walker.
+
+    Whether this process leads; ``wake`` (set by each advance: a pass may
+    have opened); and a gate the walker passes before each page, closed
+    while this process advances the market: the advance is a few round
+    trips, and without the gate each of them would wait on the Trio loop
+    behind the walk's pages (milliseconds of reply parsing each), enough to
+    make a 0.1 s tick overrun its slot.
+    """
 
     leading: bool = False
     wake: trio.Event = attrs.Factory(trio.Event)
+    gate: trio.Event = attrs.Factory(_open_event)
 
     def woken(self) -> None:
         """A pass may have opened: wake the walker (it then waits on a fresh event)."""
         self.wake.set()
         self.wake = trio.Event()
+
+    def close_gate(self) -> None:
+        """Hold the walk before its next page (until :meth:`open_gate`)."""
+        if self.gate.is_set():
+            self.gate = trio.Event()
+
+    def open_gate(self) -> None:
+        self.gate.set()
+
+    async def pass_gate(self) -> None:
+        """What the walker awaits before each page."""
+        await self.gate.wait()
 
 
 async def run_market_updater(
@@ -543,7 +635,6 @@ async def run_market_updater(
     process, and never holds up the schedule.
     """
     holder = secrets.token_hex(8)
-    lease = 2 * interval
     poll = interval / 4
     role = _Role()
     async with open_service_nursery() as nursery:
@@ -554,7 +645,7 @@ async def run_market_updater(
             holder,
             role,
             min(poll, _MAX_WALK_POLL),
-            max(_MIN_BUCKET_LEASE, lease),
+            _BUCKET_LEASE,
             pipelines,
             on_pass,
             on_help,
@@ -580,6 +671,10 @@ async def _lead_or_follow(
         if failures:
             await trio.sleep(min(interval, 0.5 * 2**failures))
         elif schedule is not None:
+            # Hold the walk a little before the slot, so its pages in flight drain
+            # and the advance finds the loop idle.
+            await trio.sleep_until(schedule.next_at - min(interval * _GATE_LEAD, _GATE_LEAD_MAX))
+            role.close_gate()
             await trio.sleep_until(schedule.next_at)
         else:
             await trio.sleep(poll)
@@ -592,7 +687,8 @@ async def _lead_or_follow(
                 continue
             if schedule is None:
                 schedule = FixedRate(interval, asked_at)
-            report = await _advance_under_lease(market, store, holder, lease, asked_at)
+            role.close_gate()
+            report = await _advance_under_lease(market, holder, lease, asked_at)
         except TickRace as exc:
             log.info("market tick skipped: %s", exc)
             schedule = None
@@ -601,6 +697,8 @@ async def _lead_or_follow(
             failures = min(failures + 1, 6)
             log.warning("market tick failed (attempt %d), retrying: %s", failures, exc)
             continue
+        finally:
+            role.open_gate()
         failures = 0
         skipped = schedule.after_tick(trio.current_time()) if schedule is not None else 0
         if report is None:
@@ -618,7 +716,6 @@ async def _lead_or_follow(
 
 async def _advance_under_lease(
     market: MarketData,
-    store: SessionStore,
     holder: str,
     lease: float,
     confirmed_at: float,
@@ -632,7 +729,6 @@ async def _advance_under_lease(
         async with open_service_nursery() as nursery:
             nursery.start_soon(_renew_lease, market, holder, lease, scope)
             started = trio.current_time()
-            await _bucket_legacy_ids(store)
             tick, as_of, prices = await market.advance(holder)
             return TickReport(tick, as_of, prices, 0, 0, 0, trio.current_time() - started)
     log.warning("market tick stopped: this process's leadership was lost or not confirmed")
@@ -681,6 +777,7 @@ async def _walk_passes(
     """
     cache = PriceCache()
     failures = 0
+    walked = -1  # the last pass this process took part in
     while True:
         wake = role.wake  # taken before looking, so an advance meanwhile is not missed
         try:
@@ -688,6 +785,9 @@ async def _walk_passes(
             share: TickShare | None = None
             began = trio.current_time()
             if state.tick >= 0 and not state.complete:
+                if state.tick != walked:
+                    await _bucket_legacy_ids(store)  # once per pass, not per tick
+                    walked = state.tick
                 share = await revalue_pass(
                     market,
                     store,
@@ -696,6 +796,7 @@ async def _walk_passes(
                     cache=cache,
                     pipelines=pipelines,
                     bucket_lease=bucket_lease,
+                    before_page=role.pass_gate,
                 )
         except (StoreUnavailable, CommandError, StoreDataError) as exc:
             failures = min(failures + 1, 6)

@@ -133,11 +133,31 @@ _READ = load_script(_LUA, "market_read", libraries=_LIB)
 _TICK = load_script(_LUA, "market_tick", libraries=_LIB)
 _TAKE = load_script(_LUA, "market_take", libraries=_LIB)
 _PASS = load_script(_LUA, "market_pass", libraries=_LIB)
+_RENEW = load_script(_LUA, "market_renew", libraries=_LIB)
 _DONE = load_script(_LUA, "market_done", libraries=_LIB)
 _LEAD = load_script(_LUA, "market_lead")
 _HISTORIES = load_script(_LUA, "market_histories", libraries=_LIB)
 _MIGRATE = load_script(_LUA, "market_migrate_histories", libraries=_LIB)
-SCRIPTS = (_BOOTSTRAP, _CLAIM, _READ, _TICK, _TAKE, _PASS, _DONE, _LEAD, _HISTORIES, _MIGRATE)
+SCRIPTS = (
+    _BOOTSTRAP,
+    _CLAIM,
+    _READ,
+    _TICK,
+    _TAKE,
+    _PASS,
+    _RENEW,
+    _DONE,
+    _LEAD,
+    _HISTORIES,
+    _MIGRATE,
+)
+
+_INLINE_DRAW_MAX = 256
+"""Most tickers drawn on the Trio loop (tens of microseconds); larger draws go to a thread.
+
+A worker thread costs a hand-off each way, which on a busy loop (a pass being
+walked in the same process) can take milliseconds: more than a small draw.
+"""
 
 _MIGRATE_BATCH = 200
 """Tickers one migration script moves from the old history hash (bounds its Redis time)."""
@@ -439,7 +459,10 @@ class MarketData:
         state = await self.read()
         if not state.prices:
             return state.tick, utc_now(), {}
-        new = await trio.to_thread.run_sync(self._draw, state.prices, state.tick + 1)
+        if len(state.prices) <= _INLINE_DRAW_MAX:
+            new = self._draw(state.prices, state.tick + 1)
+        else:
+            new = await trio.to_thread.run_sync(self._draw, state.prices, state.tick + 1)
         as_of = utc_now()
         reply = await self._redis.evalsha(
             _TICK,
@@ -504,6 +527,21 @@ class MarketData:
         if int(reply[0]) != pass_tick or len(reply) < 3:
             return None
         return Taken(int(reply[1]), [int(b) for b in reply[2:]])
+
+    async def renew_buckets(
+        self, taker: str, lease_seconds: float, pass_tick: int, buckets: Sequence[int]
+    ) -> bool:
+        """Renew ``taker``'s leases on ``buckets`` of the pass of ``pass_tick``; True if all ours.
+
+        False (nothing renewed) when the pass is over or a lease ran out and
+        the bucket was handed out again: the taker should stop.
+        """
+        reply = await self._redis.evalsha(
+            _RENEW,
+            [self.work_key],
+            [taker, max(1, int(lease_seconds * 1000)), pass_tick, *buckets],
+        )
+        return bool(reply)
 
     async def finish_buckets(
         self, pass_tick: int, buckets: Sequence[int], held: set[str]
