@@ -152,13 +152,6 @@ SCRIPTS = (
     _MIGRATE,
 )
 
-_INLINE_DRAW_MAX = 256
-"""Most tickers drawn on the Trio loop (tens of microseconds); larger draws go to a thread.
-
-A worker thread costs a hand-off each way, which on a busy loop (a pass being
-walked in the same process) can take milliseconds: more than a small draw.
-"""
-
 _MIGRATE_BATCH = 200
 """Tickers one migration script moves from the old history hash (bounds its Redis time)."""
 
@@ -459,10 +452,7 @@ class MarketData:
         state = await self.read()
         if not state.prices:
             return state.tick, utc_now(), {}
-        if len(state.prices) <= _INLINE_DRAW_MAX:
-            new = self._draw(state.prices, state.tick + 1)
-        else:
-            new = await trio.to_thread.run_sync(self._draw, state.prices, state.tick + 1)
+        new = await trio.to_thread.run_sync(self._draw, state.prices, state.tick + 1)
         as_of = utc_now()
         reply = await self._redis.evalsha(
             _TICK,
