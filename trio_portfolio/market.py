@@ -44,7 +44,15 @@ how long the pass took and how many ticks the market got ahead of it (its
 the pass is complete and the market ticked since), for the newest tick:
 ticks taken during a pass are not walked one by one, the next pass jumps
 to the newest.  The leader's advance wakes its own walker; other processes
-look for work every quarter interval (at most every 0.25 s).
+look for work every quarter interval (at most every 0.25 s).  In the
+leader's process the walk waits before its next page from just before each
+slot until the advance is written, so the advance's round trips are not
+queued on the Trio loop behind the walk's reply parsing.
+
+Bucket leases are short (:data:`_BUCKET_LEASE`, 2 s), renewed after a page
+once a quarter of the lease has gone and given back when a walker is
+cancelled, because a pass waits for its last bucket: a taker that dies or
+stalls holds up the pass (never the ticks) for at most one lease.
 
 What a reader may see: a session valued at the newest tick, or at most one
 pass behind it (``valued_tick`` and ``as_of`` say which prices it carries).
