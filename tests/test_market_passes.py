@@ -252,9 +252,12 @@ async def test_a_pass_outlives_ticks_and_never_moves_a_session_back(parts: Parts
     redis, store, market = parts
     with trio.fail_after(30):
         ids = await fill(store, market, 20)
-        for expected in (1, 2, 3):
-            tick, _, _ = await market.advance()
-            assert tick == expected
+        assert (await market.advance())[0] == 1
+        assert await market.tick_progress() == (-1, 0), "the first pass is the walkers' to open"
+        state = await market.open_pass()
+        assert (state.tick, state.market_tick, state.opened) == (1, 1, True)
+        for expected in (2, 3):
+            assert (await market.advance())[0] == expected
         assert await market.tick_progress() == (1, 0), "a tick replaced a running pass"
         state = await market.open_pass()
         assert (state.tick, state.market_tick, state.opened) == (1, 3, False)
@@ -305,6 +308,7 @@ async def _slow_stopped_and_dead_walkers(
     with trio.fail_after(30):
         ids = await fill(store, market, 128)
         await market.advance()
+        assert (await market.open_pass()).opened
         slow_pages(store, 0.12)  # four buckets a take: about 0.5 s, longer than the lease
         share = await revalue_pass(
             market, store, 1, taker="slow", cache=PriceCache(), pipelines=4, bucket_lease=0.4

@@ -134,23 +134,13 @@ _TICK = load_script(_LUA, "market_tick", libraries=_LIB)
 _TAKE = load_script(_LUA, "market_take", libraries=_LIB)
 _PASS = load_script(_LUA, "market_pass", libraries=_LIB)
 _RENEW = load_script(_LUA, "market_renew", libraries=_LIB)
+PASS_SCRIPTS = (_PASS, _RENEW)
+"""The revaluation passes' own scripts (loaded with :data:`SCRIPTS`)."""
 _DONE = load_script(_LUA, "market_done", libraries=_LIB)
 _LEAD = load_script(_LUA, "market_lead")
 _HISTORIES = load_script(_LUA, "market_histories", libraries=_LIB)
 _MIGRATE = load_script(_LUA, "market_migrate_histories", libraries=_LIB)
-SCRIPTS = (
-    _BOOTSTRAP,
-    _CLAIM,
-    _READ,
-    _TICK,
-    _TAKE,
-    _PASS,
-    _RENEW,
-    _DONE,
-    _LEAD,
-    _HISTORIES,
-    _MIGRATE,
-)
+SCRIPTS = (_BOOTSTRAP, _CLAIM, _READ, _TICK, _TAKE, _DONE, _LEAD, _HISTORIES, _MIGRATE)
 
 _MIGRATE_BATCH = 200
 """Tickers one migration script moves from the old history hash (bounds its Redis time)."""
@@ -293,7 +283,7 @@ class MarketData:
         The migration (:meth:`migrate_histories`) is a no-op after the first
         start of this version.
         """
-        await self._redis.load_scripts(SCRIPTS)
+        await self._redis.load_scripts((*SCRIPTS, *PASS_SCRIPTS))
         moved = await self.migrate_histories()
         if moved:
             log.info("market: %d price histories moved into rings", moved)
@@ -440,9 +430,10 @@ class MarketData:
         one script, the draw runs in a worker thread, and the write is
         fenced on the tick counter and (unless ``holder`` is ``""``) on the
         leader key.  The script opens a revaluation pass for the new tick
-        only if there is none or the current one is complete; a pass still
-        running is left to finish.  With no ticker priced nothing is written
-        and the current tick is returned with empty prices.
+        only if the current one is complete; a pass still running is left
+        to finish (and the first pass is opened by :meth:`open_pass`).
+        With no ticker priced nothing is written and the current tick is
+        returned with empty prices.
 
         Raises:
           TickRace: another process advanced the market meanwhile, or
@@ -466,7 +457,7 @@ class MarketData:
                 self.seen_key,
                 *(self.history_ring_key(t) for t in new[::3]),
             ],
-            [state.tick, holder, self.history_length * _HEX_PER_PRICE, as_of, INDEX_BUCKETS, *new],
+            [state.tick, holder, self.history_length * _HEX_PER_PRICE, as_of, *new],
         )
         if reply is None:
             raise TickRace(f"the market moved past tick {state.tick} or this process lost the lead")
@@ -483,20 +474,6 @@ class MarketData:
         for i, (ticker, price) in enumerate(zip(tickers, prices, strict=True)):
             out += (ticker, repr(price), packed[i * _HEX_PER_PRICE : (i + 1) * _HEX_PER_PRICE])
         return out
-
-    async def open_pass(self) -> PassState:
-        """Open the next revaluation pass if it is due; where the current pass stands.
-
-        Due: there is no pass yet, or the current one is complete and the
-        market has ticked since it opened.  Any process may call it (the
-        check and the opening are one script): the walkers call it as soon
-        as a pass completes, so a pass that lagged is followed at once by
-        one at the newest tick.
-        """
-        reply = await self._redis.evalsha(
-            _PASS, [self.work_key, self.tick_key, self.seen_key], [INDEX_BUCKETS]
-        )
-        return PassState(int(reply[0]), int(reply[1]), int(reply[2]), bool(reply[3]))
 
     async def take_buckets(
         self, taker: str, lease_seconds: float, most: int, pass_tick: int
@@ -574,6 +551,20 @@ class MarketData:
             lag=int(reply[3]),
             pruned=tuple(str(t) for t in reply[4:]),
         )
+
+    async def open_pass(self) -> PassState:
+        """Open the next revaluation pass if it is due; where the current pass stands.
+
+        Due: there is no pass yet, or the current one is complete and the
+        market has ticked since it opened.  Any process may call it (the
+        check and the opening are one script): the walkers call it as soon
+        as a pass completes, so a pass that lagged is followed at once by
+        one at the newest tick.
+        """
+        reply = await self._redis.evalsha(
+            _PASS, [self.work_key, self.tick_key, self.seen_key], [INDEX_BUCKETS]
+        )
+        return PassState(int(reply[0]), int(reply[1]), int(reply[2]), bool(reply[3]))
 
     async def tick_progress(self) -> tuple[int, int]:
         """``(pass tick, buckets done)`` of the current pass (``(-1, 0)`` when none).

@@ -1,9 +1,10 @@
 -- Store one tick of prices, fenced on the tick counter and on the leader,
--- and open a revaluation pass for the new tick if one is due (none, or the
--- current one complete: see open_pass_if_due in market_lib.lua).  A pass
--- still running is left alone: the tick never waits for a walk, and the
--- walkers pick the new prices up (market_pass.lua opens the next pass when
--- this one completes).
+-- and open a revaluation pass for the new tick if one is due: the current
+-- pass is complete (see open_pass_if_due in market_lib.lua).  A pass still
+-- running is left alone: the tick never waits for a walk, the walkers pick
+-- the new prices up, and market_pass.lua opens the next pass (and the first
+-- one) as soon as it is due.  The "walk start" returned is the start of the
+-- current pass ('' before the first).
 -- KEYS[1] prices hash  KEYS[2] tick counter  KEYS[3] (unused: the history
 -- hash of earlier versions)  KEYS[4] leader key  KEYS[5] tick time
 -- KEYS[6] work hash  KEYS[7] seen set
@@ -11,11 +12,10 @@
 -- ARGV[1] the tick number the caller read (fence)
 -- ARGV[2] the caller's leader id ('' = not checked: tools and tests)
 -- ARGV[3] history cap in hex characters (ticks x 16)
--- ARGV[4] as_of of the new tick  ARGV[5] number of index buckets
--- ARGV[6..] ticker, price, packed price (16 hex chars), ... (triplets)
--- Returns {new tick number, 1 if it opened a pass else 0}, or nil if
--- another process advanced first or the caller no longer leads (nothing
--- written).
+-- ARGV[4] as_of of the new tick
+-- ARGV[5..] ticker, price, packed price (16 hex chars), ... (triplets)
+-- Returns {new tick number, walk start in Redis ms}, or nil if another
+-- process advanced first or the caller no longer leads (nothing written).
 -- A history is a ring (see market_data.py): tick t's price is at slot
 -- t mod length, so a tick overwrites one 16-character slot per ticker
 -- (SETRANGE) instead of copying the whole history through Lua.  A ring of
@@ -28,8 +28,8 @@ if ARGV[2] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[2] then return nil end
 local tick = tonumber(ARGV[1]) + 1
 local cap = tonumber(ARGV[3])
 local fields = {}
-for i = 6, #ARGV, 3 do
-  local ring = KEYS[8 + (i - 6) / 3]
+for i = 5, #ARGV, 3 do
+  local ring = KEYS[8 + (i - 5) / 3]
   local size = redis.call('STRLEN', ring)
   if size >= 16 then
     fields[#fields + 1] = ARGV[i]
@@ -48,5 +48,5 @@ for i = 1, #fields, 1000 do
 end
 tick = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[5], ARGV[4])
-local opened = open_pass_if_due(KEYS[6], KEYS[7], tick, tonumber(ARGV[5]))
-return {tick, opened and 1 or 0}
+open_pass_if_due(KEYS[6], KEYS[7], tick, nil)
+return {tick, redis.call('HGET', KEYS[6], 'start') or ''}
