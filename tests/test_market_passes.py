@@ -13,9 +13,10 @@ deterministic, whatever the machine's load); sessions are read back raw
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import pytest
@@ -26,6 +27,7 @@ from trio_portfolio.market import (
     PassReport,
     PriceCache,
     TickReport,
+    TickShare,
     revalue_pass,
     run_market_updater,
     tick_once,
@@ -42,7 +44,9 @@ Parts = tuple[RedisClient, SessionStore, MarketData]
 
 
 @asynccontextmanager
-async def parts_on(url: str, prefix: str, layout: str = "hash") -> AsyncIterator[Parts]:
+async def parts_on(
+    url: str, prefix: str, layout: Literal["json", "hash"] = "hash"
+) -> AsyncIterator[Parts]:
     async with open_redis(url, timeout=30) as redis:
         with trio.fail_after(10):
             store = await open_store(redis, layout=layout, key_prefix=prefix)
@@ -78,6 +82,11 @@ async def valued(redis: RedisClient, store: SessionStore, ids: list[str]) -> lis
     return await redis.pipeline(
         [("HMGET", store.keys.session(s), "valued_tick", "as_of", "portfolio_version") for s in ids]
     )
+
+
+def note_help(ticks: list[int], tick: int, _share: TickShare) -> None:
+    """An ``on_help`` that notes the pass's tick."""
+    ticks.append(tick)
 
 
 @attrs.define
@@ -148,14 +157,14 @@ async def test_ticks_keep_their_schedule_while_a_slow_walk_trails_them(
     assert numbers == list(range(1, len(numbers) + 1)), "the tick sequence is unbroken"
     assert sum(r.ticks_skipped for _, r in ticks) == 0, "a slow walk made the advance skip"
     assert len(ticks) >= 0.8 * seconds / interval, "ticks did not keep the interval"
-    gaps = [b - a for (a, _), (b, _) in zip(ticks, ticks[1:], strict=False)]
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(ticks)]
     assert max(gaps) < 3 * interval, f"a tick waited for a walk: gaps up to {max(gaps):.3f}s"
     assert len(completed) >= 3, "passes did not complete one after another"
     assert all(p.pass_seconds > interval for p in completed), "the walk was not slower"
     assert max(lags) >= 3, "the passes did not trail the ticks"
     pass_ticks = [p.tick for p in completed]
     assert pass_ticks == sorted(set(pass_ticks)), "a pass completed twice or out of order"
-    assert all(b - a >= 3 for a, b in zip(pass_ticks, pass_ticks[1:], strict=False)), (
+    assert all(b - a >= 3 for a, b in itertools.pairwise(pass_ticks)), (
         "the next pass did not jump to the newest tick"
     )
     assert all(p.prices_tick >= p.tick for p in passes)
@@ -196,7 +205,7 @@ async def test_two_updaters_share_the_passes(real_redis: RedisServerInfo, key_pr
                             pipelines=2,
                             on_tick=ticks[i].append,
                             on_pass=passes[i].append,
-                            on_help=lambda tick, _, i=i: helped[i].append(tick),
+                            on_help=functools.partial(note_help, helped[i]),
                         )
                     )
                 await trio.sleep(seconds)
@@ -217,7 +226,8 @@ async def test_two_updaters_share_the_passes(real_redis: RedisServerInfo, key_pr
     assert len(completed) >= 3
     assert len({p.tick for p in completed}) == len(completed), "a pass completed twice"
     assert len(shared) >= 2, "the two updaters never walked the same pass"
-    assert helped[follower] and not helped[leader], "on_help is the non-leader's share"
+    assert helped[follower], "the non-leader's shares were not reported by on_help"
+    assert not helped[leader], "on_help reported the leader's share"
     for tick in {p.tick for p in completed}:
         walked = sum(p.buckets for side in passes for p in side if p.tick == tick)
         assert walked >= INDEX_BUCKETS, f"pass {tick}: only {walked} buckets done"
@@ -266,9 +276,11 @@ async def test_a_pass_outlives_ticks_and_never_moves_a_session_back(parts: Parts
         assert ahead.changed
 
         share = await revalue_pass(market, store, 1, taker="me", cache=PriceCache())
-        assert share.completed and share.lag == 2, "the pass did not complete, 2 ticks behind"
+        assert share.completed, "the pass did not complete"
+        assert share.lag == 2, "the pass did not complete 2 ticks behind"
         assert share.prices_tick == 3
-        assert share.fenced == 1 and share.revalued == len(ids) - 1
+        assert share.fenced == 1
+        assert share.revalued == len(ids) - 1
         assert await ticks_of(redis, store, ids) == [5] + [3] * (len(ids) - 1)
         latest = await market.read()
         portfolio = await store.get("s1")
@@ -313,8 +325,10 @@ async def _slow_stopped_and_dead_walkers(
         share = await revalue_pass(
             market, store, 1, taker="slow", cache=PriceCache(), pipelines=4, bucket_lease=0.4
         )
-        assert share.completed and share.buckets == INDEX_BUCKETS
-        assert share.revalued == len(ids) and share.fenced == 0, "buckets were redone"
+        assert share.completed
+        assert share.buckets == INDEX_BUCKETS
+        assert share.revalued == len(ids), "buckets were redone"
+        assert share.fenced == 0, "buckets were redone"
 
         await market.advance()
         assert (await market.open_pass()).tick == 2
@@ -332,8 +346,10 @@ async def _slow_stopped_and_dead_walkers(
         ghost = await market.take_buckets("ghost", 1.5, 4, 3)  # and never heard of again
         assert ghost is not None
         share = await revalue_pass(market, store, 3, taker="next", cache=PriceCache())
-        assert not share.completed and share.buckets == INDEX_BUCKETS - 4
+        assert not share.completed
+        assert share.buckets == INDEX_BUCKETS - 4
         await trio.sleep_until(ghost_until + 0.1)
         share = await revalue_pass(market, store, 3, taker="next", cache=PriceCache())
-        assert share.completed and share.buckets == 4
+        assert share.completed
+        assert share.buckets == 4
         assert set(await ticks_of(redis, store, ids)) == {3}
