@@ -44,7 +44,7 @@ how long the pass took and how many ticks the market got ahead of it (its
 the pass is complete and the market ticked since), for the newest tick:
 ticks taken during a pass are not walked one by one, the next pass jumps
 to the newest.  The leader's advance wakes its own walker; other processes
-look for work every quarter interval (at most every 0.25 s).  In the
+look for work every quarter interval (at most every 0.1 s).  In the
 leader's process the walk waits before its next page from just before each
 slot until the advance is written, so the advance's round trips are not
 queued on the Trio loop behind the walk's reply parsing.
@@ -167,7 +167,7 @@ slower than the lease (Redis stalled) loses it, and the bucket is partly
 redone (fenced, so only wasted work).
 """
 
-_MAX_WALK_POLL = 0.25
+_MAX_WALK_POLL = 0.1
 """Longest a walker waits between looks for work (it is woken at once by its own advance)."""
 
 _GATE_LEAD = 0.1
