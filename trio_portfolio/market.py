@@ -22,8 +22,9 @@ An advance (:meth:`~trio_portfolio.market_data.MarketData.advance`) reads
 the tick number and every price in one script, draws the next prices in a
 worker thread and writes them with the histories in one script fenced on
 the tick number *and* the leader key.  That script also opens a
-revaluation *pass* for the new tick, but only if there is none or the
-current one is complete: a pass still running is left alone.
+revaluation *pass* for the new tick, but only if the current one is
+complete: a pass still running is left alone (the very first pass is
+opened by a walker, below).
 
 A pass is a work record in Redis (the tick it was opened for, its start,
 and :data:`~trio_portfolio.store.INDEX_BUCKETS` buckets of the session

@@ -30,9 +30,10 @@ process continues the same price path.  All market keys share the hash tag
   *pass*: the tick it was opened for, its start (Redis ms), which index
   buckets are taken or done, and the tickers the live sessions walked so far
   hold (see :mod:`trio_portfolio.market`).  A pass outlives the ticks taken
-  while it runs: a tick opens a pass only when there is none or the current
-  one is complete, and :meth:`MarketData.open_pass` opens the next one as
-  soon as the current one is complete and the market has ticked since.
+  while it runs: a tick opens a pass only when the current one is complete,
+  and :meth:`MarketData.open_pass` (any walker) opens the first one, and the
+  next one as soon as the current one is complete and the market has ticked
+  since.
 
 The universe
 ------------
