@@ -115,7 +115,7 @@ from trio_portfolio.market_data import (
 )
 from trio_portfolio.redis_io import CommandError, StoreUnavailable
 from trio_portfolio.services import open_service_nursery
-from trio_portfolio.store import MarketPrices, RevalueTally, SessionStore
+from trio_portfolio.store import INDEX_BUCKETS, MarketPrices, RevalueTally, SessionStore
 from trio_portfolio.store.codec import StoreDataError
 
 __all__ = [
@@ -240,6 +240,13 @@ class PassReport:
     pass_seconds: float = 0.0
     lag: int = 0
     tickers_pruned: tuple[str, ...] = ()
+
+    @property
+    def sessions_counted(self) -> int | None:
+        """The live sessions, when this process walked every bucket of the pass (else None)."""
+        if self.buckets < INDEX_BUCKETS:
+            return None
+        return self.sessions_revalued + self.sessions_fenced
 
 
 @attrs.define

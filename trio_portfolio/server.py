@@ -111,7 +111,7 @@ from trio_portfolio.redis_io import CommandError, RedisClient, StoreUnavailable
 from trio_portfolio.redis_pubsub import PubSub
 from trio_portfolio.replay import market_source_for
 from trio_portfolio.session_events import SessionEvents
-from trio_portfolio.store import INDEX_BUCKETS, SessionStore, open_store
+from trio_portfolio.store import SessionStore, open_store
 from trio_portfolio.websocket import ServerWebSocket, wrap_server_stream
 
 log = logging.getLogger(__name__)
@@ -292,9 +292,7 @@ class Server:
         def on_pass(report: PassReport) -> None:
             metrics.market_pass(
                 sessions_revalued=report.sessions_revalued,
-                sessions=report.sessions_revalued + report.sessions_fenced
-                if report.buckets >= INDEX_BUCKETS
-                else None,
+                sessions=report.sessions_counted,
                 completed=report.completed,
                 seconds=report.pass_seconds,
                 lag=report.lag,
