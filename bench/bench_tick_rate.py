@@ -3,12 +3,17 @@
 Fills a fresh redis-server with ``--sessions`` sessions (3 holdings each, a
 universe of 60 tickers), then runs the production updater
 (:func:`trio_portfolio.market.run_market_updater`) for ``--seconds`` at each
-``--intervals`` value.  Printed per interval: ticks taken and slots skipped
-(a tick that overruns its slot skips the missed ones instead of queueing),
-median and worst tick duration, the drift of the tick times from the
-``t0 + k * interval`` grid, and how long after a tick started its
-``portfolio`` event reached a subscriber of ``--watch`` sessions (what a
-connected v2 client's ``market_update`` waits for, before the WebSocket hop).
+``--intervals`` value.  Printed per interval, for the ticks (the advance of
+prices): ticks taken and slots skipped (an advance that overruns its slot
+skips the missed ones instead of queueing), median and worst advance
+duration, the drift of the tick times from the ``t0 + k * interval`` grid;
+for the revaluation passes (a walk of every session, decoupled from the
+ticks): how many completed, their median and worst duration, and their lag
+(how many ticks the market was past a pass's tick when it completed: how far
+sessions trail the ticks); and the age of the prices a ``portfolio`` event
+carries when it reaches a subscriber of ``--watch`` sessions (from the tick
+that made those prices to the event: what a connected v2 client's
+``market_update`` waits for, before the WebSocket hop).
 
     python bench/bench_tick_rate.py [--sessions 10000] [--intervals 0.1,0.25,0.5] [--seconds 5]
 """
@@ -28,7 +33,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trio_portfolio.market import MarketData, TickReport, run_market_updater
+from trio_portfolio.market import MarketData, PassReport, TickReport, run_market_updater
 from trio_portfolio.models import utc_now
 from trio_portfolio.redis_io import open_redis
 from trio_portfolio.redis_pubsub import open_pubsub
@@ -60,34 +65,33 @@ async def run(url: str, sessions: int, intervals: list[float], seconds: float, w
         await pubsub.subscribe(*(store.events_channel(s) for s in watched))
         print(f"{sessions} sessions, {watch} watched; {os.cpu_count()} CPUs")
         print(
-            f"{'interval':>8} {'slots':>6} {'ticks':>6} {'skipped':>7} {'median s':>9} "
-            f"{'max s':>7} {'max drift s':>11} {'event p50 s':>11} {'event max s':>11}"
+            f"{'interval':>8} {'slots':>6} {'ticks':>6} {'skipped':>7} {'adv p50 s':>9} "
+            f"{'adv max s':>9} {'max drift s':>11} {'passes':>6} {'pass p50 s':>10} "
+            f"{'pass max s':>10} {'lag p50':>7} {'lag max':>7} {'age p50 s':>9} {'age max s':>9}"
         )
         for interval in intervals:
             reports: list[tuple[float, TickReport]] = []
-            starts: dict[int, float] = {}
-            delays: list[float] = []
+            passes: list[PassReport] = []
+            starts: dict[str, float] = {}
+            ages: list[float] = []
 
             def on_tick(
                 report: TickReport, reports: list[tuple[float, TickReport]] = reports
             ) -> None:
                 reports.append((trio.current_time(), report))
 
-            async def listen(
-                starts: dict[int, float] = starts, delays: list[float] = delays
-            ) -> None:
+            async def listen(starts: dict[str, float] = starts, ages: list[float] = ages) -> None:
                 async for message in pubsub:
                     event = orjson.loads(message.data)
-                    if event.get("cause") == "market" and starts:
-                        delays.append(trio.current_time() - starts[max(starts)])
+                    made = starts.get(event.get("as_of", ""))
+                    if event.get("cause") == "market" and made is not None:
+                        ages.append(trio.current_time() - made)
 
-            async def watch_ticks(starts: dict[int, float] = starts) -> None:
-                last = -1
-                while True:
-                    tick, _ = await market.tick_progress()
-                    if tick != last:
-                        starts[tick] = trio.current_time()
-                        last = tick
+            async def watch_ticks(starts: dict[str, float] = starts) -> None:
+                while True:  # when each tick's as_of first appeared
+                    as_of = await redis.execute("GET", market.tick_at_key)
+                    if as_of is not None:
+                        starts.setdefault(as_of, trio.current_time())
                     await trio.sleep(0.002)
 
             began = trio.current_time()
@@ -96,7 +100,12 @@ async def run(url: str, sessions: int, intervals: list[float], seconds: float, w
                 nursery.start_soon(watch_ticks)
                 nursery.start_soon(
                     functools.partial(
-                        run_market_updater, market, store, interval=interval, on_tick=on_tick
+                        run_market_updater,
+                        market,
+                        store,
+                        interval=interval,
+                        on_tick=on_tick,
+                        on_pass=passes.append,
                     )
                 )
                 await trio.sleep(seconds)
@@ -114,11 +123,15 @@ async def run(url: str, sessions: int, intervals: list[float], seconds: float, w
             )
             skipped = sum(r.ticks_skipped for _, r in reports)
             slots = int((trio.current_time() - first) / interval)
+            done = [p for p in passes if p.completed]
+            took = [p.pass_seconds for p in done] or [0.0]
+            lags = [p.lag for p in done] or [0]
             print(
                 f"{interval:>8.2f} {slots:>6} {len(reports):>6} {skipped:>7} "
-                f"{statistics.median(durations):>9.3f} {max(durations):>7.3f} {drift:>11.3f} "
-                f"{statistics.median(delays) if delays else 0:>11.3f} "
-                f"{max(delays, default=0):>11.3f}"
+                f"{statistics.median(durations):>9.3f} {max(durations):>9.3f} {drift:>11.3f} "
+                f"{len(done):>6} {statistics.median(took):>10.3f} {max(took):>10.3f} "
+                f"{statistics.median(lags):>7.1f} {max(lags):>7} "
+                f"{statistics.median(ages) if ages else 0:>9.3f} {max(ages, default=0):>9.3f}"
             )
 
 

@@ -323,14 +323,15 @@ async def test_a_leader_that_loses_its_lease_mid_tick_stops_writing(parts: Parts
         prices = await market.ensure_prices(["AAPL"])
         await store.create_if_missing("s1", {"AAPL": 1.0}, prices, utc_now())
         reached, release = trio.Event(), trio.Event()
-        hold_before(store, "revalue_many", reached, release)
+        # The tick is the advance (the walk is a pass of its own): held in its first read.
+        hold_before(market, "read", reached, release)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
                 functools.partial(
                     run_market_updater, market, store, interval=0.2, on_tick=reports.append
                 )
             )
-            await reached.wait()  # mid-tick, before any session is written
+            await reached.wait()  # mid-tick, before any price or session is written
             await redis.execute("SET", market.leader_key, "usurper", "PX", 60_000)
             await trio.sleep(0.6)  # past a renewal (every 0.2 s): the tick is cancelled
             release.set()
@@ -338,6 +339,7 @@ async def test_a_leader_that_loses_its_lease_mid_tick_stops_writing(parts: Parts
             nursery.cancel_scope.cancel()
     assert reports == [], "the tick of a lost lease completed"
     assert (await fields(redis, store, "s1"))["valued_tick"] is None, "it kept writing"
+    assert await redis.execute("GET", market.tick_key) is None, "it advanced the market"
 
 
 def test_the_fixed_rate_schedule_skips_missed_slots_without_drift() -> None:

@@ -26,9 +26,14 @@ process continues the same price path.  All market keys share the hash tag
 * ``<prefix>:{market}:leader`` - which process advances the market (with a TTL);
 * ``<prefix>:{market}:claims`` - hash, ticker -> Redis time (ms) of the last
   claim of it by a write of holdings (see *The universe*);
-* ``<prefix>:{market}:work`` and ``...:seen`` - the current tick's
-  revaluation: which index buckets are taken or done, and the tickers the
-  live sessions walked so far hold (see :mod:`trio_portfolio.market`).
+* ``<prefix>:{market}:work`` and ``...:seen`` - the current revaluation
+  *pass*: the tick it was opened for, its start (Redis ms), which index
+  buckets are taken or done, and the tickers the live sessions walked so far
+  hold (see :mod:`trio_portfolio.market`).  A pass outlives the ticks taken
+  while it runs: a tick opens a pass only when the current one is complete,
+  and :meth:`MarketData.open_pass` (any walker) opens the first one, and the
+  next one as soon as the current one is complete and the market has ticked
+  since.
 
 The universe
 ------------
@@ -40,7 +45,7 @@ it got there first and refuses (``ticker_limit``) a ticker that would take
 the universe past ``max_tickers``.  With a symbol list, a ticker not on it is
 refused (``unknown_ticker``) before anything is sent.
 
-A ticker leaves the market when a tick's walk of every session finds no live
+A ticker leaves the market when a pass's walk of every session finds no live
 session holding it: the last bucket's ``done`` script deletes its price,
 history and claim.  Sessions expire by TTL without telling anyone, so the
 walk (which every tick does anyway, to revalue) is the one place that knows
@@ -53,13 +58,13 @@ time instead of by a shared script:
   :data:`~trio_portfolio.store.base.CLAIM_GRACE_MS` (``G``) after ``c``
   (:class:`~trio_portfolio.store.base.ClaimExpired`);
 * the prune keeps every ticker claimed at or after ``start - G``, where
-  ``start`` is the Redis time the tick's walk began.
+  ``start`` is the Redis time the pass began.
 
 A ticker held by a live session at the prune was established by a write at
 ``s <= c + G``: if ``c >= start - G`` it is kept by its claim, otherwise
 ``s < start``, so the walk, which visits every indexed session after
 ``start``, saw it.  Either way no session is left holding an unpriced
-ticker; a ticker let go is gone within one tick (plus ``G`` when it was
+ticker; a ticker let go is gone within two passes (plus ``G`` when it was
 claimed just before).  One clock decides both sides: on a single Redis it is
 the same server's; on Cluster it assumes the nodes' clocks agree to well
 within ``G``.
@@ -129,6 +134,10 @@ _CLAIM = load_script(_LUA, "market_claim", libraries=_LIB)
 _READ = load_script(_LUA, "market_read", libraries=_LIB)
 _TICK = load_script(_LUA, "market_tick", libraries=_LIB)
 _TAKE = load_script(_LUA, "market_take", libraries=_LIB)
+_PASS = load_script(_LUA, "market_pass", libraries=_LIB)
+_RENEW = load_script(_LUA, "market_renew", libraries=_LIB)
+PASS_SCRIPTS = (_PASS, _RENEW)
+"""The revaluation passes' own scripts (loaded with :data:`SCRIPTS`)."""
 _DONE = load_script(_LUA, "market_done", libraries=_LIB)
 _LEAD = load_script(_LUA, "market_lead")
 _HISTORIES = load_script(_LUA, "market_histories", libraries=_LIB)
@@ -162,6 +171,52 @@ class MarketState:
     tick: int
     as_of: str
     prices: dict[str, float]
+
+
+@attrs.frozen
+class PassState:
+    """Where the current revaluation pass stands (one script read it, :meth:`MarketData.open_pass`).
+
+    ``tick`` is the tick the pass was opened for (-1: no pass yet),
+    ``market_tick`` the current tick; ``opened`` is true if this very call
+    opened the pass.
+    """
+
+    tick: int
+    done: int
+    market_tick: int
+    opened: bool = False
+
+    @property
+    def complete(self) -> bool:
+        """Every bucket of the pass is done."""
+        return self.tick >= 0 and self.done >= INDEX_BUCKETS
+
+
+@attrs.frozen
+class Taken:
+    """Buckets taken of a pass (:meth:`MarketData.take_buckets`), with the current tick."""
+
+    market_tick: int
+    buckets: list[int]
+
+
+@attrs.frozen
+class Finished:
+    """What a ``done`` of buckets answered (:meth:`MarketData.finish_buckets`).
+
+    ``completed`` is true for the one call that finished the pass's last
+    bucket; only then are ``seconds`` (the pass's duration, open to
+    complete, on Redis's clock), ``lag`` (how many ticks the market was past
+    the pass's tick at that moment) and ``pruned`` (the tickers the universe
+    lost) filled.
+    """
+
+    done: int
+    completed: bool = False
+    seconds: float = 0.0
+    lag: int = 0
+    pruned: tuple[str, ...] = ()
 
 
 def load_symbols(path: Path) -> frozenset[str]:
@@ -233,7 +288,7 @@ class MarketData:
         The migration (:meth:`migrate_histories`) is a no-op after the first
         start of this version.
         """
-        await self._redis.load_scripts(SCRIPTS)
+        await self._redis.load_scripts((*SCRIPTS, *PASS_SCRIPTS))
         moved = await self.migrate_histories()
         if moved:
             log.info("market: %d price histories moved into rings", moved)
@@ -379,13 +434,16 @@ class MarketData:
         return bool(reply)
 
     async def advance(self, holder: str = "") -> tuple[int, str, dict[str, float]]:
-        """Draw and store one tick of prices for every priced ticker; open the tick's work.
+        """Draw and store one tick of prices for every priced ticker; open a pass if one is due.
 
         Returns ``(tick, as_of, prices)``.  The tick and prices are read in
         one script, the draw runs in a worker thread, and the write is
         fenced on the tick counter and (unless ``holder`` is ``""``) on the
-        leader key.  With no ticker priced nothing is written and the
-        current tick is returned with empty prices.
+        leader key.  The script opens a revaluation pass for the new tick
+        only if the current one is complete; a pass still running is left
+        to finish (and the first pass is opened by :meth:`open_pass`).
+        With no ticker priced nothing is written and the current tick is
+        returned with empty prices.
 
         Raises:
           TickRace: another process advanced the market meanwhile, or
@@ -434,31 +492,50 @@ class MarketData:
         return tickers, [repr(p) for p in prices], pack_history(prices)
 
     async def take_buckets(
-        self, taker: str, lease_seconds: float, most: int
-    ) -> tuple[int, list[int]] | None:
-        """Take up to ``most`` buckets of the current tick's revaluation: ``(tick, buckets)``.
+        self, taker: str, lease_seconds: float, most: int, pass_tick: int
+    ) -> Taken | None:
+        """Take up to ``most`` buckets of the pass opened for ``pass_tick``.
 
         None when every bucket is done or taken by a live taker, or when the
-        current tick has no work record (nothing priced, or never ticked).
-        A bucket whose taker's lease ran out is handed out again.
+        current pass is not ``pass_tick``'s (it completed and the next one
+        opened, or there is none).  A bucket whose taker's lease ran out is
+        handed out again.  The answer carries the current tick, so a walker
+        knows when its cached prices are older than the market's.
         """
         reply = await self._redis.evalsha(
             _TAKE,
             [self.work_key, self.tick_key],
-            [taker, max(1, int(lease_seconds * 1000)), INDEX_BUCKETS, most],
+            [taker, max(1, int(lease_seconds * 1000)), INDEX_BUCKETS, most, pass_tick],
         )
-        if reply[0] < 0 or len(reply) < 2:
+        if int(reply[0]) != pass_tick or len(reply) < 3:
             return None
-        return int(reply[0]), [int(b) for b in reply[1:]]
+        return Taken(int(reply[1]), [int(b) for b in reply[2:]])
+
+    async def renew_buckets(
+        self, taker: str, lease_seconds: float, pass_tick: int, buckets: Sequence[int]
+    ) -> bool:
+        """Renew ``taker``'s leases on ``buckets`` of the pass of ``pass_tick``; True if all ours.
+
+        False (nothing renewed) when the pass is over or a lease ran out and
+        the bucket was handed out again: the taker should stop.
+        """
+        reply = await self._redis.evalsha(
+            _RENEW,
+            [self.work_key],
+            [taker, max(1, int(lease_seconds * 1000)), pass_tick, *buckets],
+        )
+        return bool(reply)
 
     async def finish_buckets(
-        self, tick: int, buckets: Sequence[int], held: set[str]
-    ) -> list[str] | None:
-        """Record ``buckets`` of ``tick`` as revalued, with what their live sessions hold.
+        self, pass_tick: int, buckets: Sequence[int], held: set[str]
+    ) -> Finished | None:
+        """Record ``buckets`` of the pass of ``pass_tick`` as revalued, with what they hold.
 
-        Returns the tickers the universe lost (non-empty only when this
-        finished the tick's last bucket), or None if the market has moved
-        past ``tick`` (then nothing is recorded: the next tick's walk decides).
+        Checked against the pass's own tick, not the current one (the market
+        may have ticked meanwhile; the pass goes on).  None if the current
+        pass is another one (then nothing is recorded).  The call that
+        finishes the last bucket prunes the universe and answers the pass's
+        duration and lag (see :class:`Finished`).
         """
         reply = await self._redis.evalsha(
             _DONE,
@@ -471,7 +548,7 @@ class MarketData:
                 self.claims_key,
             ],
             [
-                tick,
+                pass_tick,
                 ",".join(map(str, buckets)),
                 INDEX_BUCKETS,
                 CLAIM_GRACE_MS,
@@ -481,9 +558,34 @@ class MarketData:
         )
         if reply[0] != "done":
             return None
-        return [str(t) for t in reply[2:]]
+        if reply[2] == "":
+            return Finished(int(reply[1]))
+        return Finished(
+            int(reply[1]),
+            completed=True,
+            seconds=int(reply[2]) / 1000,
+            lag=int(reply[3]),
+            pruned=tuple(str(t) for t in reply[4:]),
+        )
+
+    async def open_pass(self) -> PassState:
+        """Open the next revaluation pass if it is due; where the current pass stands.
+
+        Due: there is no pass yet, or the current one is complete and the
+        market has ticked since it opened.  Any process may call it (the
+        check and the opening are one script): the walkers call it as soon
+        as a pass completes, so a pass that lagged is followed at once by
+        one at the newest tick.
+        """
+        reply = await self._redis.evalsha(
+            _PASS, [self.work_key, self.tick_key, self.seen_key], [INDEX_BUCKETS]
+        )
+        return PassState(int(reply[0]), int(reply[1]), int(reply[2]), bool(reply[3]))
 
     async def tick_progress(self) -> tuple[int, int]:
-        """``(tick, buckets done)`` of the current work record (``(-1, 0)`` when none)."""
+        """``(pass tick, buckets done)`` of the current pass (``(-1, 0)`` when none).
+
+        The pass's tick is the one it was opened for; the market may be ahead.
+        """
         tick, done = await self._redis.execute("HMGET", self.work_key, "tick", "done")
         return (-1 if tick is None else int(tick)), int(done or 0)

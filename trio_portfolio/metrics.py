@@ -189,13 +189,17 @@ MARKET_TICKS = MetricSpec(
     "market_ticks", Kind.COUNTER, "market ticks taken by this process (as leader)"
 )
 SESSIONS_REVALUED = MetricSpec(
-    "sessions_revalued", Kind.COUNTER, "session revaluations by market ticks"
+    "sessions_revalued", Kind.COUNTER, "session revaluations by market revaluation passes"
 )
 SESSIONS = MetricSpec(
-    "sessions", Kind.GAUGE, "live sessions in the store, as counted by the last market tick"
+    "sessions",
+    Kind.GAUGE,
+    "live sessions in the store, as counted by the last pass this process walked alone",
 )
 MARKET_TICKS_SKIPPED = MetricSpec(
-    "market_ticks_skipped", Kind.COUNTER, "tick slots skipped because a tick overran its interval"
+    "market_ticks_skipped",
+    Kind.COUNTER,
+    "tick slots skipped because an advance of prices overran its interval",
 )
 MARKET_TICKERS = MetricSpec(
     "market_tickers", Kind.GAUGE, "tickers the market prices, as of the last tick this process took"
@@ -206,7 +210,24 @@ MARKET_TICKERS_PRUNED = MetricSpec(
     "tickers dropped from the market because no live session held them",
 )
 MARKET_TICK_SECONDS = MetricSpec(
-    "market_tick_seconds", Kind.HISTOGRAM, "duration of a market tick, revaluation included"
+    "market_tick_seconds",
+    Kind.HISTOGRAM,
+    "duration of a market tick's advance of prices (the revaluation is a pass)",
+)
+MARKET_PASSES = MetricSpec(
+    "market_passes",
+    Kind.COUNTER,
+    "revaluation passes of every session this process completed (finished the last bucket of)",
+)
+MARKET_PASS_SECONDS = MetricSpec(
+    "market_pass_seconds",
+    Kind.HISTOGRAM,
+    "duration of a revaluation pass, open to last bucket done, of passes this process completed",
+)
+MARKET_PASS_LAG = MetricSpec(
+    "market_pass_lag_ticks",
+    Kind.GAUGE,
+    "ticks the market was past the tick of the last pass this process completed (0: keeping up)",
 )
 REDIS_CALL_SECONDS = MetricSpec(
     "redis_call_seconds",
@@ -229,6 +250,9 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MARKET_TICKERS,
     MARKET_TICKERS_PRUNED,
     MARKET_TICK_SECONDS,
+    MARKET_PASSES,
+    MARKET_PASS_SECONDS,
+    MARKET_PASS_LAG,
     REDIS_CALL_SECONDS,
 )
 """The pushed series, bumped through :class:`ServerMetrics` methods."""
@@ -486,6 +510,11 @@ class ServerMetrics:
         )
         self._market_tickers_pruned = _counter(MARKET_TICKERS_PRUNED, r)
         self._market_tick_seconds = _histogram(MARKET_TICK_SECONDS, r)
+        self._market_passes = _counter(MARKET_PASSES, r)
+        self._market_pass_seconds = _histogram(MARKET_PASS_SECONDS, r)
+        self._market_pass_lag = Gauge(
+            MARKET_PASS_LAG.name, MARKET_PASS_LAG.help, namespace=PREFIX, registry=r
+        )
         self._redis_call_seconds = _histogram(REDIS_CALL_SECONDS, r)
         self._pulled = _Pulled(frozenset(spec.full_name for spec in CATALOGUE))
         r.register(self._pulled)
@@ -524,24 +553,54 @@ class ServerMetrics:
         self,
         *,
         seconds: float,
-        sessions_revalued: int,
+        sessions_revalued: int | None = None,
         ticks_skipped: int = 0,
         tickers: int | None = None,
         tickers_pruned: int = 0,
     ) -> None:
-        """This process took a market tick that revalued ``sessions_revalued`` sessions.
+        """This process took a market tick (as leader), in ``seconds``.
 
-        ``ticks_skipped``: schedule slots the tick overran; ``tickers``: the
-        universe after the tick; ``tickers_pruned``: tickers it dropped.
+        ``sessions_revalued``: sessions the tick revalued, for a tick that
+        walks them itself (None for the updater's advance, whose walk is
+        reported by :meth:`market_pass`); ``ticks_skipped``: schedule slots
+        it overran; ``tickers``: the universe after the tick;
+        ``tickers_pruned``: tickers it dropped.
         """
         self._market_ticks.inc()
-        self._sessions_revalued.inc(sessions_revalued)
-        self._sessions.set(sessions_revalued)
+        if sessions_revalued is not None:
+            self._sessions_revalued.inc(sessions_revalued)
+            self._sessions.set(sessions_revalued)
         self._market_ticks_skipped.inc(ticks_skipped)
         if tickers is not None:
             self._market_tickers.set(tickers)
         self._market_tickers_pruned.inc(tickers_pruned)
         self._market_tick_seconds.observe(seconds)
+
+    def market_pass(
+        self,
+        *,
+        sessions_revalued: int,
+        sessions: int | None = None,
+        completed: bool = False,
+        seconds: float = 0.0,
+        lag: int = 0,
+        tickers_pruned: int = 0,
+    ) -> None:
+        """This process took part in a revaluation pass and revalued ``sessions_revalued``.
+
+        ``sessions``: the live sessions counted, when this process walked the
+        whole pass; ``completed``: it finished the pass's last bucket, then
+        ``seconds`` is the pass's duration, ``lag`` the ticks the market was
+        past the pass's tick, ``tickers_pruned`` the tickers dropped.
+        """
+        self._sessions_revalued.inc(sessions_revalued)
+        if sessions is not None:
+            self._sessions.set(sessions)
+        if completed:
+            self._market_passes.inc()
+            self._market_pass_seconds.observe(seconds)
+            self._market_pass_lag.set(lag)
+            self._market_tickers_pruned.inc(tickers_pruned)
 
     def redis_call(self, seconds: float) -> None:
         """One Redis call took ``seconds``; pass as ``open_redis(on_latency=...)``."""

@@ -95,7 +95,13 @@ from trio_portfolio.listener import (
     raise_open_file_limit,
     serve_listener,
 )
-from trio_portfolio.market import MarketData, TickReport, load_symbols, run_market_updater
+from trio_portfolio.market import (
+    MarketData,
+    PassReport,
+    TickReport,
+    load_symbols,
+    run_market_updater,
+)
 from trio_portfolio.metrics import Refusal as RefusalCode
 from trio_portfolio.metrics import ServerMetrics
 from trio_portfolio.models import METRICS
@@ -290,9 +296,17 @@ class Server:
         def on_tick(report: TickReport) -> None:
             metrics.market_tick(
                 seconds=report.seconds,
-                sessions_revalued=report.sessions_revalued,
                 ticks_skipped=report.ticks_skipped,
-                tickers=len(report.prices) - len(report.tickers_pruned),
+                tickers=len(report.prices),
+            )
+
+        def on_pass(report: PassReport) -> None:
+            metrics.market_pass(
+                sessions_revalued=report.sessions_revalued,
+                sessions=report.sessions_counted,
+                completed=report.completed,
+                seconds=report.pass_seconds,
+                lag=report.lag,
                 tickers_pruned=len(report.tickers_pruned),
             )
 
@@ -301,6 +315,7 @@ class Server:
             store,
             interval=self.settings.market_update_interval_seconds,
             on_tick=on_tick,
+            on_pass=on_pass,
             pipelines=self.settings.market_pipelines,
             task_status=task_status,
         )

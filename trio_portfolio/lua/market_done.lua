@@ -1,23 +1,28 @@
--- Mark buckets of a tick revalued, add the tickers their live sessions
--- hold to the tick's seen set and, when the last bucket is done, prune the
--- universe: every priced ticker that no session seen in this tick's walk
--- holds and that nobody claimed since CLAIM_GRACE_MS before the walk began
--- loses its price, history and claim.  (A holdings write lands within the
+-- Mark buckets of a revaluation pass done, add the tickers their live
+-- sessions hold to the pass's seen set and, when the last bucket is done,
+-- prune the universe: every priced ticker that no session seen in this
+-- pass's walk holds and that nobody claimed since CLAIM_GRACE_MS before the
+-- pass began loses its price, history and claim.  (A holdings write lands within the
 -- grace of its claim, so a write claimed earlier than that landed before the
 -- walk began, and the walk saw it.)
 -- KEYS[1] work hash  KEYS[2] tick counter  KEYS[3] seen set  KEYS[4] prices
 -- KEYS[5] (unused: the history hash of earlier versions)  KEYS[6] claims
--- ARGV[1] tick  ARGV[2] buckets done now, comma-separated
+-- ARGV[1] the pass's tick (not the current tick: the market may have
+--         ticked since the pass opened, and the pass goes on)
+-- ARGV[2] buckets done now, comma-separated
 -- ARGV[3] number of buckets  ARGV[4] grace ms
 -- ARGV[5] the history rings' key prefix (ring of T = ARGV[5] .. T): the
 --         tickers to drop are found here, so their rings cannot be declared;
 --         they share the {market} hash tag of KEYS, so on Redis Cluster they
 --         are in this script's slot
 -- ARGV[6..] tickers held by those buckets' live sessions
--- Returns {'stale'} if the market moved past this tick (nothing written),
--- else {'done', buckets done, ticker pruned, ...}.
+-- Returns {'stale'} if the current pass is not ARGV[1]'s (it completed and
+-- the next one opened: nothing written), else {'done', buckets done, pass
+-- duration in ms, ticks the market is past the pass's tick, ticker pruned,
+-- ...}; the duration and lag are '' but from the call that completed the
+-- pass (the one that also pruned).
 local tick = tonumber(ARGV[1])
-if current_tick(KEYS[2]) ~= tick or tonumber(redis.call('HGET', KEYS[1], 'tick') or '-1') ~= tick then
+if tonumber(redis.call('HGET', KEYS[1], 'tick') or '-1') ~= tick then
   return {'stale'}
 end
 for i = 6, #ARGV, 1000 do
@@ -31,11 +36,12 @@ for bucket in string.gmatch(ARGV[2], '%d+') do
     done = redis.call('HINCRBY', KEYS[1], 'done', 1)
   end
 end
-local out = {'done', tostring(done)}
 if done < tonumber(ARGV[3]) or redis.call('HSETNX', KEYS[1], 'pruned', 1) == 0 then
-  return out
+  return {'done', tostring(done), '', ''}
 end
-local cutoff = tonumber(redis.call('HGET', KEYS[1], 'start')) - tonumber(ARGV[4])
+local start = tonumber(redis.call('HGET', KEYS[1], 'start'))
+local out = {'done', tostring(done), tostring(now_ms() - start), tostring(current_tick(KEYS[2]) - tick)}
+local cutoff = start - tonumber(ARGV[4])
 for _, ticker in ipairs(redis.call('HKEYS', KEYS[4])) do
   if redis.call('SISMEMBER', KEYS[3], ticker) == 0
       and tonumber(redis.call('HGET', KEYS[6], ticker) or '0') < cutoff then

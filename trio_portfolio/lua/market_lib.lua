@@ -27,3 +27,24 @@ local function history_to_ring(history, tick)
   local cut = ((length - (tick + 1) % length) % length) * 16
   return string.sub(history, cut + 1, length * 16) .. string.sub(history, 1, cut)
 end
+
+-- The revaluation pass (work hash: tick, start, done, n buckets, b<N>,
+-- pruned): open one for `tick` when it is due, that is when there is none,
+-- or the current one has every bucket done and is of an older tick.  An
+-- incomplete pass is never replaced: it is left to finish (with the
+-- freshest prices of whoever walks it).  `buckets` is the number of index
+-- buckets, or nil to use the current pass's own `n` (the tick script, which
+-- then opens nothing while there is no pass: market_pass.lua opens the
+-- first one).  Returns true if a pass was opened.
+local function open_pass_if_due(work, seen, tick, buckets)
+  if tick <= 0 then return false end
+  local state = redis.call('HMGET', work, 'tick', 'done', 'n')
+  local n = buckets or tonumber(state[3] or '')
+  if n == nil then return false end
+  if state[1] and (tonumber(state[2] or '0') < n or tonumber(state[1]) >= tick) then
+    return false
+  end
+  redis.call('DEL', work, seen)
+  redis.call('HSET', work, 'tick', tick, 'start', now_ms(), 'done', 0, 'n', n)
+  return true
+end

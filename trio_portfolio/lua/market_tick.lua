@@ -1,5 +1,10 @@
 -- Store one tick of prices, fenced on the tick counter and on the leader,
--- and open the tick's work record (which buckets of the index are revalued).
+-- and open a revaluation pass for the new tick if one is due: the current
+-- pass is complete (see open_pass_if_due in market_lib.lua).  A pass still
+-- running is left alone: the tick never waits for a walk, the walkers pick
+-- the new prices up, and market_pass.lua opens the next pass (and the first
+-- one) as soon as it is due.  The "walk start" returned is the start of the
+-- current pass ('' before the first).
 -- KEYS[1] prices hash  KEYS[2] tick counter  KEYS[3] (unused: the history
 -- hash of earlier versions)  KEYS[4] leader key  KEYS[5] tick time
 -- KEYS[6] work hash  KEYS[7] seen set
@@ -54,7 +59,5 @@ for i = 1, #fields, 1000 do
 end
 tick = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[5], ARGV[4])
-local start = now_ms()
-redis.call('DEL', KEYS[6], KEYS[7])
-redis.call('HSET', KEYS[6], 'tick', tick, 'start', start, 'done', 0)
-return {tick, tostring(start)}
+open_pass_if_due(KEYS[6], KEYS[7], tick, nil)
+return {tick, redis.call('HGET', KEYS[6], 'start') or ''}
