@@ -548,7 +548,7 @@ async def _bucket_legacy_ids(store: SessionStore) -> None:
     """Fold ids left in the whole index (by an earlier version) into their buckets.
 
     Cheap when there is nothing to fold: one ``SCARD`` of a key that no
-    longer exists.  Kept every tick, not once, because a process of the
+    longer exists.  Done every pass, not once, because a process of the
     earlier version may still be running beside this one during an upgrade.
     """
     if await store.legacy_index_size() > 0:
