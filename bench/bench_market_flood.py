@@ -7,8 +7,10 @@ client would be, sending ``set_holdings`` with ``--fresh`` never-seen
 tickers ``--rate`` times a second for ``--seconds``, with ticks every
 ``--interval``.  Then the flooder leaves and its session expires
 (``--session-ttl``).  Printed: the universe (tickers priced) before, at its
-peak and after expiry; the median tick duration before the flood, during it
-and after; and the flooder's refusals by error code.
+peak and after expiry; the median price tick (the leader's advance), the
+median revaluation pass and their sum (how long a tick takes to reach every
+session) before the flood, during it and after; and the flooder's refusals
+by error code.
 
     python bench/bench_market_flood.py [--seconds 60] [--rate 5] [--fresh 100] [--interval 1]
 """
@@ -28,7 +30,12 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trio_portfolio.testing import find_redis_binaries, record_market_ticks, run_redis_binary
+from trio_portfolio.testing import (
+    find_redis_binaries,
+    record_market_passes,
+    record_market_ticks,
+    run_redis_binary,
+)
 from trio_portfolio.testing.live_server import (
     Client,
     LiveServer,
@@ -93,6 +100,7 @@ async def run(url: str, args: argparse.Namespace) -> None:
     async with open_live_server(settings) as server, open_client(server, "steady") as steady:
         await steady.recv()
         ticks = record_market_ticks(server)
+        passes = record_market_passes(server)
         async with trio.open_nursery() as keep:
             keep.start_soon(keep_alive, steady)
             keep.start_soon(drain, steady)
@@ -144,14 +152,20 @@ async def run(url: str, args: argparse.Namespace) -> None:
         f"back to its size {t3 - t2:.1f} s after the flooder left "
         f"(session TTL {args.session_ttl} s)"
     )
-    before_ms = median_between(ticks, t0, t1) * 1000
-    during_ms = median_between(ticks, t1, t2) * 1000
-    print(
-        "median tick: "
-        f"before {before_ms:.1f} ms, "
-        f"during {during_ms:.1f} ms ({during_ms / before_ms:.2f}x), "
-        f"after {median_between(ticks, t3, t4) * 1000:.1f} ms"
-    )
+    windows = {"before": (t0, t1), "during": (t1, t2), "after": (t3, t4)}
+    advance = {k: median_between(ticks, *w) * 1000 for k, w in windows.items()}
+    walk = {k: median_between(passes, *w) * 1000 for k, w in windows.items()}
+    total = {k: advance[k] + walk[k] for k in windows}
+    for label, figures in (
+        ("price tick (advance)", advance),
+        ("revaluation pass", walk),
+        ("tick to revalued (advance + pass)", total),
+    ):
+        print(
+            f"median {label}: before {figures['before']:.1f} ms, "
+            f"during {figures['during']:.1f} ms ({figures['during'] / figures['before']:.2f}x), "
+            f"after {figures['after']:.1f} ms"
+        )
     print(f"refusals by code: {dict(refusals) or 'none'}")
 
 

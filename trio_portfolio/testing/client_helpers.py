@@ -212,3 +212,23 @@ def record_market_ticks(server: LiveServer) -> list[tuple[float, float]]:
 
     metrics.market_tick = spy  # type: ignore[method-assign]
     return ticks
+
+
+def record_market_passes(server: LiveServer) -> list[tuple[float, float]]:
+    """``(when, seconds)`` of every revaluation pass ``server`` completes from now on.
+
+    As :func:`record_market_ticks`, for
+    :meth:`~trio_portfolio.metrics.ServerMetrics.market_pass` calls that
+    report a completed pass (the process that finished its last bucket).
+    """
+    metrics = server.info.server.metrics
+    passes: list[tuple[float, float]] = []
+    report = metrics.market_pass
+
+    def spy(**figures: Any) -> None:
+        if figures.get("completed"):
+            passes.append((trio.current_time(), float(figures.get("seconds", 0.0))))
+        report(**figures)
+
+    metrics.market_pass = spy  # type: ignore[method-assign]
+    return passes
