@@ -353,3 +353,26 @@ async def _slow_stopped_and_dead_walkers(
         assert share.completed
         assert share.buckets == 4
         assert set(await ticks_of(redis, store, ids)) == {3}
+
+
+async def test_a_cancelled_walker_gives_back_buckets_it_never_heard_it_took(
+    real_redis: RedisServerInfo, key_prefix: str
+) -> None:
+    """A take cancelled while its answer was on the way holds buckets its walker does not
+    know of; the give-back on cancellation ends every lease of the taker in the pass, and
+    nobody else's."""
+    async with parts_on(real_redis.url, key_prefix) as (_redis, store, market):
+        with trio.fail_after(30):
+            await fill(store, market, 16)
+            await market.advance()
+            pass_tick = (await market.open_pass()).tick
+            lost = await market.take_buckets("lost", 60.0, 4, pass_tick)  # the lost answer
+            other = await market.take_buckets("other", 60.0, 2, pass_tick)
+            assert lost is not None
+            assert other is not None
+            assert await market.release_buckets("lost", pass_tick) == 4
+            assert await market.release_buckets("lost", pass_tick + 1) == 0  # another pass
+            again = await market.take_buckets("next", 60.0, 64, pass_tick)
+            assert again is not None
+            assert set(lost.buckets) <= set(again.buckets)
+            assert not set(other.buckets) & set(again.buckets), "another taker's leases ended"

@@ -361,15 +361,12 @@ async def revalue_pass(
 
     async def worker(cancel: trio.CancelScope) -> None:
         most = BUCKETS_PER_TAKE
-        holding: list[int] = []  # taken and not done: given back if we are cancelled
         try:
             while True:
-                holding = []
                 asked_at = trio.current_time()
                 taken = await market.take_buckets(taker, bucket_lease, most, pass_tick)
                 if taken is None:
                     return
-                holding = taken.buckets
                 state, prices = await cache.at_least(market, max(pass_tick, taken.market_tick))
                 share.prices_tick = max(share.prices_tick, state.tick)
                 tally = RevalueTally()
@@ -429,8 +426,7 @@ async def revalue_pass(
             errors.append(exc)
             cancel.cancel()
         except trio.Cancelled:
-            if holding:
-                await _give_back(market, taker, pass_tick, holding)
+            await _give_back(market, taker, pass_tick)
             raise
 
     async with trio.open_nursery() as nursery:
@@ -441,18 +437,20 @@ async def revalue_pass(
     return share
 
 
-async def _give_back(market: MarketData, taker: str, pass_tick: int, buckets: list[int]) -> None:
-    """End our leases on ``buckets`` now, so the pass does not wait a lease for them.
+async def _give_back(market: MarketData, taker: str, pass_tick: int) -> None:
+    """End our leases on the pass's buckets now, so the pass does not wait a lease for them.
 
-    For a walker that was cancelled (a shutdown).  Shielded, for at most
-    :data:`_GIVE_BACK_SECONDS`; a failure is only logged (the leases then
-    run out by themselves).
+    For a walker that was cancelled (a shutdown, the updater stopped).
+    Every bucket of ours, not just those we know of: a take cancelled while
+    its answer was on the way holds buckets we never heard of.  Shielded,
+    for at most :data:`_GIVE_BACK_SECONDS`; a failure is only logged (the
+    leases then run out by themselves).
     """
     with trio.CancelScope(shield=True, deadline=trio.current_time() + _GIVE_BACK_SECONDS):
         try:
-            await market.renew_buckets(taker, 0.0, pass_tick, buckets)
+            await market.release_buckets(taker, pass_tick)
         except (StoreUnavailable, CommandError) as exc:
-            log.info("buckets %s of pass %d not given back: %s", buckets, pass_tick, exc)
+            log.info("buckets of pass %d not given back: %s", pass_tick, exc)
 
 
 async def _revalue_bucket(

@@ -136,7 +136,8 @@ _TICK = load_script(_LUA, "market_tick", libraries=_LIB)
 _TAKE = load_script(_LUA, "market_take", libraries=_LIB)
 _PASS = load_script(_LUA, "market_pass", libraries=_LIB)
 _RENEW = load_script(_LUA, "market_renew", libraries=_LIB)
-PASS_SCRIPTS = (_PASS, _RENEW)
+_RELEASE = load_script(_LUA, "market_release", libraries=_LIB)
+PASS_SCRIPTS = (_PASS, _RENEW, _RELEASE)
 """The revaluation passes' own scripts (loaded with :data:`SCRIPTS`)."""
 _DONE = load_script(_LUA, "market_done", libraries=_LIB)
 _LEAD = load_script(_LUA, "market_lead")
@@ -525,6 +526,17 @@ class MarketData:
             [taker, max(1, int(lease_seconds * 1000)), pass_tick, *buckets],
         )
         return bool(reply)
+
+    async def release_buckets(self, taker: str, pass_tick: int) -> int:
+        """End every lease ``taker`` holds on buckets of the pass of ``pass_tick``; how many.
+
+        Every bucket, not a list: a take cancelled while its answer was on
+        the way took buckets the taker never heard of.
+        """
+        reply = await self._redis.evalsha(
+            _RELEASE, [self.work_key], [taker, pass_tick, INDEX_BUCKETS]
+        )
+        return int(reply)
 
     async def finish_buckets(
         self, pass_tick: int, buckets: Sequence[int], held: set[str]
