@@ -258,6 +258,20 @@ async def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> 
         raise AssertionError(f"timed out after {timeout:g} s waiting for {what}") from None
 
 
+async def two_more_analyses_and_a_market_update(
+    analysts: list[Analyst], before: dict[str, int], since: float, event: str
+) -> None:
+    """Wait until every analyst completed two more analyses and heard the market after ``since``."""
+    await wait_for(
+        lambda: all(
+            len(x.completed_at) >= before[x.session_id] + 2 and x.heard_market_after(since)
+            for x in analysts
+        ),
+        120,
+        f"two analyses and a market update per session after {event}",
+    )
+
+
 def reset_redirect_stats(cluster: RedisCluster) -> None:
     """``CONFIG RESETSTAT`` on every node: the counts below start from the event."""
     for node in cluster.nodes:
@@ -677,14 +691,8 @@ async def test_cluster_failover_during_analyses_loses_nothing() -> None:
                 began = trio.current_time()
                 await cluster_failover(cluster, replica, timeout=30)
                 promoted = trio.current_time() - began
-                await wait_for(
-                    lambda: all(
-                        len(x.completed_at) >= before[x.session_id] + 2
-                        and x.heard_market_after(began + promoted)
-                        for x in analysts
-                    ),
-                    120,
-                    "two analyses and a market update per session after the failover",
+                await two_more_analyses_and_a_market_update(
+                    analysts, before, began + promoted, "the failover"
                 )
                 stop.set()
             owner = await trio.to_thread.run_sync(
@@ -746,14 +754,8 @@ async def test_resharding_a_live_sessions_slot_loses_nothing() -> None:
                     cluster, MARKET_SLOT, cluster.node_at(market_to), pause_between_keys=0.1
                 )
                 market_moved_in = trio.current_time() - market_began
-                await wait_for(
-                    lambda: all(
-                        len(x.completed_at) >= before[x.session_id] + 2
-                        and x.heard_market_after(market_began + market_moved_in)
-                        for x in analysts
-                    ),
-                    120,
-                    "two analyses and a market update per session after the resharding",
+                await two_more_analyses_and_a_market_update(
+                    analysts, before, market_began + market_moved_in, "the resharding"
                 )
                 stop.set()
             owner = await trio.to_thread.run_sync(cluster.slot_owner, slot)
