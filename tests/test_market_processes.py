@@ -71,9 +71,13 @@ class Runner:
 
 @asynccontextmanager
 async def runners(
-    url: str, prefix: str, interval: float, count: int
+    url: str, prefix: str, interval: float, count: int, pipelines: int | None = None
 ) -> AsyncIterator[list[Runner]]:
-    """``count`` updater processes; every one still alive is killed on exit."""
+    """``count`` updater processes; every one still alive is killed on exit.
+
+    ``pipelines``: buckets each walks at once (default: the updater's); fewer make a
+    pass long enough that the others join it even when the leader's walker starts first.
+    """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     started: list[Runner] = []
     any_tick = trio.Event()
@@ -81,7 +85,14 @@ async def runners(
         try:
             for _ in range(count):
                 process = await trio.lowlevel.open_process(
-                    [sys.executable, str(RUNNER), url, prefix, str(interval)],
+                    [
+                        sys.executable,
+                        str(RUNNER),
+                        url,
+                        prefix,
+                        str(interval),
+                        *([] if pipelines is None else [str(pipelines)]),
+                    ],
                     stdout=subprocess.PIPE,
                     env=env,
                 )
@@ -244,7 +255,9 @@ async def test_three_processes_share_each_tick_and_a_killed_one_leaves_nobody_be
             ids = await fill(store, market, count)
             monotony = Monotony()
             checked: list[int] = []
-            async with runners(real_redis.url, key_prefix, 1.0, 3) as procs:
+            # One pipeline each: a pass of the leader's walker alone outlasts the
+            # others' 0.1 s look for work, so the sharing asserted below is not a race.
+            async with runners(real_redis.url, key_prefix, 1.0, 3, pipelines=1) as procs:
                 last = 0
                 killed = False
                 while len(checked) < 4:
