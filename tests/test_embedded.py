@@ -8,6 +8,7 @@ start and stop is bounded by ``fail_after``.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import os
@@ -370,6 +371,21 @@ async def wait_gone(pid: int, timeout: float = 10) -> None:
             await trio.sleep(0.05)
 
 
+async def wait_lock_free(data_dir: Path, timeout: float) -> None:
+    """Poll the data directory's lock until it can be taken (then let it go again)."""
+    with trio.fail_after(timeout):
+        while True:
+            fd = os.open(data_dir / ".embedded-redis.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            finally:
+                os.close(fd)
+            await trio.sleep(0.05)
+
+
 def is_zombie(pid: int) -> bool:
     try:
         stat_line = Path(f"/proc/{pid}/stat").read_text()
@@ -425,6 +441,7 @@ async def test_the_redis_server_dies_with_its_parent(tmp_path: Path) -> None:
     holder, child = await start_holder(data_dir, die_with_parent=True)
     await kill_holder(holder)
     await wait_gone(child, timeout=5)
+    await wait_lock_free(data_dir, timeout=10)  # the last fd closes a moment after exit
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(run_embedded_redis, data_dir)
