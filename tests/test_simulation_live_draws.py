@@ -39,3 +39,13 @@ def test_the_live_terms_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> Non
         simulator.next_prices({f"R{round_}_{i}": 10.0 for i in range(40)}, 1)
         assert len(simulator._terms) <= 50
     assert simulator.next_prices({f"T{i}": 10.0 for i in range(40)}, 1) == first
+
+
+def test_the_shared_bootstrap_draws_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(simulation, "SHARED_DRAWS_CACHE", 3)
+    simulator = GbmSimulator(seed=1)
+    first = simulator.bootstrap_history("AAPL", 20)
+    for length in range(5, 40):
+        simulator.bootstrap_history("AAPL", length)  # market and sector draws per length
+        assert len(simulator._shared) <= 3
+    assert simulator.bootstrap_history("AAPL", 20) == first, "recomputed draws are the same"
