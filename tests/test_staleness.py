@@ -190,16 +190,7 @@ PRICES = {"AAPL": 100.0, "MSFT": 200.0}
 
 
 def result_of(snapshot: Snapshot, metric: str, value: float = 0.5) -> AnalysisResult:
-    return AnalysisResult(
-        analysis_id=snapshot.analysis_id,
-        ticker=snapshot.ticker,
-        metric=metric,
-        value=value,
-        timestamp=utc_now(),
-        portfolio_version=snapshot.portfolio_version,
-        as_of=snapshot.as_of,
-        result_id=AnalysisResult.id_for(snapshot.analysis_id, metric),
-    )
+    return AnalysisResult.of(snapshot, metric, value)
 
 
 async def test_the_fence_applies_the_bound_on_redis_time(

@@ -655,7 +655,7 @@ class AnalysisRunner:
                         self._metric, attempt, metric, values[metric], ready_at[metric]
                     )
             if due:
-                results = [self._result(attempt, m, values[m]) for m in due]
+                results = [AnalysisResult.of(attempt.snapshot, m, values[m]) for m in due]
                 for result, status in zip(
                     results, await self._commit(attempt, results), strict=True
                 ):
@@ -664,22 +664,9 @@ class AnalysisRunner:
     async def _metric(self, attempt: Attempt, metric: str, value: float, ready_at: float) -> None:
         """One metric whose delay is not over yet: wait, then commit and stream it."""
         await trio.sleep_until(ready_at)
-        result = self._result(attempt, metric, value)
+        result = AnalysisResult.of(attempt.snapshot, metric, value)
         (status,) = await self._commit(attempt, [result])
         await self._settle(attempt, result, status)
-
-    def _result(self, attempt: Attempt, metric: str, value: float) -> AnalysisResult:
-        snapshot = attempt.snapshot
-        return AnalysisResult(
-            analysis_id=attempt.analysis_id,
-            ticker=self.ticker,
-            metric=metric,
-            value=value,
-            timestamp=utc_now(),
-            portfolio_version=snapshot.portfolio_version,
-            as_of=snapshot.as_of,
-            result_id=AnalysisResult.id_for(attempt.analysis_id, metric),
-        )
 
     async def _settle(
         self, attempt: Attempt, result: AnalysisResult, status: AppendStatus | None
@@ -758,8 +745,7 @@ class AnalysisRunner:
                 shield.deadline = trio.current_time() + ctx.send_timeout
                 for result, status in zip(results, answers, strict=True):
                     if status in _DELIVERED:
-                        attempt.committed += 1
-                        self._observer.result_committed(result)
+                        self._count_committed(attempt, result)
                         await self._observer.send(render_result(result, ctx.dialect))
         finally:
             self._shields.discard(shield)
@@ -767,9 +753,13 @@ class AnalysisRunner:
 
     async def _deliver(self, attempt: Attempt, result: AnalysisResult) -> None:
         """A stored result: count it and queue its frame (shielded, bounded)."""
+        self._count_committed(attempt, result)
+        await self._send_shielded(render_result(result, self.ctx.dialect))
+
+    def _count_committed(self, attempt: Attempt, result: AnalysisResult) -> None:
+        """``result`` is stored: one more of the attempt's five, and the observer told."""
         attempt.committed += 1
         self._observer.result_committed(result)
-        await self._send_shielded(render_result(result, self.ctx.dialect))
 
     async def _resolve_unconfirmed(self, attempt: Attempt) -> None:
         """Settle every unconfirmed result of ``attempt``: stream it if stored, else drop it.

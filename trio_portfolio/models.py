@@ -70,6 +70,20 @@ class AnalysisResult:
         """The id of ``metric``'s result in analysis attempt ``analysis_id``: one per pair."""
         return f"{analysis_id}:{metric}"
 
+    @classmethod
+    def of(cls, snapshot: Snapshot, metric: str, value: float) -> AnalysisResult:
+        """``metric``'s result, computed now from ``snapshot``, with its idempotent id."""
+        return cls(
+            analysis_id=snapshot.analysis_id,
+            ticker=snapshot.ticker,
+            metric=metric,
+            value=value,
+            timestamp=utc_now(),
+            portfolio_version=snapshot.portfolio_version,
+            as_of=snapshot.as_of,
+            result_id=cls.id_for(snapshot.analysis_id, metric),
+        )
+
 
 @attrs.frozen
 class Portfolio:
