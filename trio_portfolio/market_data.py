@@ -463,7 +463,6 @@ class MarketData:
             [
                 self.prices_key,
                 self.tick_key,
-                self.history_key,
                 self.leader_key,
                 self.tick_at_key,
                 self.work_key,
@@ -556,7 +555,6 @@ class MarketData:
                 self.tick_key,
                 self.seen_key,
                 self.prices_key,
-                self.history_key,
                 self.claims_key,
             ],
             [

@@ -6,7 +6,7 @@
 -- grace of its claim, so a write claimed earlier than that landed before the
 -- walk began, and the walk saw it.)
 -- KEYS[1] work hash  KEYS[2] tick counter  KEYS[3] seen set  KEYS[4] prices
--- KEYS[5] (unused: the history hash of earlier versions)  KEYS[6] claims
+-- KEYS[5] claims
 -- ARGV[1] the pass's tick (not the current tick: the market may have
 --         ticked since the pass opened, and the pass goes on)
 -- ARGV[2] buckets done now, comma-separated
@@ -44,10 +44,10 @@ local out = {'done', tostring(done), tostring(now_ms() - start), tostring(curren
 local cutoff = start - tonumber(ARGV[4])
 for _, ticker in ipairs(redis.call('HKEYS', KEYS[4])) do
   if redis.call('SISMEMBER', KEYS[3], ticker) == 0
-      and tonumber(redis.call('HGET', KEYS[6], ticker) or '0') < cutoff then
+      and tonumber(redis.call('HGET', KEYS[5], ticker) or '0') < cutoff then
     redis.call('HDEL', KEYS[4], ticker)
     redis.call('DEL', ARGV[5] .. ticker)
-    redis.call('HDEL', KEYS[6], ticker)
+    redis.call('HDEL', KEYS[5], ticker)
     out[#out + 1] = ticker
   end
 end

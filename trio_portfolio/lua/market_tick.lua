@@ -5,9 +5,8 @@
 -- the new prices up, and market_pass.lua opens the next pass (and the first
 -- one) as soon as it is due.  The "walk start" returned is the start of the
 -- current pass ('' before the first).
--- KEYS[1] prices hash  KEYS[2] tick counter  KEYS[3] (unused: the history
--- hash of earlier versions)  KEYS[4] leader key  KEYS[5] tick time
--- KEYS[6] work hash  KEYS[7] seen set
+-- KEYS[1] prices hash  KEYS[2] tick counter  KEYS[3] leader key
+-- KEYS[4] tick time  KEYS[5] work hash  KEYS[6] seen set
 -- ARGV[1] the tick number the caller read (fence)
 -- ARGV[2] the caller's leader id ('' = not checked: tools and tests)
 -- ARGV[3] history cap in hex characters (ticks x 16)
@@ -28,7 +27,7 @@
 -- A ticker pruned since the caller read the prices (no ring) is not
 -- brought back.
 if current_tick(KEYS[2]) ~= tonumber(ARGV[1]) then return nil end
-if ARGV[2] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[2] then return nil end
+if ARGV[2] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[2] then return nil end
 local tick = tonumber(ARGV[1]) + 1
 local cap = tonumber(ARGV[3])
 local fields = {}
@@ -58,6 +57,6 @@ for i = 1, #fields, 1000 do
   redis.call('HSET', KEYS[1], unpack(fields, i, math.min(i + 999, #fields)))
 end
 tick = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[5], ARGV[4])
-open_pass_if_due(KEYS[6], KEYS[7], tick, nil)
-return {tick, redis.call('HGET', KEYS[6], 'start') or ''}
+redis.call('SET', KEYS[4], ARGV[4])
+open_pass_if_due(KEYS[5], KEYS[6], tick, nil)
+return {tick, redis.call('HGET', KEYS[5], 'start') or ''}
