@@ -66,7 +66,7 @@ async def fill(url: str, prefix: str, sessions: int) -> float:
         store = await open_store(redis, layout="hash", key_prefix=prefix)
         market = MarketData(redis, GbmSimulator(seed=1), key_prefix=prefix)
         await market.load_scripts()
-        prices = dict(await market.ensure_prices(UNIVERSE))
+        prices = dict(await market.ensure_prices(UNIVERSE, holder="bench"))
         rng = random.Random(7)
         portfolios = [
             {t: float(rng.randint(1, 500)) for t in rng.sample(UNIVERSE, 3)}

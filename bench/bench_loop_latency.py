@@ -71,7 +71,7 @@ async def measure(url: str, seconds: float, holdings: int, mode: str) -> dict[st
         market = MarketData(redis, GbmSimulator(seed=1), key_prefix=unique_key_prefix())
         await market.load_scripts()
         names = tickers(holdings)
-        prices = await market.ensure_prices(names)
+        prices = await market.ensure_prices(names, holder="bench")
         snapshot = Snapshot(
             session_id="bench",
             analysis_id="bench-1",

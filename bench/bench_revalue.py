@@ -53,7 +53,7 @@ async def _fill(url: str, prefix: str, sessions: int, holdings: int, universe: i
         store = await open_store(redis, layout="hash", key_prefix=prefix)
         market = MarketData(redis, GbmSimulator(seed=1), key_prefix=prefix)
         await market.load_scripts()
-        prices = dict(await market.ensure_prices(tickers))
+        prices = dict(await market.ensure_prices(tickers, holder="bench"))
         rng = random.Random(7)
         portfolios = [
             {t: float(rng.randint(1, 500)) for t in rng.sample(tickers, holdings)}

@@ -49,7 +49,7 @@ async def run(url: str, sessions: int, intervals: list[float], seconds: float, w
         store = await open_store(redis, layout="hash", key_prefix="rate")
         market = MarketData(redis, GbmSimulator(seed=1), key_prefix="rate")
         await market.load_scripts()
-        prices = dict(await market.ensure_prices(TICKERS))
+        prices = dict(await market.ensure_prices(TICKERS, holder="bench"))
         rng = random.Random(3)
         todo = iter(range(sessions))
 

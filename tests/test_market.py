@@ -72,7 +72,7 @@ async def new_session(
     market: MarketData, store: SessionStore, session_id: str, holdings: dict[str, float]
 ) -> Portfolio:
     """A session holding ``holdings`` at the market's prices, as a connect makes it."""
-    prices = await market.ensure_prices(list(holdings))
+    prices = await market.ensure_prices(list(holdings), holder="tests")
     return await store.create_if_missing(session_id, holdings, prices, utc_now())
 
 
@@ -252,7 +252,7 @@ async def test_a_tick_racing_set_holdings_loses_no_update(parts: Parts, step: st
         await new_session(market, store, "racer", {"AAPL": 10.0, "MSFT": 5.0})
         new = {"MSFT": 7.0, "NVDA": 3.0}
         # The prices the editing connection read before the tick: stale once it moves.
-        seen = await market.ensure_prices(list(new))
+        seen = await market.ensure_prices(list(new), holder="tests")
         reached, release = trio.Event(), trio.Event()
         hold_before(market if step == "advance" else store, step, reached, release)
         reports: list[TickReport] = []
@@ -273,4 +273,4 @@ async def test_a_tick_racing_set_holdings_loses_no_update(parts: Parts, step: st
         assert final is not None
         assert final.holdings == new, "the edit was lost"
         assert_valued_at(final, report.prices)
-        assert final.portfolio_version == edited.portfolio_version + 1
+        assert final.portfolio_version == edited.portfolio.portfolio_version + 1

@@ -227,16 +227,19 @@ async def test_the_universe_is_capped_and_a_refusal_changes_nothing(
 ) -> None:
     async with parts_on(store_target, key_prefix, max_tickers=5) as (_, market, _):
         with trio.fail_after(10):
-            first = await market.ensure_prices(["A", "B", "C", "D"])
+            first = await market.ensure_prices(["A", "B", "C", "D"], holder="tests")
             assert sorted(first) == ["A", "B", "C", "D"]
             assert first.claimed_at_ms > 0
             with pytest.raises(TickerRefused) as refused:
-                await market.ensure_prices(["A", "E", "F"])
+                await market.ensure_prices(["A", "E", "F"], holder="tests")
             assert refused.value.code is ErrorCode.TICKER_LIMIT
             assert await market.universe_size() == 4
-            assert sorted(await market.ensure_prices(["A", "E"])) == ["A", "E"]  # fits: 5
+            assert sorted(await market.ensure_prices(["A", "E"], holder="tests")) == [
+                "A",
+                "E",
+            ]  # fits: 5
             with pytest.raises(TickerRefused):
-                await market.ensure_prices([f"N{i}" for i in range(6)])
+                await market.ensure_prices([f"N{i}" for i in range(6)], holder="tests")
             assert await market.universe_size() == 5
 
 
@@ -247,23 +250,23 @@ async def test_a_symbol_list_refuses_other_tickers_before_anything_is_sent(
     async with parts_on(store_target, key_prefix, symbols=symbols) as (_, market, _):
         with trio.fail_after(10):
             with pytest.raises(TickerRefused) as refused:
-                await market.ensure_prices(["AAPL", "ZZZZ"])
+                await market.ensure_prices(["AAPL", "ZZZZ"], holder="tests")
             assert refused.value.code is ErrorCode.UNKNOWN_TICKER
             assert "ZZZZ" in refused.value.detail
             assert await market.universe_size() == 0
-            assert sorted(await market.ensure_prices(["MSFT"])) == ["MSFT"]
+            assert sorted(await market.ensure_prices(["MSFT"], holder="tests")) == ["MSFT"]
 
 
 async def test_a_ticker_no_live_session_holds_is_dropped_within_a_tick(parts: Parts) -> None:
     store, market, redis = parts
     with trio.fail_after(30):
-        prices = await market.ensure_prices(["AAPL", "MSFT", "XOM"])
+        prices = await market.ensure_prices(["AAPL", "MSFT", "XOM"], holder="tests")
         await store.create_if_missing("keeps", {"AAPL": 1.0}, prices, utc_now())
         await store.create_if_missing("drops", {"MSFT": 1.0, "XOM": 1.0}, prices, utc_now())
         await trio.sleep(1.1)  # the claims above age past the grace
         report = await tick_once(market, store)
         assert report.tickers_pruned == ()
-        edited = await market.ensure_prices(["XOM"])
+        edited = await market.ensure_prices(["XOM"], holder="tests")
         await store.set_holdings("drops", {"XOM": 2.0}, edited, utc_now())  # lets MSFT go
         await redis.execute("DEL", *store.session_keys("keeps"))  # expires: AAPL unheld
         await trio.sleep(1.1)
@@ -278,7 +281,7 @@ async def test_a_ticker_claimed_during_the_walk_is_never_dropped(parts: Parts) -
     """The edit lands after the walk passed its session: its claim keeps the ticker."""
     store, market, _ = parts
     with trio.fail_after(30):
-        prices = await market.ensure_prices(["AAPL"])
+        prices = await market.ensure_prices(["AAPL"], holder="tests")
         await store.create_if_missing("racer", {"AAPL": 1.0}, prices, utc_now())
         await trio.sleep(1.1)
         original = store.revalue_many
@@ -286,7 +289,7 @@ async def test_a_ticker_claimed_during_the_walk_is_never_dropped(parts: Parts) -
         @functools.wraps(original)
         async def edit_after(*args: Any, **kwargs: Any) -> Any:
             outcomes = await original(*args, **kwargs)  # the walk saw only AAPL
-            new = await market.ensure_prices(["NVDA"])
+            new = await market.ensure_prices(["NVDA"], holder="tests")
             await store.set_holdings("racer", {"NVDA": 1.0}, new, utc_now())
             return outcomes
 
@@ -307,7 +310,7 @@ async def test_a_ticker_claimed_during_the_walk_is_never_dropped(parts: Parts) -
 async def test_an_advance_is_fenced_on_the_leader(parts: Parts) -> None:
     _, market, _ = parts
     with trio.fail_after(10):
-        await market.ensure_prices(["AAPL"])
+        await market.ensure_prices(["AAPL"], holder="tests")
         assert await market.try_lead("me", 5)
         tick, _, _ = await market.advance("me")
         assert tick == 1
@@ -320,7 +323,7 @@ async def test_a_leader_that_loses_its_lease_mid_tick_stops_writing(parts: Parts
     store, market, redis = parts
     reports: list[Any] = []
     with trio.fail_after(30):
-        prices = await market.ensure_prices(["AAPL"])
+        prices = await market.ensure_prices(["AAPL"], holder="tests")
         await store.create_if_missing("s1", {"AAPL": 1.0}, prices, utc_now())
         reached, release = trio.Event(), trio.Event()
         # The tick is the advance (the walk is a pass of its own): held in its first read.
@@ -371,7 +374,7 @@ async def test_sessions_indexed_by_an_older_version_are_bucketed_and_revalued(
 ) -> None:
     store, market, redis = parts
     with trio.fail_after(10):
-        prices = dict(await market.ensure_prices(["AAPL"]))
+        prices = dict(await market.ensure_prices(["AAPL"], holder="tests"))
         await store.create_if_missing("old", {"AAPL": 1.0}, prices, utc_now())
         # As a version without buckets left it: in the whole index only.
         bucket = store.keys.index_bucket(store.keys.bucket_of("old"))
@@ -389,7 +392,7 @@ async def test_buckets_that_outlive_their_lease_are_taken_again_and_finished(
 ) -> None:
     store, market, redis = parts
     with trio.fail_after(20):
-        prices = dict(await market.ensure_prices(["AAPL"]))
+        prices = dict(await market.ensure_prices(["AAPL"], holder="tests"))
         ids = [f"s{i}" for i in range(40)]
         for session_id in ids:
             await store.create_if_missing(session_id, {"AAPL": 1.0}, prices, utc_now())

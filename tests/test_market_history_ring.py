@@ -34,7 +34,7 @@ async def test_many_ticks_keep_the_last_prices_in_order(
                 redis, GbmSimulator(seed=3), key_prefix=key_prefix, history_length=LENGTH
             )
             await market.load_scripts()
-            prices = await market.ensure_prices(["AAPL", "MSFT"])
+            prices = await market.ensure_prices(["AAPL", "MSFT"], holder="tests")
             await store.create_if_missing("s1", {"AAPL": 1.0, "MSFT": 2.0}, prices, utc_now())
             seen = {t: list(unpack_history((await market.raw_histories([t]))[t])) for t in prices}
             assert all(len(h) == LENGTH for h in seen.values())
@@ -47,7 +47,7 @@ async def test_many_ticks_keep_the_last_prices_in_order(
                     # A ticker that enters mid-run: its bootstrapped past ends at this tick.
                     late = "ZZLATE"
                     holdings = {"AAPL": 1.0, "MSFT": 2.0, late: 3.0}
-                    claimed = await market.ensure_prices(list(holdings))
+                    claimed = await market.ensure_prices(list(holdings), holder="tests")
                     await store.set_holdings("s1", holdings, claimed, utc_now())
                     seen[late] = list(unpack_history((await market.raw_histories([late]))[late]))
                     assert len(seen[late]) == LENGTH
@@ -71,7 +71,7 @@ async def test_a_changed_length_grows_or_trims_rings_to_it(
                 redis, GbmSimulator(seed=3), key_prefix=key_prefix, history_length=LENGTH
             )
             await short.load_scripts()
-            prices = await short.ensure_prices(["AAPL"])
+            prices = await short.ensure_prices(["AAPL"], holder="tests")
             await store.create_if_missing("s1", {"AAPL": 1.0}, prices, utc_now())
             history = list(unpack_history((await short.raw_histories(["AAPL"]))["AAPL"]))
             longer = MarketData(

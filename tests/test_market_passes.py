@@ -57,7 +57,7 @@ async def parts_on(
 
 async def fill(store: SessionStore, market: MarketData, count: int) -> list[str]:
     """``count`` sessions holding three of :data:`TICKERS` each."""
-    prices = dict(await market.ensure_prices(TICKERS))
+    prices = dict(await market.ensure_prices(TICKERS, holder="tests"))
     ids = [f"s{i}" for i in range(count)]
     for i, session_id in enumerate(ids):
         holdings = {TICKERS[(i + 5 * k) % len(TICKERS)]: 1.0 + k for k in range(3)}

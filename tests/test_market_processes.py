@@ -116,7 +116,9 @@ async def runners(
 
 async def fill(store: SessionStore, market: MarketData, count: int) -> list[str]:
     """``count`` sessions holding three of :data:`TICKERS` each, created as a connect would."""
-    prices = dict(await market.ensure_prices(TICKERS))  # one claim for many writes: drop it
+    prices = dict(
+        await market.ensure_prices(TICKERS, holder="tests")
+    )  # one claim for many writes: drop it
     ids = [f"s{i}" for i in range(count)]
     todo = iter(range(count))
 

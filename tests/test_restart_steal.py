@@ -62,7 +62,7 @@ async def test_a_restart_after_another_analysis_started_ends_switched(
         first = await start_analysis(client, "AAPL")
         store = store_of(server)
         redis = server.info.server.redis
-        prices = await services_of(server).market.ensure_prices(list(HOLDINGS))
+        prices = await services_of(server).market.ensure_prices(list(HOLDINGS), holder="tests")
         holdings_json, prices_json = holdings_and_prices_json(HOLDINGS, prices)
         keys = store.session_keys(session_id)
         channel = store.events_channel(session_id)

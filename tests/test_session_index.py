@@ -58,7 +58,7 @@ async def test_a_store_written_by_an_earlier_version_is_folded_into_the_buckets(
         market = MarketData(redis, GbmSimulator(seed=1), key_prefix=key_prefix)
         await market.load_scripts()
         with trio.fail_after(30):
-            prices = dict(await market.ensure_prices(["AAPL"]))
+            prices = dict(await market.ensure_prices(["AAPL"], holder="tests"))
             ids = [f"old{i}" for i in range(30)]
             for session_id in ids:
                 await store.create_if_missing(session_id, HOLDINGS, prices, T0)

@@ -192,8 +192,9 @@ async def holder(store: SessionStore, ledger: Ledger, index: int, deadline: floa
     while trio.current_time() < deadline:
         holdings = {t: float(rng.randint(1, 100)) for t in rng.sample(TICKERS, rng.randint(1, 5))}
         prices = {t: round(rng.uniform(10, 20), 2) for t in TICKERS}
-        portfolio = await store.set_holdings(SESSION, holdings, prices, utc_now())
-        assert portfolio is not None
+        replaced = await store.set_holdings(SESSION, holdings, prices, utc_now())
+        assert replaced is not None
+        portfolio = replaced.portfolio
         assert portfolio.holdings == holdings
         check_whole(portfolio)
         observer.see(portfolio.portfolio_version)

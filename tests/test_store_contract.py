@@ -286,7 +286,7 @@ async def test_results_limit_keeps_the_newest_in_order(
             assert again.analysis_results == tuple(appended[-5:])
             replaced = await store.set_holdings("s1", HOLDINGS, PRICES, T3)
             assert replaced is not None
-            assert replaced.analysis_results == tuple(appended[-5:])
+            assert replaced.portfolio.analysis_results == tuple(appended[-5:])
 
 
 # -- holdings, market, versions ------------------------------------------------------------
@@ -301,8 +301,10 @@ async def test_set_holdings_replaces_and_bumps(store_target: StoreTarget, key_pr
             await store.start_analysis("s1", "a1", "AAPL", T0)
             await age_session(redis, store, "s1")
             new = {"MSFT": 3.0, "AAPL": 0.5}
-            replaced = await store.set_holdings("s1", new, PRICES, T1)
-            assert replaced is not None
+            written = await store.set_holdings("s1", new, PRICES, T1)
+            assert written is not None
+            assert written.let_go == ("BRK.B", "GOOGL")
+            replaced = written.portfolio
             assert replaced.holdings == new
             assert replaced.prices == {"MSFT": 400.0, "AAPL": 187.25}
             assert replaced.total_value == pytest.approx(expected_total(new, PRICES))
@@ -315,7 +317,8 @@ async def test_set_holdings_replaces_and_bumps(store_target: StoreTarget, key_pr
             # The same holdings again are still a replacement: a new version.
             again = await store.set_holdings("s1", new, PRICES, T2)
             assert again is not None
-            assert again.portfolio_version == 3
+            assert again.let_go == ()
+            assert again.portfolio.portfolio_version == 3
 
 
 async def test_revalue_many(store_target: StoreTarget, key_prefix: str) -> None:
@@ -364,7 +367,7 @@ async def test_version_only_increases(store_target: StoreTarget, key_prefix: str
                 if step % 2:
                     replaced = await store.set_holdings("s1", {"AAPL": step + 1.0}, PRICES, T1)
                     assert replaced is not None
-                    versions.append(replaced.portfolio_version)
+                    versions.append(replaced.portfolio.portfolio_version)
                 else:
                     (outcome,) = await store.revalue_many(["s1"], {"AAPL": 100.0 + step}, T1)
                     versions.append(outcome.portfolio_version)

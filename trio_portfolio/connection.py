@@ -138,9 +138,9 @@ from trio_portfolio.protocol import (
     render_portfolio,
     render_session,
 )
-from trio_portfolio.redis_io import StoreUnavailable
+from trio_portfolio.redis_io import CommandError, StoreUnavailable
 from trio_portfolio.session_events import AnalysisStarted, PortfolioChanged, SessionEvents
-from trio_portfolio.store import SessionStore
+from trio_portfolio.store import ClaimExpired, SessionStore
 from trio_portfolio.websocket import ServerWebSocket
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,9 @@ SEND_TIMEOUT = 10.0
 
 CONTROL_QUEUE_SIZE = 16
 """Inputs (client frames, session events, analysis outcomes) waiting for the control loop."""
+
+CLAIM_ATTEMPTS = 3
+"""Claims one write of holdings makes before its :class:`ClaimExpired` reaches the client."""
 
 CLOSE_TIMEOUT = 1.0
 """Seconds the closing handshake may take, after the grace period, before the TCP
@@ -188,8 +191,50 @@ class Services:
             stored session cannot be decoded.
         """
         holdings = self.settings.default_holdings
-        prices = await self.market.ensure_prices(list(holdings))
-        return await self.store.create_if_missing(session_id, holdings, prices, utc_now())
+        for attempt in range(1, CLAIM_ATTEMPTS + 1):
+            prices = await self.market.ensure_prices(list(holdings), holder=session_id)
+            try:
+                return await self.store.create_if_missing(session_id, holdings, prices, utc_now())
+            except ClaimExpired:
+                if attempt == CLAIM_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def replace_holdings(
+        self, session_id: str, holdings: Mapping[str, float]
+    ) -> Portfolio | None:
+        """Replace ``session_id``'s holdings at market prices; ``None`` if the session is gone.
+
+        Claims the tickers (:meth:`MarketData.ensure_prices`), writes, and
+        lets the market drop at once the tickers the session let go that
+        nobody else holds (:meth:`MarketData.let_go`; should that call fail,
+        the next pass's prune drops them instead, so its failure is only
+        logged).  A write refused because its claim aged (a stall) or was
+        overtaken by another write of the session is claimed and tried again,
+        up to :data:`CLAIM_ATTEMPTS` times.
+
+        Raises:
+          ValueError: for invalid holdings (callers validate them first).
+          TickerRefused: a ticker off the symbol list, or the universe full.
+          ClaimExpired: every attempt's claim was refused (nothing written).
+          StoreUnavailable, CommandError, StoreDataError: as every store call.
+        """
+        for attempt in range(1, CLAIM_ATTEMPTS + 1):
+            prices = await self.market.ensure_prices(list(holdings), holder=session_id)
+            try:
+                replaced = await self.store.set_holdings(session_id, holdings, prices, utc_now())
+            except ClaimExpired:
+                if attempt == CLAIM_ATTEMPTS:
+                    raise
+                continue
+            if replaced is None:
+                return None
+            try:
+                await self.market.let_go(session_id, prices.claimed_at_ms, replaced.let_go)
+            except (StoreUnavailable, CommandError) as exc:
+                log.debug("let-go of %d tickers left to the prune: %s", len(replaced.let_go), exc)
+            return replaced.portfolio
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def at_session_cap(self) -> bool:
         """Whether the store already holds ``max_sessions`` live sessions (the buckets' ``SCARD``).
@@ -857,12 +902,11 @@ class Connection:
 
     async def _set_holdings(self, holdings: Mapping[str, float]) -> None:
         try:
-            prices = await self._market.ensure_prices(list(holdings))
+            portfolio = await self.services.replace_holdings(self.session_id, holdings)
         except TickerRefused as exc:  # unknown_ticker, ticker_limit: nothing was changed
             await self._send_error(exc.code, exc.detail)
             await self._activity()
             return
-        portfolio = await self._store.set_holdings(self.session_id, holdings, prices, utc_now())
         if portfolio is None:
             await self._session_expired()
             return

@@ -69,6 +69,36 @@ claimed just before).  One clock decides both sides: on a single Redis it is
 the same server's; on Cluster it assumes the nodes' clocks agree to well
 within ``G``.
 
+Letting go
+----------
+The prune alone keeps every ticker let go until the next pass ends, so a
+client replacing its holdings with fresh tickers many times a tick makes
+the market price all of them.  So a write of holdings also *lets go* of the
+tickers the session no longer holds (:meth:`MarketData.let_go`, called by
+the connection once the write landed), and the market drops at once each
+one nobody else holds.  Who holds what since the last complete pass is
+known from the claims themselves:
+
+* ``<prefix>:{market}:holders:<ticker>`` - sorted set, session -> Redis ms
+  of its last claim of the ticker (every claim adds one);
+* ``<prefix>:{market}:held`` and ``...:held_cutoff`` - the tickers the last
+  complete pass's walk found held, and that pass's start minus ``G``.
+
+A session holding a ticker was written either before the last complete
+pass began (then its walk saw the ticker: it is in ``held``, and only a
+prune can drop it) or after, at most ``G`` after a claim that is then newer
+than the cutoff; such a claim ends only with a let-go by the same session
+for a write claimed later, and a session's writes land in the order of their
+claims (the store refuses a write whose claim is older than the session's
+last one, :class:`~trio_portfolio.store.base.ClaimExpired`).  So a ticker
+with no claim left since the cutoff and not in ``held`` is held by no one
+and is dropped; before the first complete pass nothing is dropped this way.
+Claims older than the cutoff say nothing ``held`` does not, and are trimmed
+whenever a ticker's holders are touched and, for every ticker, by each
+prune: a holders set holds at most the claims of one pass's time.  Writes
+with a plain price mapping (tools, tests) carry no claim and are not
+protected by one.
+
 The work of a tick on the Trio loop is proportional to the tickers held:
 prices are read and written in one script each, random draws and history
 packing run in a worker thread.
@@ -140,10 +170,11 @@ _RELEASE = load_script(_LUA, "market_release", libraries=_LIB)
 PASS_SCRIPTS = (_PASS, _RENEW, _RELEASE)
 """The revaluation passes' own scripts (loaded with :data:`SCRIPTS`)."""
 _DONE = load_script(_LUA, "market_done", libraries=_LIB)
+_LET_GO = load_script(_LUA, "market_let_go", libraries=_LIB)
 _LEAD = load_script(_LUA, "market_lead")
 _HISTORIES = load_script(_LUA, "market_histories", libraries=_LIB)
 _MIGRATE = load_script(_LUA, "market_migrate_histories", libraries=_LIB)
-SCRIPTS = (_BOOTSTRAP, _CLAIM, _READ, _TICK, _TAKE, _DONE, _LEAD, _HISTORIES, _MIGRATE)
+SCRIPTS = (_BOOTSTRAP, _CLAIM, _READ, _TICK, _TAKE, _DONE, _LET_GO, _LEAD, _HISTORIES, _MIGRATE)
 
 _BOOTSTRAPS_PER_GIL_TURN = 8
 """Histories a bootstrap thread computes (about 0.3 ms) before it lets other threads run."""
@@ -278,6 +309,9 @@ class MarketData:
         self.claims_key = f"{base}:claims"
         self.work_key = f"{base}:work"
         self.seen_key = f"{base}:seen"
+        self.holders_prefix = f"{base}:holders:"
+        self.held_key = f"{base}:held"
+        self.held_cutoff_key = f"{base}:held_cutoff"
 
     def history_ring_key(self, ticker: str) -> str:
         """The key of ``ticker``'s history ring (see the module docstring)."""
@@ -335,14 +369,16 @@ class MarketData:
         prices = {flat[i]: float(flat[i + 1]) for i in range(0, len(flat), 2)}
         return MarketState(int(reply[0]), reply[1] or utc_now(), prices)
 
-    async def ensure_prices(self, tickers: Sequence[str]) -> ClaimedPrices:
-        """Latest prices for ``tickers``, claimed for a write of holdings that follows at once.
+    async def ensure_prices(self, tickers: Sequence[str], *, holder: str) -> ClaimedPrices:
+        """Latest prices for ``tickers``, claimed by session ``holder`` for a write that follows.
 
         Tickers new to the market get the source's initial price and a
         bootstrapped history (computed in a worker thread) in one script;
         if another process added one meanwhile, the script keeps theirs.
         The answer carries the claim time the store's scripts check (see
-        *The universe*).
+        *The universe*); the claim also makes ``holder`` a holder of each
+        ticker until its own :meth:`let_go` of a later write (see *Letting
+        go*), so pass the session the write is for.
 
         Raises:
           TickerRefused: ``unknown_ticker`` for a ticker off the symbol list
@@ -361,7 +397,11 @@ class MarketData:
                 )
         if not tickers:
             return ClaimedPrices({}, 0)
-        reply = await self._redis.evalsha(_CLAIM, [self.prices_key, self.claims_key], tickers)
+        reply = await self._redis.evalsha(
+            _CLAIM,
+            [self.prices_key, self.claims_key, self.held_cutoff_key],
+            [holder, self.holders_prefix, *tickers],
+        )
         claimed_at = int(reply[0])
         prices = {t: float(p) for t, p in zip(tickers, reply[1:], strict=True) if p is not None}
         missing = [t for t in tickers if t not in prices]
@@ -375,15 +415,37 @@ class MarketData:
                     self.prices_key,
                     self.tick_key,
                     self.claims_key,
+                    self.held_cutoff_key,
                     *(self.history_ring_key(t) for t in args[::3]),
                 ],
-                [self.max_tickers, *args],
+                [self.max_tickers, holder, self.holders_prefix, *args],
             )
             if reply[0] == "ticker_limit":
                 raise self._full(len(missing), int(reply[1]))
             flat = reply[1:]
             prices.update({flat[i]: float(flat[i + 1]) for i in range(0, len(flat), 2)})
         return ClaimedPrices(prices, claimed_at)
+
+    async def let_go(self, holder: str, claimed_at_ms: int, tickers: Sequence[str]) -> list[str]:
+        """Session ``holder``'s write claimed at ``claimed_at_ms`` landed without ``tickers``.
+
+        Ends the session's claims of them and drops from the market at once
+        every one nobody else holds (see *Letting go*); the others wait for
+        a pass's prune.  Returns the tickers dropped.  Only an optimisation:
+        a let-go that never comes (the process died, Redis could not answer)
+        leaves the ticker to the prune.
+
+        Raises:
+          StoreUnavailable, CommandError: as every Redis call.
+        """
+        if not tickers or claimed_at_ms <= 0:
+            return []
+        reply = await self._redis.evalsha(
+            _LET_GO,
+            [self.prices_key, self.claims_key, self.held_key, self.held_cutoff_key],
+            [holder, claimed_at_ms, self.holders_prefix, self.history_ring_prefix, *tickers],
+        )
+        return [str(t) for t in reply]
 
     def _full(self, new: int, size: int | None) -> TickerRefused:
         priced = "" if size is None else f" ({size} priced now)"
@@ -556,6 +618,8 @@ class MarketData:
                 self.seen_key,
                 self.prices_key,
                 self.claims_key,
+                self.held_key,
+                self.held_cutoff_key,
             ],
             [
                 pass_tick,
@@ -563,6 +627,7 @@ class MarketData:
                 INDEX_BUCKETS,
                 CLAIM_GRACE_MS,
                 self.history_ring_prefix,
+                self.holders_prefix,
                 *sorted(held),
             ],
         )

@@ -5,8 +5,11 @@
 -- pass began loses its price, history and claim.  (A holdings write lands within the
 -- grace of its claim, so a write claimed earlier than that landed before the
 -- walk began, and the walk saw it.)
+-- The pass's seen set then becomes the held set, and its cutoff (start minus
+-- the grace) the held cutoff, which market_let_go.lua and trim_holders in
+-- market_lib.lua rely on; every kept ticker's holders are trimmed to it.
 -- KEYS[1] work hash  KEYS[2] tick counter  KEYS[3] seen set  KEYS[4] prices
--- KEYS[5] claims
+-- KEYS[5] claims  KEYS[6] held set  KEYS[7] held cutoff
 -- ARGV[1] the pass's tick (not the current tick: the market may have
 --         ticked since the pass opened, and the pass goes on)
 -- ARGV[2] buckets done now, comma-separated
@@ -15,7 +18,8 @@
 --         tickers to drop are found here, so their rings cannot be declared;
 --         they share the {market} hash tag of KEYS, so on Redis Cluster they
 --         are in this script's slot
--- ARGV[6..] tickers held by those buckets' live sessions
+-- ARGV[6] the holders key prefix (holders of T = ARGV[6] .. T)
+-- ARGV[7..] tickers held by those buckets' live sessions
 -- Returns {'stale'} if the current pass is not ARGV[1]'s (it completed and
 -- the next one opened: nothing written), else {'done', buckets done, pass
 -- duration in ms, ticks the market is past the pass's tick, ticker pruned,
@@ -25,7 +29,7 @@ local tick = tonumber(ARGV[1])
 if tonumber(redis.call('HGET', KEYS[1], 'tick') or '-1') ~= tick then
   return {'stale'}
 end
-for i = 6, #ARGV, 1000 do
+for i = 7, #ARGV, 1000 do
   redis.call('SADD', KEYS[3], unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
 local done = tonumber(redis.call('HGET', KEYS[1], 'done'))
@@ -46,10 +50,17 @@ for _, ticker in ipairs(redis.call('HKEYS', KEYS[4])) do
   if redis.call('SISMEMBER', KEYS[3], ticker) == 0
       and tonumber(redis.call('HGET', KEYS[5], ticker) or '0') < cutoff then
     redis.call('HDEL', KEYS[4], ticker)
-    redis.call('DEL', ARGV[5] .. ticker)
+    redis.call('DEL', ARGV[5] .. ticker, ARGV[6] .. ticker)
     redis.call('HDEL', KEYS[5], ticker)
     out[#out + 1] = ticker
+  else
+    trim_holders(ARGV[6] .. ticker, cutoff)
   end
 end
-redis.call('DEL', KEYS[3])
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('RENAME', KEYS[3], KEYS[6])
+else
+  redis.call('DEL', KEYS[6])
+end
+redis.call('SET', KEYS[7], cutoff)
 return out

@@ -48,3 +48,21 @@ local function open_pass_if_due(work, seen, tick, buckets)
   redis.call('HSET', work, 'tick', tick, 'start', now_ms(), 'done', 0, 'n', n)
   return true
 end
+
+-- Holders (see market_data.py, "Letting go"): <prefix>:holders:<ticker> is a
+-- sorted set, session id -> Redis ms of its last claim of the ticker.  An
+-- entry older than the held cutoff (the start of the last complete pass
+-- minus the claim grace; nil before the first) is trimmed: its write landed
+-- before that pass's walk, which saw the ticker if the session still held it.
+local function trim_holders(key, cutoff)
+  if cutoff then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. cutoff)
+  end
+end
+
+-- Record that `holder` claimed `ticker` at `now` (ms) for a write of holdings.
+local function add_holder(prefix, ticker, holder, now, cutoff)
+  local key = prefix .. ticker
+  trim_holders(key, cutoff)
+  redis.call('ZADD', key, now, holder)
+end

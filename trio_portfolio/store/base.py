@@ -132,6 +132,7 @@ __all__ = [
     "RESULT_IDS_LIMIT",
     "ClaimExpired",
     "ClaimedPrices",
+    "HoldingsReplaced",
     "Layout",
     "LayoutChoice",
     "MarketPrices",
@@ -304,6 +305,20 @@ class MarketPrices:
             t: check_number(f"price of {t}", p) for t, p in prices.items()
         }
         self.texts: dict[str, str] = {t: repr(p) for t, p in self.values.items()}
+
+
+@attrs.frozen
+class HoldingsReplaced:
+    """What :meth:`SessionStore.set_holdings` did: the session now, and the tickers it let go.
+
+    ``let_go`` are the tickers the session held before the write and holds
+    no more (sorted); the caller hands them to
+    :meth:`trio_portfolio.market_data.MarketData.let_go`, so a ticker nobody
+    holds leaves the market at once instead of at the next pass's prune.
+    """
+
+    portfolio: Portfolio
+    let_go: tuple[str, ...]
 
 
 @attrs.define
@@ -774,18 +789,24 @@ class SessionStore(abc.ABC):
         holdings: Mapping[str, float],
         prices: Mapping[str, float],
         now: str,
-    ) -> Portfolio | None:
+    ) -> HoldingsReplaced | None:
         """Replace the holdings (and their prices), bump the version; ``None`` if missing.
 
         Any running analysis's later appends fail ``STALE``.  Activity;
-        publishes a ``portfolio`` event with cause ``holdings``.
+        publishes a ``portfolio`` event with cause ``holdings``.  With a
+        claim, the session records it, and a later write with an older claim
+        is refused (writes of one session land in the order of their claims,
+        which the market's :meth:`~trio_portfolio.market_data.MarketData.let_go`
+        relies on).
 
         Raises:
           ValueError: for an invalid session id, empty holdings, a quantity
             or price that is not a finite number > 0, or a held ticker
             missing from ``prices``; nothing is written.
           ClaimExpired: if ``prices`` is a :class:`ClaimedPrices` whose claim
-            is older than :data:`CLAIM_GRACE_MS` (nothing was written).
+            is older than :data:`CLAIM_GRACE_MS`, or older than the claim of
+            the session's last write (another write claimed after this one
+            and landed first); nothing was written: claim again and retry.
           StoreUnavailable, CommandError, StoreDataError: as every operation.
         """
         check_session_id(session_id)
@@ -804,7 +825,10 @@ class SessionStore(abc.ABC):
             return None
         if status == "claim_expired":
             raise ClaimExpired(_CLAIM_EXPIRED)
-        return portfolio_from_document(session_id, payload_document(payload), self.results_limit)
+        portfolio = portfolio_from_document(
+            session_id, payload_document(payload), self.results_limit
+        )
+        return HoldingsReplaced(portfolio, tuple(sorted(map(str, payload[1:]))))
 
     async def revalue_many(
         self,

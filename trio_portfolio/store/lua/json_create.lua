@@ -16,7 +16,8 @@ local document = '{"session_id":' .. cjson.encode(ARGV[1])
   .. ',"total_value":' .. num(total_value(holdings, prices))
   .. ',"portfolio_version":1,"current_analysis":null,"analysis_results":[]'
   .. ',"last_activity":' .. cjson.encode(now)
-  .. ',"created_at":' .. cjson.encode(now) .. '}'
+  .. ',"created_at":' .. cjson.encode(now)
+  .. (ARGV[6] ~= '' and (',"claimed_at":' .. ARGV[6]) or '') .. '}'  -- see claim_superseded
 local status = 'created'
 if redis.call('EXISTS', key) == 0 and claim_expired(ARGV[6], ARGV[7]) then
   return {'claim_expired'}

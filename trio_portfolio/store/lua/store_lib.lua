@@ -45,6 +45,21 @@ local function claim_expired(claimed_at, grace)
   return tonumber(redis_time_ms()) > tonumber(claimed_at) + tonumber(grace)
 end
 
+-- Whether a write of holdings claimed at claimed_at (ms, '' for none) comes
+-- after the session's last write claimed later (stored, nil for none):
+-- writes of one session must land in the order of their claims, or the
+-- market's let-go of the later one (market_let_go.lua) could drop a ticker
+-- the earlier one, landing last, holds.  A gap wider than the grace cannot
+-- come from two writes in flight together (each lands within the grace of its
+-- claim): it is the clock stepping back, and the write is let through.
+local function claim_superseded(stored, claimed_at, grace)
+  if stored == nil or claimed_at == nil or claimed_at == '' then
+    return false
+  end
+  local gap = tonumber(stored) - tonumber(claimed_at)
+  return gap > 0 and gap <= tonumber(grace)
+end
+
 local function sorted_keys(t)
   local keys = {}
   for k in pairs(t) do
