@@ -24,8 +24,9 @@ process continues the same price path.  All market keys share the hash tag
 * ``<prefix>:{market}:tick`` - how many ticks have been taken, and
   ``...:tick_at`` the ``as_of`` time of the last one;
 * ``<prefix>:{market}:leader`` - which process advances the market (with a TTL);
-* ``<prefix>:{market}:claims`` - hash, ticker -> Redis time (ms) of the last
-  claim of it by a write of holdings (see *The universe*);
+* ``<prefix>:{market}:holders:<ticker>`` - sorted set, session -> Redis
+  time (ms) of its last claim of the ticker by a write of holdings, and
+  ``...:held`` / ``...:held_cutoff`` (see *The universe* and *Letting go*);
 * ``<prefix>:{market}:work`` and ``...:seen`` - the current revaluation
   *pass*: the tick it was opened for, its start (Redis ms), which index
   buckets are taken or done, and the tickers the live sessions walked so far
@@ -47,57 +48,56 @@ refused (``unknown_ticker``) before anything is sent.
 
 A ticker leaves the market when a pass's walk of every session finds no live
 session holding it: the last bucket's ``done`` script deletes its price,
-history and claim.  Sessions expire by TTL without telling anyone, so the
+history and holders.  Sessions expire by TTL without telling anyone, so the
 walk (which every tick does anyway, to revalue) is the one place that knows
 what is held; no reference count can drift.  The walk and the writes of
 holdings run on different hash slots, so the race between them is closed by
 time instead of by a shared script:
 
-* every write of holdings first *claims* its tickers (Redis time ``c``,
-  recorded per ticker), and its session script refuses to write later than
+* every write of holdings first *claims* its tickers: at Redis time ``c``
+  its session is recorded as a *holder* of each (the ticker's holders set),
+  and its session script refuses to write later than
   :data:`~trio_portfolio.store.base.CLAIM_GRACE_MS` (``G``) after ``c``
   (:class:`~trio_portfolio.store.base.ClaimExpired`);
-* the prune keeps every ticker claimed at or after ``start - G``, where
-  ``start`` is the Redis time the pass began.
+* the prune keeps every ticker with a holder claimed at or after
+  ``start - G``, where ``start`` is the Redis time the pass began.
 
 A ticker held by a live session at the prune was established by a write at
-``s <= c + G``: if ``c >= start - G`` it is kept by its claim, otherwise
+``s <= c + G``: if ``c >= start - G`` it is kept by its claim (which only
+that session's own let-go of a later write ends, below), otherwise
 ``s < start``, so the walk, which visits every indexed session after
 ``start``, saw it.  Either way no session is left holding an unpriced
-ticker; a ticker let go is gone within two passes (plus ``G`` when it was
-claimed just before).  One clock decides both sides: on a single Redis it is
-the same server's; on Cluster it assumes the nodes' clocks agree to well
-within ``G``.
+ticker.  One clock decides both sides: on a single Redis it is the same
+server's; on Cluster it assumes the nodes' clocks agree to well within ``G``.
 
 Letting go
 ----------
-The prune alone keeps every ticker let go until the next pass ends, so a
-client replacing its holdings with fresh tickers many times a tick makes
-the market price all of them.  So a write of holdings also *lets go* of the
-tickers the session no longer holds (:meth:`MarketData.let_go`, called by
-the connection once the write landed), and the market drops at once each
-one nobody else holds.  Who holds what since the last complete pass is
-known from the claims themselves:
+The prune alone would keep every ticker let go until the next pass ends,
+so a client replacing its holdings with fresh tickers many times a tick
+would make the market price all of them.  So a write of holdings also *lets
+go* of the tickers the session no longer holds (:meth:`MarketData.let_go`,
+called once the write landed): the session's claim of each ends, and the
+market drops at once each one nobody holds.  That is known without a walk:
 
-* ``<prefix>:{market}:holders:<ticker>`` - sorted set, session -> Redis ms
-  of its last claim of the ticker (every claim adds one);
-* ``<prefix>:{market}:held`` and ``...:held_cutoff`` - the tickers the last
-  complete pass's walk found held, and that pass's start minus ``G``.
+* ``...:held`` is the set of tickers the last complete pass's walk found
+  held, and ``...:held_cutoff`` that pass's ``start - G``;
+* a session holding a ticker was written either before that pass began
+  (then the walk saw the ticker: it is in ``held``, and only a prune drops
+  it) or after, with a claim newer than the cutoff that has not ended: a
+  claim ends only with a let-go by the same session for a write claimed
+  later, and a session's writes land in the order of their claims (the
+  store refuses a write whose claim is older than the session's last one,
+  with :class:`~trio_portfolio.store.base.ClaimExpired`, and the connection
+  claims again).
 
-A session holding a ticker was written either before the last complete
-pass began (then its walk saw the ticker: it is in ``held``, and only a
-prune can drop it) or after, at most ``G`` after a claim that is then newer
-than the cutoff; such a claim ends only with a let-go by the same session
-for a write claimed later, and a session's writes land in the order of their
-claims (the store refuses a write whose claim is older than the session's
-last one, :class:`~trio_portfolio.store.base.ClaimExpired`).  So a ticker
-with no claim left since the cutoff and not in ``held`` is held by no one
-and is dropped; before the first complete pass nothing is dropped this way.
-Claims older than the cutoff say nothing ``held`` does not, and are trimmed
-whenever a ticker's holders are touched and, for every ticker, by each
-prune: a holders set holds at most the claims of one pass's time.  Writes
-with a plain price mapping (tools, tests) carry no claim and are not
-protected by one.
+So a ticker with no claim left since the cutoff and not in ``held`` is
+held by no one, and is dropped; before the first complete pass nothing is
+dropped this way.  Claims older than the cutoff say nothing ``held`` does
+not: they are trimmed whenever a ticker's holders are touched and, for every
+ticker, by each prune, so a holders set holds at most the claims made since
+``G`` before the last complete pass began.  A ticker the last walk saw held waits for
+the next prune.  Writes with a plain price mapping (tools, tests) carry no
+claim and are not protected by one.
 
 The work of a tick on the Trio loop is proportional to the tickers held:
 prices are read and written in one script each, random draws and history
@@ -306,7 +306,8 @@ class MarketData:
         self.history_key = f"{base}:history"
         """The hash earlier versions kept of histories; only read, to migrate it into rings."""
         self.history_ring_prefix = f"{base}:history:"
-        self.claims_key = f"{base}:claims"
+        self.legacy_claims_key = f"{base}:claims"
+        """The hash of claim times earlier versions kept (before holders); deleted at start."""
         self.work_key = f"{base}:work"
         self.seen_key = f"{base}:seen"
         self.holders_prefix = f"{base}:holders:"
@@ -321,9 +322,12 @@ class MarketData:
         """Load the market scripts, and move histories an older version stored into rings.
 
         The migration (:meth:`migrate_histories`) is a no-op after the first
-        start of this version.
+        start of this version.  The claims hash of versions before holders is
+        deleted (every process of a deployment runs one version: an older
+        process still running would lose the protection of its claims).
         """
         await self._redis.load_scripts((*SCRIPTS, *PASS_SCRIPTS))
+        await self._redis.execute("DEL", self.legacy_claims_key)
         moved = await self.migrate_histories()
         if moved:
             log.info("market: %d price histories moved into rings", moved)
@@ -399,7 +403,7 @@ class MarketData:
             return ClaimedPrices({}, 0)
         reply = await self._redis.evalsha(
             _CLAIM,
-            [self.prices_key, self.claims_key, self.held_cutoff_key],
+            [self.prices_key, self.held_cutoff_key],
             [holder, self.holders_prefix, *tickers],
         )
         claimed_at = int(reply[0])
@@ -414,7 +418,6 @@ class MarketData:
                 [
                     self.prices_key,
                     self.tick_key,
-                    self.claims_key,
                     self.held_cutoff_key,
                     *(self.history_ring_key(t) for t in args[::3]),
                 ],
@@ -442,7 +445,7 @@ class MarketData:
             return []
         reply = await self._redis.evalsha(
             _LET_GO,
-            [self.prices_key, self.claims_key, self.held_key, self.held_cutoff_key],
+            [self.prices_key, self.held_key, self.held_cutoff_key],
             [holder, claimed_at_ms, self.holders_prefix, self.history_ring_prefix, *tickers],
         )
         return [str(t) for t in reply]
@@ -617,7 +620,6 @@ class MarketData:
                 self.tick_key,
                 self.seen_key,
                 self.prices_key,
-                self.claims_key,
                 self.held_key,
                 self.held_cutoff_key,
             ],

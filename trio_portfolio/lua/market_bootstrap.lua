@@ -2,9 +2,8 @@
 -- unless another process already did, and never past the cap of the universe.
 -- KEYS[1] prices hash (ticker -> latest price)
 -- KEYS[2] tick counter
--- KEYS[3] claims hash (ticker -> Redis ms of the last claim)
--- KEYS[4] held cutoff (see trim_holders in market_lib.lua)
--- KEYS[5..] each new ticker's history ring, in the order of the triplets
+-- KEYS[3] held cutoff (see trim_holders in market_lib.lua)
+-- KEYS[4..] each new ticker's history ring, in the order of the triplets
 -- ARGV[1] the most tickers the market may price
 -- ARGV[2] the claiming session  ARGV[3] the holders key prefix
 -- ARGV[4..] ticker, packed bootstrapped history (oldest first, ending with
@@ -26,18 +25,17 @@ if size + new > tonumber(ARGV[1]) then
   return {'ticker_limit', tostring(size)}
 end
 local now = now_ms()
-local cutoff = redis.call('GET', KEYS[4])
+local cutoff = redis.call('GET', KEYS[3])
 local tick = current_tick(KEYS[2])
 local out = {'ok'}
 for i = 4, #ARGV, 3 do
   local ticker = ARGV[i]
   local current = redis.call('HGET', KEYS[1], ticker)
   if not current then
-    redis.call('SET', KEYS[5 + (i - 4) / 3], history_to_ring(ARGV[i + 1], tick))
+    redis.call('SET', KEYS[4 + (i - 4) / 3], history_to_ring(ARGV[i + 1], tick))
     redis.call('HSET', KEYS[1], ticker, ARGV[i + 2])
     current = ARGV[i + 2]
   end
-  redis.call('HSET', KEYS[3], ticker, now)
   add_holder(ARGV[3], ticker, ARGV[2], now, cutoff)
   out[#out + 1] = ticker
   out[#out + 1] = current

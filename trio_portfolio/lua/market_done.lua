@@ -1,24 +1,25 @@
 -- Mark buckets of a revaluation pass done, add the tickers their live
 -- sessions hold to the pass's seen set and, when the last bucket is done,
 -- prune the universe: every priced ticker that no session seen in this
--- pass's walk holds and that nobody claimed since CLAIM_GRACE_MS before the
--- pass began loses its price, history and claim.  (A holdings write lands within the
--- grace of its claim, so a write claimed earlier than that landed before the
--- walk began, and the walk saw it.)
--- The pass's seen set then becomes the held set, and its cutoff (start minus
--- the grace) the held cutoff, which market_let_go.lua and trim_holders in
--- market_lib.lua rely on; every kept ticker's holders are trimmed to it.
+-- pass's walk holds and that no session has claimed since CLAIM_GRACE_MS
+-- before the pass began (no holder left after trim_holders, see
+-- market_lib.lua) loses its price, history and holders.  (A holdings write
+-- lands within the grace of its claim, so a write claimed earlier than that
+-- landed before the walk began, and the walk saw it; a later claim ends only
+-- by its session's let-go, market_let_go.lua.)  The pass's seen set then
+-- becomes the held set, and its cutoff (start minus the grace) the held
+-- cutoff, which market_let_go.lua and trim_holders rely on.
 -- KEYS[1] work hash  KEYS[2] tick counter  KEYS[3] seen set  KEYS[4] prices
--- KEYS[5] claims  KEYS[6] held set  KEYS[7] held cutoff
+-- KEYS[5] held set  KEYS[6] held cutoff
 -- ARGV[1] the pass's tick (not the current tick: the market may have
 --         ticked since the pass opened, and the pass goes on)
 -- ARGV[2] buckets done now, comma-separated
 -- ARGV[3] number of buckets  ARGV[4] grace ms
--- ARGV[5] the history rings' key prefix (ring of T = ARGV[5] .. T): the
---         tickers to drop are found here, so their rings cannot be declared;
---         they share the {market} hash tag of KEYS, so on Redis Cluster they
---         are in this script's slot
--- ARGV[6] the holders key prefix (holders of T = ARGV[6] .. T)
+-- ARGV[5] the history rings' key prefix (ring of T = ARGV[5] .. T) and
+-- ARGV[6] the holders key prefix (holders of T = ARGV[6] .. T): the tickers
+--         to drop are found here, so their keys cannot be declared; they
+--         share the {market} hash tag of KEYS, so on Redis Cluster they are
+--         in this script's slot
 -- ARGV[7..] tickers held by those buckets' live sessions
 -- Returns {'stale'} if the current pass is not ARGV[1]'s (it completed and
 -- the next one opened: nothing written), else {'done', buckets done, pass
@@ -45,22 +46,20 @@ if done < tonumber(ARGV[3]) or redis.call('HSETNX', KEYS[1], 'pruned', 1) == 0 t
 end
 local start = tonumber(redis.call('HGET', KEYS[1], 'start'))
 local out = {'done', tostring(done), tostring(now_ms() - start), tostring(current_tick(KEYS[2]) - tick)}
-local cutoff = start - tonumber(ARGV[4])
+local cutoff = tostring(start - tonumber(ARGV[4]))
 for _, ticker in ipairs(redis.call('HKEYS', KEYS[4])) do
-  if redis.call('SISMEMBER', KEYS[3], ticker) == 0
-      and tonumber(redis.call('HGET', KEYS[5], ticker) or '0') < cutoff then
+  local holders = ARGV[6] .. ticker
+  trim_holders(holders, cutoff)
+  if redis.call('SISMEMBER', KEYS[3], ticker) == 0 and redis.call('EXISTS', holders) == 0 then
     redis.call('HDEL', KEYS[4], ticker)
-    redis.call('DEL', ARGV[5] .. ticker, ARGV[6] .. ticker)
-    redis.call('HDEL', KEYS[5], ticker)
+    redis.call('DEL', ARGV[5] .. ticker)
     out[#out + 1] = ticker
-  else
-    trim_holders(ARGV[6] .. ticker, cutoff)
   end
 end
 if redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('RENAME', KEYS[3], KEYS[6])
+  redis.call('RENAME', KEYS[3], KEYS[5])
 else
-  redis.call('DEL', KEYS[6])
+  redis.call('DEL', KEYS[5])
 end
-redis.call('SET', KEYS[7], cutoff)
+redis.call('SET', KEYS[6], cutoff)
 return out
