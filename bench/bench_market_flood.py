@@ -52,6 +52,18 @@ async def universe(server: LiveServer) -> int:
     return await services.market.universe_size()
 
 
+async def held(server: LiveServer, sessions: tuple[str, ...]) -> set[str]:
+    """The tickers the live ``sessions`` hold now, read from the store."""
+    services = server.info.server.services
+    assert services is not None
+    tickers: set[str] = set()
+    for session_id in sessions:
+        portfolio = await services.store.get(session_id)
+        if portfolio is not None:
+            tickers.update(portfolio.holdings)
+    return tickers
+
+
 def median_between(ticks: list[tuple[float, float]], start: float, end: float) -> float:
     window = [v for at, v in ticks if start <= at < end]
     return statistics.median(window) if window else float("nan")
@@ -110,6 +122,7 @@ async def run(url: str, args: argparse.Namespace) -> None:
             before = await universe(server)
             t1 = trio.current_time()
             peak = before
+            unheld = 0  # most tickers priced that no live session held at that moment
             command = [
                 sys.executable,
                 __file__,
@@ -127,7 +140,10 @@ async def run(url: str, args: argparse.Namespace) -> None:
                 flooding.start_soon(run_flooder)
                 with trio.fail_after(args.seconds + 30):
                     while not finished:
-                        peak = max(peak, await universe(server))
+                        holding = await held(server, ("steady", "flooder"))
+                        size = await universe(server)
+                        peak = max(peak, size)
+                        unheld = max(unheld, size - len(holding))
                         await trio.sleep(0.1)
             t2 = trio.current_time()
             with trio.move_on_after(args.session_ttl + 10 * args.interval + 5):
@@ -148,6 +164,10 @@ async def run(url: str, args: argparse.Namespace) -> None:
         f"cap {args.max_tickers}"
     )
     print(f"universe (tickers priced): before {before}, peak {peak}, after expiry {after}")
+    print(
+        f"priced but held by no live session, at most: {unheld} "
+        "(sampled every 0.1 s: the universe minus what the sessions held just before)"
+    )
     print(
         f"back to its size {t3 - t2:.1f} s after the flooder left "
         f"(session TTL {args.session_ttl} s)"

@@ -14,6 +14,7 @@ writes; and the holders sets stay bounded.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -32,7 +33,8 @@ from trio_portfolio.store import (
     SessionStore,
     open_store,
 )
-from trio_portfolio.testing import StoreTarget, open_live_server, services_of
+from trio_portfolio.testing import RedisServerInfo, StoreTarget, open_live_server, services_of
+from trio_portfolio.testing.live_server import open_client
 from trio_portfolio.testing.live_server import test_settings as server_settings
 
 GRACE = CLAIM_GRACE_MS / 1000 + 0.1
@@ -246,3 +248,31 @@ async def test_set_holdings_claims_again_when_another_write_overtook_it(
             stored = await services.store.get("s")
             assert stored is not None
             assert stored.holdings == holdings
+
+
+async def test_a_set_holdings_flood_keeps_at_most_three_sets_priced(
+    real_redis: RedisServerInfo,
+) -> None:
+    """From outside: a v2 client replaces 100 fresh tickers five times a second.
+
+    At any moment the market may price the defaults, the set held now, the
+    set a write in flight claimed, and the set the last complete pass saw
+    held (let go since, it waits for the next prune): never more.
+    """
+    settings = server_settings(real_redis.url, market_update_interval_seconds=0.3)
+    async with open_live_server(settings) as server, open_client(server, "flooder") as flooder:
+        market = services_of(server).market
+        with trio.fail_after(60):
+            await flooder.recv()  # its session frame
+            before = await market.universe_size()
+            await trio.sleep(0.7)  # a pass completes: let-go works from here
+            fresh = (f"F{n:05d}" for n in itertools.count())
+            samples: list[int] = []
+            sets = 15
+            for _ in range(sets):
+                await flooder.send("set_holdings", holdings={next(fresh): 1.0 for _ in range(100)})
+                for _ in range(4):
+                    await trio.sleep(0.05)
+                    samples.append(await market.universe_size())
+            assert max(samples) <= before + 3 * 100, samples
+            print(f"\nuniverse before {before}, peak {max(samples)} over {sets} sets of 100")
