@@ -34,7 +34,7 @@ from trio_portfolio.store import (
     open_store,
 )
 from trio_portfolio.testing import RedisServerInfo, StoreTarget, open_live_server, services_of
-from trio_portfolio.testing.live_server import open_client
+from trio_portfolio.testing.live_server import http_request, open_client
 from trio_portfolio.testing.live_server import test_settings as server_settings
 
 GRACE = CLAIM_GRACE_MS / 1000 + 0.1
@@ -275,4 +275,14 @@ async def test_a_set_holdings_flood_keeps_at_most_three_sets_priced(
                     await trio.sleep(0.05)
                     samples.append(await market.universe_size())
             assert max(samples) <= before + 3 * 100, samples
-            print(f"\nuniverse before {before}, peak {max(samples)} over {sets} sets of 100")
+            metrics = (await http_request(server, "GET", "/metrics")).body.decode()
+            let_go = sum(
+                float(line.split()[-1])
+                for line in metrics.splitlines()
+                if line.startswith("trio_portfolio_market_tickers_let_go_total")
+            )
+            assert let_go >= 100, "no set was let go at once"
+            print(
+                f"\nuniverse before {before}, peak {max(samples)} over {sets} sets of 100; "
+                f"{let_go:.0f} tickers let go at once"
+            )

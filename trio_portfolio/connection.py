@@ -107,7 +107,7 @@ import logging
 import math
 import random
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Generic, TypeVar
 
 import attrs
@@ -140,7 +140,7 @@ from trio_portfolio.protocol import (
 )
 from trio_portfolio.redis_io import CommandError, StoreUnavailable
 from trio_portfolio.session_events import AnalysisStarted, PortfolioChanged, SessionEvents
-from trio_portfolio.store import ClaimExpired, SessionStore
+from trio_portfolio.store import ClaimedPrices, ClaimExpired, HoldingsReplaced, SessionStore
 from trio_portfolio.websocket import ServerWebSocket
 
 log = logging.getLogger(__name__)
@@ -184,21 +184,19 @@ class Services:
           TickerRefused: a default holding is off the symbol list, or adding
             it would take the universe past ``max_tickers``.
           ClaimExpired: the prices' claim aged past its grace between
-            :meth:`MarketData.ensure_prices` and the write (nothing written;
-            retrying is safe).
+            :meth:`MarketData.ensure_prices` and the write, :data:`CLAIM_ATTEMPTS`
+            times (each is claimed again; nothing written).
           StoreUnavailable: Redis cannot serve this now.
           CommandError, StoreDataError: Redis refused a command, or the
             stored session cannot be decoded.
         """
         holdings = self.settings.default_holdings
-        for attempt in range(1, CLAIM_ATTEMPTS + 1):
-            prices = await self.market.ensure_prices(list(holdings), holder=session_id)
-            try:
-                return await self.store.create_if_missing(session_id, holdings, prices, utc_now())
-            except ClaimExpired:
-                if attempt == CLAIM_ATTEMPTS:
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        async def create(prices: ClaimedPrices) -> Portfolio:
+            return await self.store.create_if_missing(session_id, holdings, prices, utc_now())
+
+        portfolio, _ = await self._claimed_write(session_id, holdings, create)
+        return portfolio
 
     async def replace_holdings(
         self, session_id: str, holdings: Mapping[str, float]
@@ -219,21 +217,38 @@ class Services:
           ClaimExpired: every attempt's claim was refused (nothing written).
           StoreUnavailable, CommandError, StoreDataError: as every store call.
         """
+
+        async def replace(prices: ClaimedPrices) -> HoldingsReplaced | None:
+            return await self.store.set_holdings(session_id, holdings, prices, utc_now())
+
+        replaced, prices = await self._claimed_write(session_id, holdings, replace)
+        if replaced is None:
+            return None
+        try:
+            dropped = await self.market.let_go(session_id, prices.claimed_at_ms, replaced.let_go)
+            self.metrics.tickers_let_go(len(dropped))
+        except (StoreUnavailable, CommandError) as exc:
+            log.debug("let-go of %d tickers left to the prune: %s", len(replaced.let_go), exc)
+        return replaced.portfolio
+
+    async def _claimed_write(
+        self,
+        session_id: str,
+        holdings: Mapping[str, float],
+        write: Callable[[ClaimedPrices], Awaitable[T]],
+    ) -> tuple[T, ClaimedPrices]:
+        """``write`` with the tickers of ``holdings`` claimed for ``session_id``; and the claim.
+
+        A write refused with :class:`ClaimExpired` is claimed and tried again,
+        :data:`CLAIM_ATTEMPTS` times in all; the last refusal is raised.
+        """
         for attempt in range(1, CLAIM_ATTEMPTS + 1):
             prices = await self.market.ensure_prices(list(holdings), holder=session_id)
             try:
-                replaced = await self.store.set_holdings(session_id, holdings, prices, utc_now())
+                return await write(prices), prices
             except ClaimExpired:
                 if attempt == CLAIM_ATTEMPTS:
                     raise
-                continue
-            if replaced is None:
-                return None
-            try:
-                await self.market.let_go(session_id, prices.claimed_at_ms, replaced.let_go)
-            except (StoreUnavailable, CommandError) as exc:
-                log.debug("let-go of %d tickers left to the prune: %s", len(replaced.let_go), exc)
-            return replaced.portfolio
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def at_session_cap(self) -> bool:

@@ -209,6 +209,11 @@ MARKET_TICKERS_PRUNED = MetricSpec(
     Kind.COUNTER,
     "tickers dropped from the market because no live session held them",
 )
+MARKET_TICKERS_LET_GO = MetricSpec(
+    "market_tickers_let_go",
+    Kind.COUNTER,
+    "tickers dropped from the market at once when the last session holding them let them go",
+)
 MARKET_TICK_SECONDS = MetricSpec(
     "market_tick_seconds",
     Kind.HISTOGRAM,
@@ -249,6 +254,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MARKET_TICKS_SKIPPED,
     MARKET_TICKERS,
     MARKET_TICKERS_PRUNED,
+    MARKET_TICKERS_LET_GO,
     MARKET_TICK_SECONDS,
     MARKET_PASSES,
     MARKET_PASS_SECONDS,
@@ -509,6 +515,7 @@ class ServerMetrics:
             MARKET_TICKERS.name, MARKET_TICKERS.help, namespace=PREFIX, registry=r
         )
         self._market_tickers_pruned = _counter(MARKET_TICKERS_PRUNED, r)
+        self._market_tickers_let_go = _counter(MARKET_TICKERS_LET_GO, r)
         self._market_tick_seconds = _histogram(MARKET_TICK_SECONDS, r)
         self._market_passes = _counter(MARKET_PASSES, r)
         self._market_pass_seconds = _histogram(MARKET_PASS_SECONDS, r)
@@ -601,6 +608,10 @@ class ServerMetrics:
             self._market_pass_seconds.observe(seconds)
             self._market_pass_lag.set(lag)
             self._market_tickers_pruned.inc(tickers_pruned)
+
+    def tickers_let_go(self, count: int) -> None:
+        """A let-go dropped ``count`` tickers nobody held any more."""
+        self._market_tickers_let_go.inc(count)
 
     def redis_call(self, seconds: float) -> None:
         """One Redis call took ``seconds``; pass as ``open_redis(on_latency=...)``."""

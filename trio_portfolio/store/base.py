@@ -1067,7 +1067,10 @@ class SessionStore(abc.ABC):
         return [s for s, n in zip(session_ids, exists, strict=True) if n == 0]
 
 
-_CLAIM_EXPIRED = "the market claim of these tickers expired before the write; try again"
+_CLAIM_EXPIRED = (
+    "the market claim of these tickers expired, or a newer write of the session overtook it, "
+    "before the write; try again"
+)
 
 
 def _claim_arguments(prices: Mapping[str, float]) -> tuple[str, str]:
