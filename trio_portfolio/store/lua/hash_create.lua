@@ -27,7 +27,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
     'portfolio_version', '1',
     'last_activity', now,
     'created_at', now)
-  if ARGV[6] ~= '' then
+  if (ARGV[6] or '') ~= '' then
     redis.call('HSET', KEYS[1], 'claimed_at', ARGV[6])  -- see claim_superseded
   end
 else

@@ -30,7 +30,7 @@ redis.call('HSET', KEYS[1],
   'total_value', num(total),
   'portfolio_version', int(version),
   'last_activity', now)
-if ARGV[6] ~= '' then
+if (ARGV[6] or '') ~= '' then
   redis.call('HSET', KEYS[1], 'claimed_at', ARGV[6])
 end
 redis.call('HINCRBY', KEYS[1], 'holdings_version', 1)  -- trio_portfolio/staleness.py

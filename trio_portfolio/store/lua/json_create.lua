@@ -17,7 +17,7 @@ local document = '{"session_id":' .. cjson.encode(ARGV[1])
   .. ',"portfolio_version":1,"current_analysis":null,"analysis_results":[]'
   .. ',"last_activity":' .. cjson.encode(now)
   .. ',"created_at":' .. cjson.encode(now)
-  .. (ARGV[6] ~= '' and (',"claimed_at":' .. ARGV[6]) or '') .. '}'  -- see claim_superseded
+  .. ((ARGV[6] or '') ~= '' and (',"claimed_at":' .. ARGV[6]) or '') .. '}'  -- see claim_superseded
 local status = 'created'
 if redis.call('EXISTS', key) == 0 and claim_expired(ARGV[6], ARGV[7]) then
   return {'claim_expired'}

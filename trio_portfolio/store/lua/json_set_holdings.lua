@@ -29,7 +29,7 @@ json_set(key, '$.prices', encode_numbers(prices))
 json_set(key, '$.total_value', num(total))
 json_set(key, '$.portfolio_version', int(version))
 json_set(key, '$.last_activity', cjson.encode(now))
-if ARGV[6] ~= '' then
+if (ARGV[6] or '') ~= '' then
   json_set(key, '$.claimed_at', ARGV[6])
 end
 -- holdings_version: trio_portfolio/staleness.py
