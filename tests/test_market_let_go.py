@@ -28,6 +28,7 @@ from trio_portfolio.redis_io import RedisClient, open_redis
 from trio_portfolio.simulation import GbmSimulator
 from trio_portfolio.store import (
     CLAIM_GRACE_MS,
+    CLOCK_SKEW_MS,
     ClaimedPrices,
     ClaimExpired,
     SessionStore,
@@ -37,7 +38,7 @@ from trio_portfolio.testing import RedisServerInfo, StoreTarget, open_live_serve
 from trio_portfolio.testing.live_server import http_request, open_client
 from trio_portfolio.testing.live_server import test_settings as server_settings
 
-GRACE = CLAIM_GRACE_MS / 1000 + 0.1
+GRACE = (CLAIM_GRACE_MS + CLOCK_SKEW_MS) / 1000 + 0.1
 """Seconds after which every claim made before is older than a new pass's cutoff."""
 
 Parts = tuple[SessionStore, MarketData, RedisClient]

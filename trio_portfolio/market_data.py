@@ -60,15 +60,18 @@ time instead of by a shared script:
   :data:`~trio_portfolio.store.base.CLAIM_GRACE_MS` (``G``) after ``c``
   (:class:`~trio_portfolio.store.base.ClaimExpired`);
 * the prune keeps every ticker with a holder claimed at or after
-  ``start - G``, where ``start`` is the Redis time the pass began.
+  ``start - G - S``, where ``start`` is the Redis time the pass began and
+  ``S`` is :data:`~trio_portfolio.store.base.CLOCK_SKEW_MS`.
 
 A ticker held by a live session at the prune was established by a write at
-``s <= c + G``: if ``c >= start - G`` it is kept by its claim (which only
+``s <= c + G``: if ``c >= start - G - S`` it is kept by its claim (which only
 that session's own let-go of a later write ends, below), otherwise
 ``s < start``, so the walk, which visits every indexed session after
 ``start``, saw it.  Either way no session is left holding an unpriced
 ticker.  One clock decides both sides: on a single Redis it is the same
-server's; on Cluster it assumes the nodes' clocks agree to well within ``G``.
+server's; on Cluster the market's node times the claim and the session's
+checks it, so the nodes' clocks must agree within ``S`` (the market keeps
+claims that much longer).
 
 Letting go
 ----------
@@ -80,7 +83,7 @@ called once the write landed): the session's claim of each ends, and the
 market drops at once each one nobody holds.  That is known without a walk:
 
 * ``...:held`` is the set of tickers the last complete pass's walk found
-  held, and ``...:held_cutoff`` that pass's ``start - G``;
+  held, and ``...:held_cutoff`` that pass's ``start - G - S``;
 * a session holding a ticker was written either before that pass began
   (then the walk saw the ticker: it is in ``held``, and only a prune drops
   it) or after, with a claim newer than the cutoff that has not ended: a
@@ -95,9 +98,11 @@ held by no one, and is dropped; before the first complete pass nothing is
 dropped this way.  Claims older than the cutoff say nothing ``held`` does
 not: they are trimmed whenever a ticker's holders are touched and, for every
 ticker, by each prune, so a holders set holds at most the claims made since
-``G`` before the last complete pass began.  A ticker the last walk saw held waits for
-the next prune.  Writes with a plain price mapping (tools, tests) carry no
-claim and are not protected by one.
+``G + S`` before the last complete pass began (and, until a pass completes,
+every claim: passes that stop completing show as ``market_pass_lag_ticks``).
+A ticker the last walk saw held waits for the next prune.  Writes with a
+plain price mapping (tools, tests) carry no claim and are not protected by
+one.
 
 The work of a tick on the Trio loop is proportional to the tickers held:
 prices are read and written in one script each, random draws and history
@@ -120,11 +125,13 @@ from trio_portfolio.models import TICKER_RE, utc_now
 from trio_portfolio.protocol import ErrorCode, ProtocolError
 from trio_portfolio.redis_io import RedisClient
 from trio_portfolio.simulation import MarketSource
-from trio_portfolio.store import CLAIM_GRACE_MS, INDEX_BUCKETS, ClaimedPrices
+from trio_portfolio.store import CLAIM_GRACE_MS, CLOCK_SKEW_MS, INDEX_BUCKETS, ClaimedPrices
 
 log = logging.getLogger(__name__)
 
 HISTORY_LENGTH = 256
+LEGACY_HOLDER = "@legacy"
+"""The holder name of claims an older version recorded (no session id starts with ``@``)."""
 DEFAULT_MAX_TICKERS = 10_000
 _HEX_PER_PRICE = 16  # one little-endian float64
 
@@ -171,10 +178,23 @@ PASS_SCRIPTS = (_PASS, _RENEW, _RELEASE)
 """The revaluation passes' own scripts (loaded with :data:`SCRIPTS`)."""
 _DONE = load_script(_LUA, "market_done", libraries=_LIB)
 _LET_GO = load_script(_LUA, "market_let_go", libraries=_LIB)
+_START = load_script(_LUA, "market_start")
 _LEAD = load_script(_LUA, "market_lead")
 _HISTORIES = load_script(_LUA, "market_histories", libraries=_LIB)
 _MIGRATE = load_script(_LUA, "market_migrate_histories", libraries=_LIB)
-SCRIPTS = (_BOOTSTRAP, _CLAIM, _READ, _TICK, _TAKE, _DONE, _LET_GO, _LEAD, _HISTORIES, _MIGRATE)
+SCRIPTS = (
+    _BOOTSTRAP,
+    _CLAIM,
+    _READ,
+    _TICK,
+    _TAKE,
+    _DONE,
+    _LET_GO,
+    _START,
+    _LEAD,
+    _HISTORIES,
+    _MIGRATE,
+)
 
 _BOOTSTRAPS_PER_GIL_TURN = 8
 """Histories a bootstrap thread computes (about 0.3 ms) before it lets other threads run."""
@@ -307,7 +327,7 @@ class MarketData:
         """The hash earlier versions kept of histories; only read, to migrate it into rings."""
         self.history_ring_prefix = f"{base}:history:"
         self.legacy_claims_key = f"{base}:claims"
-        """The hash of claim times earlier versions kept (before holders); deleted at start."""
+        """The hash of claim times versions before holders kept; made holders at start."""
         self.work_key = f"{base}:work"
         self.seen_key = f"{base}:seen"
         self.holders_prefix = f"{base}:holders:"
@@ -319,15 +339,24 @@ class MarketData:
         return self.history_ring_prefix + ticker
 
     async def load_scripts(self) -> None:
-        """Load the market scripts, and move histories an older version stored into rings.
+        """Load the market scripts, and bring what an older version stored up to date.
 
-        The migration (:meth:`migrate_histories`) is a no-op after the first
-        start of this version.  The claims hash of versions before holders is
-        deleted (every process of a deployment runs one version: an older
-        process still running would lose the protection of its claims).
+        Histories in the old hash move into rings (:meth:`migrate_histories`),
+        the claims of versions before holders become holder entries, and
+        letting go waits for this version's first complete pass (see
+        ``market_start.lua``).  Each is a no-op when there is nothing to
+        do.  An older process still running beside this one is not covered:
+        its claims are not holders (every process of a deployment runs one
+        version; restart them all on an upgrade).
         """
         await self._redis.load_scripts((*SCRIPTS, *PASS_SCRIPTS))
-        await self._redis.execute("DEL", self.legacy_claims_key)
+        legacy = await self._redis.evalsha(
+            _START,
+            [self.legacy_claims_key, self.held_key, self.held_cutoff_key],
+            [self.holders_prefix, LEGACY_HOLDER],
+        )
+        if legacy:
+            log.info("market: %d claims of an older version kept as holders", legacy)
         moved = await self.migrate_histories()
         if moved:
             log.info("market: %d price histories moved into rings", moved)
@@ -627,7 +656,7 @@ class MarketData:
                 pass_tick,
                 ",".join(map(str, buckets)),
                 INDEX_BUCKETS,
-                CLAIM_GRACE_MS,
+                CLAIM_GRACE_MS + CLOCK_SKEW_MS,
                 self.history_ring_prefix,
                 self.holders_prefix,
                 *sorted(held),

@@ -1,7 +1,7 @@
 -- Mark buckets of a revaluation pass done, add the tickers their live
 -- sessions hold to the pass's seen set and, when the last bucket is done,
 -- prune the universe: every priced ticker that no session seen in this
--- pass's walk holds and that no session has claimed since CLAIM_GRACE_MS
+-- pass's walk holds and that no session has claimed since ARGV[4] ms
 -- before the pass began (no holder left after trim_holders, see
 -- market_lib.lua) loses its price, history and holders.  (A holdings write
 -- lands within the grace of its claim, so a write claimed earlier than that
@@ -14,7 +14,8 @@
 -- ARGV[1] the pass's tick (not the current tick: the market may have
 --         ticked since the pass opened, and the pass goes on)
 -- ARGV[2] buckets done now, comma-separated
--- ARGV[3] number of buckets  ARGV[4] grace ms
+-- ARGV[3] number of buckets  ARGV[4] the claim grace plus the clock skew
+--         allowance, ms (CLAIM_GRACE_MS + CLOCK_SKEW_MS)
 -- ARGV[5] the history rings' key prefix (ring of T = ARGV[5] .. T) and
 -- ARGV[6] the holders key prefix (holders of T = ARGV[6] .. T): the tickers
 --         to drop are found here, so their keys cannot be declared; they

@@ -28,6 +28,7 @@ from trio_portfolio.lua_scripts import load_script
 from trio_portfolio.redis_io import CommandError, RedisClient, StoreUnavailable
 from trio_portfolio.store.base import (
     CLAIM_GRACE_MS,
+    CLOCK_SKEW_MS,
     INDEX_BUCKET_TAGS,
     INDEX_BUCKETS,
     LUA,
@@ -56,6 +57,7 @@ from trio_portfolio.store.replication import ReplicaWait, ReplicaWaitStatistics,
 
 __all__ = [
     "CLAIM_GRACE_MS",
+    "CLOCK_SKEW_MS",
     "INDEX_BUCKETS",
     "INDEX_BUCKET_TAGS",
     "OPERATIONS",

@@ -97,6 +97,7 @@ from contextlib import aclosing
 from typing import Any, ClassVar, Literal
 
 import attrs
+import trio
 
 from trio_portfolio.lua_scripts import load_script, lua_directory
 from trio_portfolio.models import (
@@ -108,7 +109,13 @@ from trio_portfolio.models import (
     Snapshot,
     StartRefused,
 )
-from trio_portfolio.redis_io import CommandError, RedisClient, Script, StoreUnavailable
+from trio_portfolio.redis_io import (
+    CommandError,
+    RedisClient,
+    Script,
+    StoreUnavailable,
+    Unavailable,
+)
 from trio_portfolio.store.codec import (
     StoreDataError,
     append_status,
@@ -125,6 +132,7 @@ from trio_portfolio.store.replication import ReplicaWait
 
 __all__ = [
     "CLAIM_GRACE_MS",
+    "CLOCK_SKEW_MS",
     "INDEX_BUCKETS",
     "INDEX_BUCKET_TAGS",
     "LUA",
@@ -258,8 +266,22 @@ claim is refused with :class:`ClaimExpired`.  Between two round trips of one
 connection a second is an eternity; only a stalled process reaches it.
 """
 
+_FORGET_SECONDS = 2.0
+"""Longest :meth:`SessionStore.forget` spends shielded between its removal and its re-check."""
+
 _REVALUE_ROUNDS = 3
 """Sends of one session in one :meth:`SessionStore.revalue_many` (holdings moving meanwhile)."""
+
+
+CLOCK_SKEW_MS = 250
+"""How far apart (ms) the clocks of Redis nodes may be for claims to stay safe.
+
+On Cluster a claim is timed by the market's node and checked against
+:data:`CLAIM_GRACE_MS` by the session's node, so a write may land up to the
+skew later on the market's clock: the market keeps claims this much longer
+than the grace (a pass's cutoff is ``start - CLAIM_GRACE_MS - CLOCK_SKEW_MS``).
+On one Redis there is one clock and this is only a margin.
+"""
 
 
 class ClaimExpired(StoreUnavailable):
@@ -1050,13 +1072,25 @@ class SessionStore(abc.ABC):
         gone = await self._gone(session_ids)
         if not gone:
             return 0
-        for reply in await self.redis.pipeline(self.keys.index_commands("SREM", gone)):
-            if isinstance(reply, CommandError):
-                raise reply
-        still_gone = set(await self._gone(gone))
-        back = [s for s in gone if s not in still_gone]
-        if back:
-            await self._index(back)
+        # From the removal to the re-check nothing may cancel us: a session
+        # created meanwhile would be left out of the index (not revalued, its
+        # tickers unseen by the walk).  Shielded, with a deadline.
+        back: list[str] = []
+        deadline = trio.current_time() + _FORGET_SECONDS
+        with trio.CancelScope(shield=True, deadline=deadline) as scope:
+            for reply in await self.redis.pipeline(self.keys.index_commands("SREM", gone)):
+                if isinstance(reply, CommandError):
+                    raise reply
+            still_gone = set(await self._gone(gone))
+            back = [s for s in gone if s not in still_gone]
+            if back:
+                await self._index(back)
+        if scope.cancelled_caught:
+            raise StoreUnavailable(
+                f"forgetting {len(gone)} ids took longer than {_FORGET_SECONDS} s",
+                reason=Unavailable.TIMEOUT,
+                maybe_executed=True,
+            )
         return len(gone) - len(back)
 
     async def _gone(self, session_ids: Sequence[str]) -> list[str]:

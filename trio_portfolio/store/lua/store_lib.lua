@@ -49,15 +49,17 @@ end
 -- after the session's last write claimed later (stored, nil for none):
 -- writes of one session must land in the order of their claims, or the
 -- market's let-go of the later one (market_let_go.lua) could drop a ticker
--- the earlier one, landing last, holds.  A gap wider than the grace cannot
--- come from two writes in flight together (each lands within the grace of its
--- claim): it is the clock stepping back, and the write is let through.
+-- the earlier one, landing last, holds.  Two writes in flight together have
+-- claims less than the grace plus the clocks' skew apart (each lands within
+-- the grace of its claim); a gap wider than twice the grace is the clock
+-- stepping back, and the write is let through rather than refused until the
+-- clock catches up.
 local function claim_superseded(stored, claimed_at, grace)
   if stored == nil or claimed_at == nil or claimed_at == '' then
     return false
   end
   local gap = tonumber(stored) - tonumber(claimed_at)
-  return gap > 0 and gap <= tonumber(grace)
+  return gap > 0 and gap <= 2 * tonumber(grace)
 end
 
 local function sorted_keys(t)
