@@ -38,6 +38,7 @@ from trio_portfolio.testing import RedisServerInfo, StoreTarget, open_live_serve
 from trio_portfolio.testing.live_server import http_request, open_client
 from trio_portfolio.testing.live_server import test_settings as server_settings
 
+T0 = "2026-12-01T10:00:00.000Z"
 GRACE = (CLAIM_GRACE_MS + CLOCK_SKEW_MS) / 1000 + 0.1
 """Seconds after which every claim made before is older than a new pass's cutoff."""
 
@@ -287,3 +288,23 @@ async def test_a_set_holdings_flood_keeps_at_most_three_sets_priced(
                 f"\nuniverse before {before}, peak {max(samples)} over {sets} sets of 100; "
                 f"{let_go:.0f} tickers let go at once"
             )
+
+
+async def test_a_held_ticker_that_is_not_priced_is_priced_again_by_the_next_pass(
+    parts: Parts,
+) -> None:
+    """Repair: a session holding an unpriced ticker (a lost write, a tool) is found and fixed."""
+    store, market, redis = parts
+    with trio.fail_after(30):
+        await create(parts, "s", "AAPL")
+        # A tool writes a holding the market never priced (a plain mapping: no claim).
+        await store.set_holdings("s", {"AAPL": 1.0, "ZZZ": 2.0}, {"AAPL": 1.0, "ZZZ": 5.0}, T0)
+        assert "ZZZ" not in await priced(market)
+        await tick_once(market, store)
+        assert "ZZZ" in await priced(market)
+        assert "ZZZ" in await market_keys(redis, market, "history")
+        assert "ZZZ" not in await market_keys(redis, market, "holders")  # no claim made up
+        await redis.execute("DEL", *store.session_keys("s"))  # nobody holds it after all
+        await trio.sleep(GRACE)
+        report = await tick_once(market, store)
+        assert "ZZZ" in report.tickers_pruned

@@ -95,7 +95,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import aclosing
 
 import attrs
@@ -422,6 +422,8 @@ async def revalue_pass(
                             "market universe: %d tickers no session holds dropped",
                             len(finished.pruned),
                         )
+                    if finished.unpriced:
+                        await _reprice(market, finished.unpriced)
         except (StoreUnavailable, CommandError, StoreDataError) as exc:
             errors.append(exc)
             cancel.cancel()
@@ -435,6 +437,24 @@ async def revalue_pass(
     if errors:
         raise errors[0]
     return share
+
+
+async def _reprice(market: MarketData, tickers: Sequence[str]) -> None:
+    """Bring back tickers the walk found held but not priced (market_data.py, *Repair*).
+
+    A refusal (the universe is full) is logged: the next pass tries again.
+    """
+    try:
+        brought = await market.reprice(tickers)
+    except TickerRefused as exc:
+        log.warning("market: %d held tickers are not priced: %s", len(tickers), exc.detail)
+        return
+    if brought:
+        log.warning(
+            "market: %d tickers held but not priced were priced again: %s",
+            len(brought),
+            ", ".join(brought[:10]),
+        )
 
 
 async def _give_back(market: MarketData, taker: str, pass_tick: int) -> None:

@@ -104,6 +104,16 @@ A ticker the last walk saw held waits for the next prune.  Writes with a
 plain price mapping (tools, tests) carry no claim and are not protected by
 one.
 
+Repair
+------
+Should a live session ever hold a ticker that is not priced (a failover
+that lost a session's write after its let-go dropped the ticker; a tool
+that wrote with a plain price mapping), the walk finds it held: the call
+that completes a pass answers the tickers its walk saw held that are not
+priced, and the walker brings them back (:meth:`MarketData.reprice`) with no
+holder, so one that nobody holds after all leaves again at the next prune.
+Meanwhile such a session keeps the price it stored.
+
 The work of a tick on the Trio loop is proportional to the tickers held:
 prices are read and written in one script each, random draws and history
 packing run in a worker thread.
@@ -260,8 +270,8 @@ class Finished:
     ``completed`` is true for the one call that finished the pass's last
     bucket; only then are ``seconds`` (the pass's duration, open to
     complete, on Redis's clock), ``lag`` (how many ticks the market was past
-    the pass's tick at that moment) and ``pruned`` (the tickers the universe
-    lost) filled.
+    the pass's tick at that moment), ``pruned`` (the tickers the universe
+    lost) and ``unpriced`` filled.
     """
 
     done: int
@@ -269,6 +279,8 @@ class Finished:
     seconds: float = 0.0
     lag: int = 0
     pruned: tuple[str, ...] = ()
+    unpriced: tuple[str, ...] = ()
+    """Tickers the walk found held that are not priced (see *Repair*): to bring back."""
 
 
 def load_symbols(path: Path) -> frozenset[str]:
@@ -439,24 +451,53 @@ class MarketData:
         prices = {t: float(p) for t, p in zip(tickers, reply[1:], strict=True) if p is not None}
         missing = [t for t in tickers if t not in prices]
         if missing:
-            if len(missing) > self.max_tickers:
-                raise self._full(len(missing), None)
-            args = await trio.to_thread.run_sync(self._bootstrap_args, missing)
-            reply = await self._redis.evalsha(
-                _BOOTSTRAP,
-                [
-                    self.prices_key,
-                    self.tick_key,
-                    self.held_cutoff_key,
-                    *(self.history_ring_key(t) for t in args[::3]),
-                ],
-                [self.max_tickers, holder, self.holders_prefix, *args],
-            )
-            if reply[0] == "ticker_limit":
-                raise self._full(len(missing), int(reply[1]))
-            flat = reply[1:]
-            prices.update({flat[i]: float(flat[i + 1]) for i in range(0, len(flat), 2)})
+            prices.update(await self._bootstrap(missing, holder))
         return ClaimedPrices(prices, claimed_at)
+
+    async def reprice(self, tickers: Sequence[str]) -> list[str]:
+        """Bring back ``tickers`` a walk found held but not priced (see *Repair*).
+
+        Each gets a bootstrapped history and a price as a new ticker would,
+        unless it is priced by now; no claim, no holder, so if no session
+        holds it at the next pass's end, that pass drops it again.  Returns
+        the tickers that were missing.
+
+        Raises:
+          TickerRefused: ``ticker_limit`` if they do not fit under ``max_tickers``.
+          StoreUnavailable, CommandError: as every Redis call.
+        """
+        flat = await self._redis.execute("HMGET", self.prices_key, *tickers) if tickers else []
+        missing = [t for t, price in zip(tickers, flat, strict=True) if price is None]
+        if missing:
+            await self._bootstrap(missing, "")
+        return missing
+
+    async def _bootstrap(self, missing: Sequence[str], holder: str) -> dict[str, float]:
+        """Price ``missing`` tickers (kept if another process priced one first); their prices.
+
+        ``holder`` (``""``: none) is recorded as a holder of each.
+
+        Raises:
+          TickerRefused: ``ticker_limit`` (nothing written).
+          StoreUnavailable, CommandError: as every Redis call.
+        """
+        if len(missing) > self.max_tickers:
+            raise self._full(len(missing), None)
+        args = await trio.to_thread.run_sync(self._bootstrap_args, missing)
+        reply = await self._redis.evalsha(
+            _BOOTSTRAP,
+            [
+                self.prices_key,
+                self.tick_key,
+                self.held_cutoff_key,
+                *(self.history_ring_key(t) for t in args[::3]),
+            ],
+            [self.max_tickers, holder, self.holders_prefix, *args],
+        )
+        if reply[0] == "ticker_limit":
+            raise self._full(len(missing), int(reply[1]))
+        flat = reply[1:]
+        return {flat[i]: float(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     async def let_go(self, holder: str, claimed_at_ms: int, tickers: Sequence[str]) -> list[str]:
         """Session ``holder``'s write claimed at ``claimed_at_ms`` landed without ``tickers``.
@@ -666,12 +707,14 @@ class MarketData:
             return None
         if reply[2] == "":
             return Finished(int(reply[1]))
+        count = int(reply[4])
         return Finished(
             int(reply[1]),
             completed=True,
             seconds=int(reply[2]) / 1000,
             lag=int(reply[3]),
-            pruned=tuple(str(t) for t in reply[4:]),
+            pruned=tuple(str(t) for t in reply[5 : 5 + count]),
+            unpriced=tuple(str(t) for t in reply[5 + count :]),
         )
 
     async def open_pass(self) -> PassState:

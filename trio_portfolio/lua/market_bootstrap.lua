@@ -5,7 +5,8 @@
 -- KEYS[3] held cutoff (see trim_holders in market_lib.lua)
 -- KEYS[4..] each new ticker's history ring, in the order of the triplets
 -- ARGV[1] the most tickers the market may price
--- ARGV[2] the claiming session  ARGV[3] the holders key prefix
+-- ARGV[2] the claiming session ('' = none: a repair, market_data.py)
+-- ARGV[3] the holders key prefix
 -- ARGV[4..] ticker, packed bootstrapped history (oldest first, ending with
 --           the initial price), initial price, ... (triplets)
 -- Returns {'ok', ticker, price, ticker, price, ...} with the price now stored
@@ -36,7 +37,9 @@ for i = 4, #ARGV, 3 do
     redis.call('HSET', KEYS[1], ticker, ARGV[i + 2])
     current = ARGV[i + 2]
   end
-  add_holder(ARGV[3], ticker, ARGV[2], now, cutoff)
+  if ARGV[2] ~= '' then
+    add_holder(ARGV[3], ticker, ARGV[2], now, cutoff)
+  end
   out[#out + 1] = ticker
   out[#out + 1] = current
 end

@@ -24,9 +24,10 @@
 -- ARGV[7..] tickers held by those buckets' live sessions
 -- Returns {'stale'} if the current pass is not ARGV[1]'s (it completed and
 -- the next one opened: nothing written), else {'done', buckets done, pass
--- duration in ms, ticks the market is past the pass's tick, ticker pruned,
--- ...}; the duration and lag are '' but from the call that completed the
--- pass (the one that also pruned).
+-- duration in ms, ticks the market is past the pass's tick, n, n tickers
+-- pruned, then the tickers seen held that are not priced}; the call that
+-- completed the pass (the one that also pruned) fills all that, the others
+-- answer {'done', buckets done, '', ''}.
 local tick = tonumber(ARGV[1])
 if tonumber(redis.call('HGET', KEYS[1], 'tick') or '-1') ~= tick then
   return {'stale'}
@@ -48,13 +49,23 @@ end
 local start = tonumber(redis.call('HGET', KEYS[1], 'start'))
 local out = {'done', tostring(done), tostring(now_ms() - start), tostring(current_tick(KEYS[2]) - tick)}
 local cutoff = tostring(start - tonumber(ARGV[4]))
+local pruned = {}
 for _, ticker in ipairs(redis.call('HKEYS', KEYS[4])) do
   local holders = ARGV[6] .. ticker
   trim_holders(holders, cutoff)
   if redis.call('SISMEMBER', KEYS[3], ticker) == 0 and redis.call('EXISTS', holders) == 0 then
     redis.call('HDEL', KEYS[4], ticker)
     redis.call('DEL', ARGV[5] .. ticker)
-    out[#out + 1] = ticker
+    pruned[#pruned + 1] = ticker
+  end
+end
+out[#out + 1] = tostring(#pruned)
+for _, ticker in ipairs(pruned) do
+  out[#out + 1] = ticker
+end
+for _, ticker in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  if redis.call('HEXISTS', KEYS[4], ticker) == 0 then
+    out[#out + 1] = ticker  -- seen held but not priced: see market_data.py, "Repair"
   end
 end
 if redis.call('EXISTS', KEYS[3]) == 1 then
