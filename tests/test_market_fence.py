@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import orjson
@@ -31,17 +31,16 @@ from trio_portfolio.market import (
 from trio_portfolio.market_data import load_symbols
 from trio_portfolio.models import utc_now
 from trio_portfolio.protocol import ErrorCode
-from trio_portfolio.redis_io import RedisClient, open_redis
-from trio_portfolio.simulation import GbmSimulator
+from trio_portfolio.redis_io import RedisClient
 from trio_portfolio.store import (
     ClaimedPrices,
     ClaimExpired,
     MarketPrices,
     RevalueTally,
     SessionStore,
-    open_store,
 )
 from trio_portfolio.testing import StoreTarget, hold_before
+from trio_portfolio.testing.redis_clients import store_and_market
 
 HOLDINGS = {"AAPL": 10.0, "MSFT": 2.0}
 PRICES = {"AAPL": 100.0, "MSFT": 200.0, "XOM": 50.0}
@@ -50,14 +49,10 @@ T0, T1, T2 = (f"2026-11-21T10:00:0{i}.000Z" for i in range(3))
 Parts = tuple[SessionStore, MarketData, RedisClient]
 
 
-@asynccontextmanager
-async def parts_on(target: StoreTarget, key_prefix: str, **market: Any) -> AsyncIterator[Parts]:
-    async with open_redis(target.server.url) as redis:
-        with trio.fail_after(10):
-            store = await open_store(redis, layout=target.layout, key_prefix=key_prefix)
-            data = MarketData(redis, GbmSimulator(seed=3), key_prefix=key_prefix, **market)
-            await data.load_scripts()
-        yield store, data, redis
+def parts_on(
+    target: StoreTarget, key_prefix: str, **market: Any
+) -> AbstractAsyncContextManager[Parts]:
+    return store_and_market(target, key_prefix, seed=3, **market)
 
 
 @pytest.fixture

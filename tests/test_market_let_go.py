@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import pytest
@@ -24,19 +24,18 @@ import trio
 
 from trio_portfolio.market import MarketData, tick_once
 from trio_portfolio.models import utc_now
-from trio_portfolio.redis_io import RedisClient, open_redis
-from trio_portfolio.simulation import GbmSimulator
+from trio_portfolio.redis_io import RedisClient
 from trio_portfolio.store import (
     CLAIM_GRACE_MS,
     CLOCK_SKEW_MS,
     ClaimedPrices,
     ClaimExpired,
     SessionStore,
-    open_store,
 )
 from trio_portfolio.testing import RedisServerInfo, StoreTarget, open_live_server, services_of
 from trio_portfolio.testing.live_server import http_request, open_client
 from trio_portfolio.testing.live_server import test_settings as server_settings
+from trio_portfolio.testing.redis_clients import store_and_market
 
 T0 = "2026-12-01T10:00:00.000Z"
 GRACE = (CLAIM_GRACE_MS + CLOCK_SKEW_MS) / 1000 + 0.1
@@ -45,14 +44,8 @@ GRACE = (CLAIM_GRACE_MS + CLOCK_SKEW_MS) / 1000 + 0.1
 Parts = tuple[SessionStore, MarketData, RedisClient]
 
 
-@asynccontextmanager
-async def parts_on(target: StoreTarget, key_prefix: str) -> AsyncIterator[Parts]:
-    async with open_redis(target.server.url) as redis:
-        with trio.fail_after(10):
-            store = await open_store(redis, layout=target.layout, key_prefix=key_prefix)
-            market = MarketData(redis, GbmSimulator(seed=5), key_prefix=key_prefix)
-            await market.load_scripts()
-        yield store, market, redis
+def parts_on(target: StoreTarget, key_prefix: str) -> AbstractAsyncContextManager[Parts]:
+    return store_and_market(target, key_prefix, seed=5)
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ them; interleavings are forced by wrapping the real store's methods.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import trio
@@ -19,22 +18,17 @@ import trio
 from trio_portfolio.market import MarketData, tick_once
 from trio_portfolio.market_data import LEGACY_HOLDER
 from trio_portfolio.models import utc_now
-from trio_portfolio.redis_io import RedisClient, open_redis
+from trio_portfolio.redis_io import RedisClient
 from trio_portfolio.simulation import GbmSimulator
-from trio_portfolio.store import SessionStore, open_store
+from trio_portfolio.store import SessionStore
 from trio_portfolio.testing import StoreTarget
+from trio_portfolio.testing.redis_clients import store_and_market
 
 Parts = tuple[SessionStore, MarketData, RedisClient]
 
 
-@asynccontextmanager
-async def parts_on(target: StoreTarget, key_prefix: str) -> AsyncIterator[Parts]:
-    async with open_redis(target.server.url) as redis:
-        with trio.fail_after(10):
-            store = await open_store(redis, layout=target.layout, key_prefix=key_prefix)
-            market = MarketData(redis, GbmSimulator(seed=7), key_prefix=key_prefix)
-            await market.load_scripts()
-        yield store, market, redis
+def parts_on(target: StoreTarget, key_prefix: str) -> AbstractAsyncContextManager[Parts]:
+    return store_and_market(target, key_prefix, seed=7)
 
 
 async def redis_ms(redis: RedisClient) -> int:

@@ -3,6 +3,8 @@
 :func:`subscribed` is the prelude of every publish-and-receive test: a
 command client and a pub/sub client on one server, the channel subscribed
 (under a deadline) before the test publishes anything.
+:func:`store_and_market` is the prelude of the market suites: a session
+store and market data on one client, their scripts loaded.
 """
 
 from __future__ import annotations
@@ -10,11 +12,16 @@ from __future__ import annotations
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import trio
 
+from trio_portfolio.market_data import MarketData
 from trio_portfolio.redis_io import RedisClient, open_redis
 from trio_portfolio.redis_pubsub import PubSub, open_pubsub
+from trio_portfolio.simulation import GbmSimulator
+from trio_portfolio.store import SessionStore, open_store
+from trio_portfolio.testing.redis_servers import StoreTarget
 
 
 @asynccontextmanager
@@ -31,6 +38,27 @@ async def subscribed(
         with trio.fail_after(timeout):
             await pubsub.subscribe(channel)
         yield redis, pubsub
+
+
+@asynccontextmanager
+async def store_and_market(
+    target: StoreTarget, key_prefix: str, *, seed: int = 3, **market: Any
+) -> AsyncIterator[tuple[SessionStore, MarketData, RedisClient]]:
+    """``(store, market, client)`` on ``target`` under ``key_prefix``, scripts loaded.
+
+    The market is simulated (:class:`GbmSimulator` with ``seed``); ``market``
+    are further :class:`MarketData` options (``max_tickers``, ``symbols``).
+
+    Raises:
+        trio.TooSlowError: opening took more than 10 s.
+        trio_portfolio.redis_io.StoreUnavailable: the server cannot be reached.
+    """
+    async with open_redis(target.server.url) as redis:
+        with trio.fail_after(10):
+            store = await open_store(redis, layout=target.layout, key_prefix=key_prefix)
+            data = MarketData(redis, GbmSimulator(seed=seed), key_prefix=key_prefix, **market)
+            await data.load_scripts()
+        yield store, data, redis
 
 
 async def stored_histories(
