@@ -450,8 +450,11 @@ async def _reprice(market: MarketData, tickers: Sequence[str]) -> None:
         log.warning("market: %d held tickers are not priced: %s", len(tickers), exc.detail)
         return
     if brought:
-        log.warning(
-            "market: %d tickers held but not priced were priced again: %s",
+        # Usually a session let a ticker go between its page of the walk and the
+        # pass's end (harmless: the next prune drops it again); else a lost write.
+        log.info(
+            "market: %d tickers held when walked but not priced at the pass's end "
+            "were priced again: %s",
             len(brought),
             ", ".join(brought[:10]),
         )

@@ -515,7 +515,7 @@ class MarketData:
             return []
         reply = await self._redis.evalsha(
             _LET_GO,
-            [self.prices_key, self.held_key, self.held_cutoff_key],
+            [self.prices_key, self.held_key, self.held_cutoff_key, self.seen_key],
             [holder, claimed_at_ms, self.holders_prefix, self.history_ring_prefix, *tickers],
         )
         return [str(t) for t in reply]

@@ -14,7 +14,10 @@
 --     later (a session's writes land in the order of their claims, see
 --     claim_superseded in store/lua/store_lib.lua).  An equal claim may be
 --     another write's in the same millisecond: it is kept (the prune decides).
--- KEYS[1] prices hash  KEYS[2] held set  KEYS[3] held cutoff
+-- A ticker dropped is also taken out of the running pass's seen set: a
+-- session the walk saw holding it has let it go since (nobody holds it), and
+-- left there, the pass's end would take it for held and unpriced (Repair).
+-- KEYS[1] prices hash  KEYS[2] held set  KEYS[3] held cutoff  KEYS[4] seen set
 -- ARGV[1] the session  ARGV[2] its write's claim (Redis ms)
 -- ARGV[3] the holders key prefix  ARGV[4] the history rings' key prefix
 --         (both with the {market} hash tag of KEYS)
@@ -35,6 +38,7 @@ for i = 5, #ARGV do
       and redis.call('SISMEMBER', KEYS[2], ticker) == 0
       and redis.call('HDEL', KEYS[1], ticker) == 1 then
     redis.call('DEL', ARGV[4] .. ticker)
+    redis.call('SREM', KEYS[4], ticker)
     dropped[#dropped + 1] = ticker
   end
 end
