@@ -414,8 +414,12 @@ class GbmSimulator(MarketSource):
         tickers are correlated like live prices.  Draws are ordered from
         the newest step back, so a shorter history is the tail of a longer
         one: ``bootstrap_history(t, n) == bootstrap_history(t, m)[-n:]``.
+        It also caches what live ticks need of the ticker (the next tick
+        draws it; computing that there would cost the tick about 5 µs per
+        new ticker, most of a flood's tick).
         """
         _require(length >= 0, f"length must be >= 0, got {length!r}")
+        self._live_terms(ticker)
         profile = self.profile(ticker)
         if length <= 1:
             return [profile.initial_price] * length
