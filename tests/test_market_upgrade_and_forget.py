@@ -59,6 +59,19 @@ async def test_an_older_versions_claims_become_holders_at_start(
             assert "NVDA" in await restarted.prices()
 
 
+async def test_a_session_an_older_version_wrote_takes_claimed_writes(
+    store_target: StoreTarget, key_prefix: str
+) -> None:
+    """No ``claimed_at`` stored yet (an older version, or a write without a claim)."""
+    async with parts_on(store_target, key_prefix) as (store, market, _):
+        with trio.fail_after(30):
+            await store.create_if_missing("s", {"AAPL": 1.0}, {"AAPL": 3.0}, utc_now())
+            claimed = await market.ensure_prices(["MSFT"], holder="s")
+            written = await store.set_holdings("s", {"MSFT": 1.0}, claimed, utc_now())
+            assert written is not None
+            assert (written.portfolio.holdings, written.let_go) == ({"MSFT": 1.0}, ("AAPL",))
+
+
 async def test_letting_go_waits_for_a_pass_of_the_version_that_started(
     store_target: StoreTarget, key_prefix: str
 ) -> None:

@@ -55,7 +55,8 @@ end
 -- stepping back, and the write is let through rather than refused until the
 -- clock catches up.
 local function claim_superseded(stored, claimed_at, grace)
-  if stored == nil or claimed_at == nil or claimed_at == '' then
+  -- stored: nil (JSON) or false (HGET) when the session has no claim yet
+  if not stored or claimed_at == nil or claimed_at == '' then
     return false
   end
   local gap = tonumber(stored) - tonumber(claimed_at)
