@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import trio
 
+from trio_portfolio.connection import CLAIM_ATTEMPTS
 from trio_portfolio.market import MarketData, tick_once
 from trio_portfolio.models import utc_now
 from trio_portfolio.redis_io import RedisClient
@@ -211,10 +212,15 @@ async def test_holders_keep_only_recent_claims_and_leave_with_their_ticker(parts
         assert await market_keys(redis, market, "holders") == set()
 
 
+@pytest.mark.parametrize("overtakes", [1, CLAIM_ATTEMPTS])
 async def test_set_holdings_claims_again_when_another_write_overtook_it(
-    store_target: StoreTarget,
+    store_target: StoreTarget, overtakes: int
 ) -> None:
-    """The connection's write: refused for claim order once, claimed again, lands."""
+    """The connection's write, overtaken by another write of the session ``overtakes`` times.
+
+    Claimed again after each refusal; after :data:`CLAIM_ATTEMPTS` refusals
+    the last one is raised and nothing of this write is stored.
+    """
     if store_target.layout != "hash" or not store_target.server.name.startswith("redis-"):
         pytest.skip("one layout on plain redis-servers is enough for the connection's retry")
     async with open_live_server(server_settings(store_target.server.url)) as server:
@@ -226,7 +232,7 @@ async def test_set_holdings_claims_again_when_another_write_overtook_it(
 
             async def overtake(tickers: Any, *, holder: str) -> ClaimedPrices:
                 claimed = await original(tickers, holder=holder)
-                if not overtaken:  # another connection claims later and lands first
+                if len(overtaken) < overtakes:  # another connection claims later, lands first
                     overtaken.append(claimed.claimed_at_ms)
                     await trio.sleep(0.005)
                     other = await original(["IBM"], holder=holder)
@@ -235,14 +241,20 @@ async def test_set_holdings_claims_again_when_another_write_overtook_it(
 
             services.market.ensure_prices = overtake  # type: ignore[method-assign]
             holdings: Mapping[str, float] = {"NVDA": 2.0}
-            portfolio = await services.replace_holdings("s", holdings)
-            services.market.ensure_prices = original  # type: ignore[method-assign]
-            assert overtaken, "the competing write never ran"
-            assert portfolio is not None
-            assert portfolio.holdings == holdings
+            try:
+                if overtakes < CLAIM_ATTEMPTS:
+                    portfolio = await services.replace_holdings("s", holdings)
+                    assert portfolio is not None
+                    assert portfolio.holdings == holdings
+                else:
+                    with pytest.raises(ClaimExpired):
+                        await services.replace_holdings("s", holdings)
+            finally:
+                services.market.ensure_prices = original  # type: ignore[method-assign]
+            assert len(overtaken) == overtakes
             stored = await services.store.get("s")
             assert stored is not None
-            assert stored.holdings == holdings
+            assert stored.holdings == (holdings if overtakes < CLAIM_ATTEMPTS else {"IBM": 1.0})
 
 
 async def test_a_set_holdings_flood_keeps_at_most_three_sets_priced(
