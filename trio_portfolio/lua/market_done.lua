@@ -7,7 +7,7 @@
 -- lands within the grace of its claim, so a write claimed earlier than that
 -- landed before the walk began, and the walk saw it; a later claim ends only
 -- by its session's let-go, market_let_go.lua.)  The pass's seen set then
--- becomes the held set, and its cutoff (start minus the grace) the held
+-- becomes the held set, and its cutoff (start minus ARGV[4]) the held
 -- cutoff, which market_let_go.lua and trim_holders rely on.
 -- KEYS[1] work hash  KEYS[2] tick counter  KEYS[3] seen set  KEYS[4] prices
 -- KEYS[5] held set  KEYS[6] held cutoff
@@ -54,8 +54,7 @@ for _, ticker in ipairs(redis.call('HKEYS', KEYS[4])) do
   local holders = ARGV[6] .. ticker
   trim_holders(holders, cutoff)
   if redis.call('SISMEMBER', KEYS[3], ticker) == 0 and redis.call('EXISTS', holders) == 0 then
-    redis.call('HDEL', KEYS[4], ticker)
-    redis.call('DEL', ARGV[5] .. ticker)
+    drop_ticker(KEYS[4], ARGV[5], ticker)
     pruned[#pruned + 1] = ticker
   end
 end

@@ -36,8 +36,7 @@ for i = 5, #ARGV do
   trim_holders(holders, cutoff)
   if cutoff and redis.call('EXISTS', holders) == 0
       and redis.call('SISMEMBER', KEYS[2], ticker) == 0
-      and redis.call('HDEL', KEYS[1], ticker) == 1 then
-    redis.call('DEL', ARGV[4] .. ticker)
+      and drop_ticker(KEYS[1], ARGV[4], ticker) then
     redis.call('SREM', KEYS[4], ticker)
     dropped[#dropped + 1] = ticker
   end

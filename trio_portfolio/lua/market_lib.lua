@@ -52,8 +52,9 @@ end
 -- Holders (see market_data.py, "Letting go"): <prefix>:holders:<ticker> is a
 -- sorted set, session id -> Redis ms of its last claim of the ticker.  An
 -- entry older than the held cutoff (the start of the last complete pass
--- minus the claim grace; nil before the first) is trimmed: its write landed
--- before that pass's walk, which saw the ticker if the session still held it.
+-- minus the claim grace and the clock skew allowance; nil before the first)
+-- is trimmed: its write landed before that pass's walk, which saw the ticker
+-- if the session still held it.
 local function trim_holders(key, cutoff)
   if cutoff then
     redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. cutoff)
@@ -65,4 +66,14 @@ local function add_holder(prefix, ticker, holder, now, cutoff)
   local key = prefix .. ticker
   trim_holders(key, cutoff)
   redis.call('ZADD', key, now, holder)
+end
+
+-- Take `ticker` out of the market: its price and its history ring (the
+-- caller has made sure no live session holds it).  True if it was priced.
+local function drop_ticker(prices, ring_prefix, ticker)
+  if redis.call('HDEL', prices, ticker) == 0 then
+    return false
+  end
+  redis.call('DEL', ring_prefix .. ticker)
+  return true
 end

@@ -260,8 +260,9 @@ them only if they were still in the legacy whole index, :meth:`SessionStore.fold
 CLAIM_GRACE_MS = 1000
 """How long (ms of Redis's clock) a market claim of tickers stays good for a write of holdings.
 
-The market keeps every ticker claimed within this long before a walk of the
-sessions started, held or not; a holdings write later than this after its
+The market keeps every ticker claimed within this long (plus
+:data:`CLOCK_SKEW_MS`) before a walk of the sessions started, held or not,
+unless its claimant let it go since; a holdings write later than this after its
 claim is refused with :class:`ClaimExpired`.  Between two round trips of one
 connection a second is an eternity; only a stalled process reaches it.
 """
